@@ -1,0 +1,92 @@
+"""One attention entry point for every model in pathor1_jax.
+
+Layout `[B, T, H, D]` for queries and `[B, S, K, D]` for keys/values, with K dividing H (GQA).
+Masking is expressed with segment ids only: a query attends to a key iff their segment ids are
+equal (and, when `causal`, the key is not in the query's future). Padding, sequence packing,
+Qwen2.5-VL vision windows and per-image attention are all segment ids.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+
+SegmentIds = jax.Array | tuple[jax.Array, jax.Array] | None
+
+
+def _split_segment_ids(segment_ids: SegmentIds) -> tuple[jax.Array | None, jax.Array | None]:
+    if segment_ids is None:
+        return None, None
+    if isinstance(segment_ids, tuple):
+        return segment_ids
+    return segment_ids, segment_ids
+
+
+def attention_mask(
+    q_len: int, kv_len: int, segment_ids: SegmentIds = None, causal: bool = False
+) -> jax.Array | None:
+    """Boolean mask `[B or 1, 1, T, S]` (True = attend), or None when nothing is masked.
+
+    Causal masking aligns the last query with the last key (query i sits at key position
+    `S - T + i`), which is the usual convention for a query block at the end of the keys.
+    """
+    q_seg, kv_seg = _split_segment_ids(segment_ids)
+    mask = None
+    if q_seg is not None:
+        mask = (q_seg[:, :, None] == kv_seg[:, None, :])[:, None]  # [B, 1, T, S]
+    if causal:
+        q_pos = jnp.arange(q_len)[:, None] + (kv_len - q_len)
+        k_pos = jnp.arange(kv_len)[None, :]
+        causal_mask = (k_pos <= q_pos)[None, None]  # [1, 1, T, S]
+        mask = causal_mask if mask is None else mask & causal_mask
+    return mask
+
+
+def attention_reference(
+    q: jax.Array,
+    k: jax.Array,
+    v: jax.Array,
+    *,
+    segment_ids: SegmentIds = None,
+    causal: bool = False,
+    sm_scale: float | None = None,
+) -> jax.Array:
+    """Plain-jnp softmax attention: the numerical reference and the CPU production path.
+
+    q: `[B, T, H, D]`, k/v: `[B, S, K, D]` with `H % K == 0`; segment_ids: `[B, T]` when T == S,
+    or a pair (`[B, T]` query ids, `[B, S]` key ids). Logits and softmax are computed in float32.
+    Returns `[B, T, H, D]` in q's dtype.
+    """
+    b, t, h, d = q.shape
+    s, kv_heads = k.shape[1], k.shape[2]
+    if h % kv_heads:
+        raise ValueError(f"attention: {h} query heads are not a multiple of {kv_heads} kv heads")
+    groups = h // kv_heads
+    scale = d**-0.5 if sm_scale is None else sm_scale
+    qg = q.reshape(b, t, kv_heads, groups, d)
+    logits = jnp.einsum("btkgd,bskd->bkgts", qg, k, preferred_element_type=jnp.float32) * scale
+    mask = attention_mask(t, s, segment_ids, causal)
+    if mask is not None:
+        logits = jnp.where(mask[:, :, None], logits, jnp.finfo(jnp.float32).min)
+    probs = jax.nn.softmax(logits, axis=-1).astype(v.dtype)
+    out = jnp.einsum("bkgts,bskd->btkgd", probs, v, preferred_element_type=jnp.float32)
+    return out.reshape(b, t, h, d).astype(q.dtype)
+
+
+def attention(
+    q: jax.Array,
+    k: jax.Array,
+    v: jax.Array,
+    *,
+    segment_ids: SegmentIds = None,
+    causal: bool = False,
+    sm_scale: float | None = None,
+    impl: str = "auto",
+) -> jax.Array:
+    """Dispatch to an attention implementation (see module doc for the masking semantics).
+
+    impl: "xla" (plain jnp) or "auto" (the best available implementation for the backend).
+    """
+    if impl not in ("auto", "xla"):
+        raise ValueError(f"attention: unknown impl {impl!r}; expected 'auto' or 'xla'")
+    return attention_reference(q, k, v, segment_ids=segment_ids, causal=causal, sm_scale=sm_scale)
