@@ -12,6 +12,7 @@ import sys
 
 COMMANDS: dict[str, tuple[str, str]] = {
     "generate": ("pathor1_jax.commands.generate", "generate text from an image and a prompt"),
+    "shardings": ("pathor1_jax.commands.shardings", "show each parameter's sharding and memory per device"),
 }
 
 

@@ -1,0 +1,90 @@
+"""`pathor1 shardings`: inspect a sharding layout before launching it.
+
+Builds the model of `--config` abstractly (`nnx.eval_shape`: no parameter memory), lays it out on
+a (hypothetical) mesh with the config's rules, and prints each parameter's logical axes,
+PartitionSpec and bytes per device, then per-device totals for parameters + AdamW state.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib.util
+import json
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+from flax import nnx
+
+from pathor1_jax.sharding.mesh import abstract_mesh, parse_mesh_arg
+from pathor1_jax.sharding.report import layout_table
+from pathor1_jax.sharding.rules import PRESETS, preset, rules_from_config
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--config", required=True, help="Python config file defining get_config()")
+    parser.add_argument("--mesh", help="mesh sizes, e.g. data=2,fsdp=4,tensor=1 (default: the config's)")
+    parser.add_argument("--devices", type=int, help="hypothetical device count (default: this machine's)")
+    parser.add_argument("--preset", choices=sorted(PRESETS), help="rules preset (default: the config's)")
+    parser.add_argument(
+        "--param-dtype", help="parameter storage dtype, e.g. bfloat16 (default: the config's, else float32)"
+    )
+
+
+def load_config_file(path: str) -> ml_collections.ConfigDict:
+    file = Path(path)
+    if not file.exists():
+        raise FileNotFoundError(f"--config {path}: no such file")
+    spec = importlib.util.spec_from_file_location(f"pathor1_config_{file.stem}", file)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    if not hasattr(module, "get_config"):
+        raise ValueError(f"--config {path}: defines no get_config()")
+    return module.get_config()
+
+
+def _as_dict(x) -> dict:
+    return x.to_dict() if isinstance(x, ml_collections.ConfigDict) else dict(x)
+
+
+def model_builder(config: ml_collections.ConfigDict, param_dtype):
+    """`() -> nnx.Module` for the config's `model` block (Qwen2.5-VL)."""
+    from pathor1_jax.models import qwen2_5_vl
+
+    model = config.get("model")
+    if model is None:
+        raise ValueError("config has no `model` block")
+    model = _as_dict(model)
+    if model.get("hf_config"):
+        cfg = qwen2_5_vl.Qwen2_5_VLConfig.from_hf_dict(_as_dict(model["hf_config"]))
+    elif model.get("model_type"):
+        cfg = qwen2_5_vl.Qwen2_5_VLConfig.from_hf_dict(model)
+    elif model.get("name") == "tiny" or model.get("preset") == "tiny":
+        cfg = qwen2_5_vl.tiny_config()
+    elif model.get("path") or model.get("checkpoint"):
+        config_json = Path(model.get("path") or model.get("checkpoint")) / "config.json"
+        cfg = qwen2_5_vl.Qwen2_5_VLConfig.from_hf_dict(json.loads(config_json.read_text()))
+    else:
+        raise ValueError(
+            "config.model: expected `hf_config` (a HF config.json dict), HF fields with `model_type`, "
+            "`path` to a checkpoint folder, or name='tiny'"
+        )
+    return lambda: qwen2_5_vl.Qwen2_5_VLForConditionalGeneration(
+        cfg, rngs=nnx.Rngs(0), param_dtype=param_dtype
+    )
+
+
+def run(args: argparse.Namespace) -> int:
+    config = load_config_file(args.config)
+    mesh_config = parse_mesh_arg(args.mesh) if args.mesh else _as_dict(config.get("mesh") or {"fsdp": -1})
+    rules = preset(args.preset) if args.preset else rules_from_config(config.get("sharding"))
+    num_devices = args.devices or jax.device_count()
+    dtype_name = args.param_dtype or (config.get("model") or {}).get("param_dtype") or "float32"
+    mesh = abstract_mesh(mesh_config, num_devices)
+    abstract = nnx.eval_shape(model_builder(config, jnp.dtype(dtype_name)))
+    table, _ = layout_table(nnx.state(abstract), mesh, rules)
+    print(f"config: {args.config}")
+    print(f"rules: {list(rules)}")
+    print(table)
+    return 0

@@ -1,0 +1,113 @@
+"""Parameter shardings from logical axes, and models created directly sharded.
+
+`create_sharded` traces the constructor abstractly (`nnx.eval_shape`), derives every variable's
+`NamedSharding` from its logical axes and the rules, and runs the constructor under
+`jax.jit(out_shardings=...)`, so each device only ever holds its own shard.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import jax
+import numpy as np
+from flax import nnx
+from jax.sharding import AbstractMesh, Mesh, NamedSharding, PartitionSpec
+
+from pathor1_jax.sharding.logical import Rules, use_rules
+from pathor1_jax.sharding.rules import mesh_axis_size, spec_for
+
+
+def logical_axes(variable: nnx.Variable) -> tuple[str | None, ...] | None:
+    """The logical axis names a variable was annotated with (`layers.param`), or None."""
+    meta = variable.get_metadata()
+    axes = meta.get("sharding_names") or meta.get("out_sharding")
+    return None if axes is None else tuple(axes)
+
+
+def path_str(path: tuple) -> str:
+    return ".".join(str(p) for p in path)
+
+
+@dataclass(frozen=True)
+class ParamLayout:
+    """One variable's layout: where it lives, how it is named and split, bytes per device."""
+
+    path: str
+    shape: tuple[int, ...]
+    dtype: np.dtype
+    axes: tuple[str | None, ...] | None
+    spec: PartitionSpec
+    is_param: bool
+
+    @property
+    def size(self) -> int:
+        return math.prod(self.shape)
+
+    def shard_shape(self, mesh_shape: dict[str, int]) -> tuple[int, ...]:
+        entries = tuple(self.spec) + (None,) * (len(self.shape) - len(self.spec))
+        return tuple(d // mesh_axis_size(mesh_shape, e) for d, e in zip(self.shape, entries, strict=False))
+
+    def shard_size(self, mesh_shape: dict[str, int]) -> int:
+        return math.prod(self.shard_shape(mesh_shape))
+
+
+def _mesh_shape(mesh: Mesh | AbstractMesh) -> dict[str, int]:
+    return dict(mesh.shape)
+
+
+def layouts(state: nnx.State, mesh: Mesh | AbstractMesh, rules: Rules) -> list[ParamLayout]:
+    """Layouts of every variable of an (abstract) state; raises on an indivisible dimension."""
+    shape = _mesh_shape(mesh)
+    out = []
+    for path, var in nnx.to_flat_state(state):
+        value = var.get_value() if hasattr(var, "get_value") else var.value
+        if not hasattr(value, "shape"):
+            continue
+        name = path_str(path)
+        axes = logical_axes(var)
+        out.append(
+            ParamLayout(
+                path=name,
+                shape=tuple(value.shape),
+                dtype=np.dtype(value.dtype)
+                if not jax.dtypes.issubdtype(value.dtype, jax.dtypes.prng_key)
+                else np.dtype("uint32"),
+                axes=axes,
+                spec=spec_for(name, value.shape, axes, rules, shape),
+                is_param=isinstance(var, nnx.Param),
+            )
+        )
+    return out
+
+
+def state_shardings(state: nnx.State, mesh: Mesh | AbstractMesh, rules: Rules) -> nnx.State:
+    """A tree like `state` whose leaves are the `NamedSharding` of each variable."""
+    specs = {layout.path: layout.spec for layout in layouts(state, mesh, rules)}
+    flat = []
+    for path, var in nnx.to_flat_state(state):
+        spec = specs.get(path_str(path), PartitionSpec())
+        flat.append((path, var.replace(NamedSharding(mesh, spec))))
+    return nnx.from_flat_state(flat)
+
+
+def create_sharded(make_model: Callable[[], nnx.Module], mesh: Mesh, rules: Rules) -> nnx.Module:
+    """Build `make_model()` with every variable created directly in its sharded layout."""
+    abstract = nnx.eval_shape(make_model)
+    graphdef, abstract_state = nnx.split(abstract)
+    shardings = state_shardings(abstract_state, mesh, rules)
+
+    def init() -> nnx.State:
+        with use_rules(mesh, rules):
+            return nnx.state(make_model())
+
+    return nnx.merge(graphdef, jax.jit(init, out_shardings=shardings)())
+
+
+def shard_model(model: nnx.Module, mesh: Mesh, rules: Rules) -> nnx.Module:
+    """Move an existing model's variables to their rule-given shardings (in place)."""
+    state = nnx.state(model)
+    nnx.update(model, jax.device_put(state, state_shardings(state, mesh, rules)))
+    return model

@@ -1,0 +1,159 @@
+"""Load safetensors checkpoints shard by shard into sharded arrays.
+
+Each parameter is built with `jax.make_array_from_callback`: for every local device the callback
+reads only that device's slice from the checkpoint (`safe_open(...).get_slice(name)[index]`), so a
+7B checkpoint never sits whole in host or device memory on any process.
+
+The model side supplies a mapping from our parameter paths (`"model.layers.0.mlp.up_proj.kernel"`)
+to a `Source`: the checkpoint tensor name, plus either a permutation (`perm`, slice-friendly: our
+array is `tensor.transpose(perm)`, e.g. `(1, 0)` for PyTorch `[out, in]` → `[in, out]`) or a general
+`transform` of the whole tensor (reshapes, splits of fused weights), which reads the full tensor once.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from pathlib import Path
+
+import jax
+import numpy as np
+from flax import nnx
+from jax.sharding import Mesh
+from safetensors import safe_open
+
+from pathor1_jax.sharding.logical import Rules
+from pathor1_jax.sharding.params import path_str, state_shardings
+
+
+@dataclass(frozen=True)
+class Source:
+    """Where one parameter comes from: `transform(tensor)` or `tensor.transpose(perm)`."""
+
+    name: str
+    perm: tuple[int, ...] | None = None
+    transform: Callable[[np.ndarray], np.ndarray] | None = None
+
+
+def tensor_files(path: str | Path) -> dict[str, Path]:
+    """Tensor name → safetensors file, for a file, a `*.index.json`, or a checkpoint folder."""
+    path = Path(path)
+    if path.is_dir():
+        index = sorted(path.glob("*.safetensors.index.json"))
+        files = sorted(path.glob("*.safetensors"))
+        if index:
+            path = index[0]
+        elif len(files) == 1:
+            path = files[0]
+        elif files:
+            return {name: f for f in files for name in _names(f)}
+        else:
+            raise FileNotFoundError(f"{path}: no *.safetensors or *.safetensors.index.json file")
+    if path.name.endswith(".index.json"):
+        weight_map = json.loads(path.read_text())["weight_map"]
+        return {name: path.parent / file for name, file in weight_map.items()}
+    if not path.exists():
+        raise FileNotFoundError(f"{path}: no such checkpoint file")
+    return {name: path for name in _names(path)}
+
+
+def _names(file: Path) -> list[str]:
+    with safe_open(file, "np") as f:
+        return list(f.keys())
+
+
+class CheckpointReader:
+    """Keeps one open handle per safetensors file and reads slices of named tensors."""
+
+    def __init__(self, path: str | Path):
+        self.path = Path(path)
+        self.files = tensor_files(path)
+        self._handles: dict[Path, object] = {}
+
+    def _handle(self, name: str):
+        if name not in self.files:
+            raise KeyError(f"{self.path}: tensor {name!r} is not in the checkpoint")
+        file = self.files[name]
+        if file not in self._handles:
+            self._handles[file] = safe_open(file, "np")
+        return self._handles[file]
+
+    def shape(self, name: str) -> tuple[int, ...]:
+        return tuple(self._handle(name).get_slice(name).get_shape())
+
+    def read(self, name: str, index: tuple[slice, ...] | None = None) -> np.ndarray:
+        tensor = self._handle(name).get_slice(name)
+        if index is None:
+            return tensor[:]
+        return tensor[tuple(slice(s.start, s.stop) for s in index)]
+
+
+def _global_shape(reader: CheckpointReader, source: Source) -> tuple[int, ...] | None:
+    if source.transform is not None:
+        return None
+    shape = reader.shape(source.name)
+    return tuple(shape[p] for p in source.perm) if source.perm else shape
+
+
+def load_array(
+    reader: CheckpointReader, source: Source, path: str, shape: tuple[int, ...], dtype, sharding
+) -> jax.Array:
+    """One parameter as a global `jax.Array` in `sharding`, each device reading only its slice."""
+    found = _global_shape(reader, source)
+    if found is not None and found != tuple(shape):
+        raise ValueError(
+            f"parameter {path}: checkpoint tensor {source.name!r} gives shape {found}, "
+            f"model expects {tuple(shape)}"
+        )
+    full: list[np.ndarray] = []
+
+    def callback(index: tuple[slice, ...]) -> np.ndarray:
+        index = tuple(slice(*s.indices(n)[:2]) for s, n in zip(index, shape, strict=False))
+        if source.transform is not None:
+            if not full:
+                value = np.asarray(source.transform(reader.read(source.name)))
+                if value.shape != tuple(shape):
+                    raise ValueError(
+                        f"parameter {path}: transformed tensor {source.name!r} has shape {value.shape}, "
+                        f"model expects {tuple(shape)}"
+                    )
+                full.append(value)
+            return full[0][index].astype(dtype)
+        if source.perm is None:
+            return reader.read(source.name, index).astype(dtype)
+        src_index = [slice(None)] * len(shape)
+        for ours, theirs in enumerate(source.perm):
+            src_index[theirs] = index[ours]
+        return reader.read(source.name, tuple(src_index)).transpose(source.perm).astype(dtype)
+
+    return jax.make_array_from_callback(tuple(shape), sharding, callback)
+
+
+def load_sharded(
+    make_model: Callable[[], nnx.Module],
+    checkpoint: str | Path,
+    sources: Mapping[str, Source | str],
+    mesh: Mesh,
+    rules: Rules,
+) -> nnx.Module:
+    """A model whose every variable is read, slice by slice, from `checkpoint` via `sources`.
+
+    `sources` maps each variable path (dots) to a `Source` or a tensor name; a variable of the
+    model that it does not cover is an error naming that path.
+    """
+    reader = CheckpointReader(checkpoint)
+    graphdef, abstract_state = nnx.split(nnx.eval_shape(make_model))
+    shardings = state_shardings(abstract_state, mesh, rules)
+    sharding_of = {path_str(p): v.get_value() for p, v in nnx.to_flat_state(shardings)}
+    flat = []
+    for path, var in nnx.to_flat_state(abstract_state):
+        name = path_str(path)
+        if name not in sources:
+            raise KeyError(f"parameter {name}: no checkpoint tensor is mapped to it")
+        source = sources[name]
+        source = Source(source) if isinstance(source, str) else source
+        value = var.get_value()
+        array = load_array(reader, source, name, value.shape, value.dtype, sharding_of[name])
+        flat.append((path, var.replace(array)))
+    return nnx.merge(graphdef, nnx.from_flat_state(flat))
