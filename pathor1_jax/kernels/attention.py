@@ -8,8 +8,15 @@ Qwen2.5-VL vision windows and per-image attention are all segment ids.
 
 from __future__ import annotations
 
+import logging
+import os
+
 import jax
 import jax.numpy as jnp
+
+from pathor1_jax.kernels.flash_attention import flash_attention
+
+logger = logging.getLogger(__name__)
 
 SegmentIds = jax.Array | tuple[jax.Array, jax.Array] | None
 
@@ -73,6 +80,40 @@ def attention_reference(
     return out.reshape(b, t, h, d).astype(q.dtype)
 
 
+IMPLS = ("auto", "xla", "pallas_tpu", "pallas_gpu")
+# Kernel tiles per backend (block_q, block_k) and the head dims each kernel supports.
+_BLOCKS = {"pallas_tpu": (128, 128), "pallas_gpu": (64, 64)}
+_HEAD_DIMS = {"pallas_tpu": (128, 256), "pallas_gpu": (16, 32, 64, 128, 256)}
+_logged: set[str] = set()
+
+
+def pallas_interpret() -> bool:
+    """Interpret Pallas kernels (CPU testing) when `PATHOR1_PALLAS_INTERPRET=1`."""
+    return os.environ.get("PATHOR1_PALLAS_INTERPRET", "0") == "1"
+
+
+def _log_once(message: str) -> None:
+    if message not in _logged:
+        _logged.add(message)
+        logger.warning(message)
+
+
+def select_impl(q_len: int, kv_len: int, head_dim: int, backend: str | None = None) -> str:
+    """The implementation `impl="auto"` runs for these shapes on `backend` (default: JAX's)."""
+    backend = backend or jax.default_backend()
+    kernel = {"tpu": "pallas_tpu", "gpu": "pallas_gpu", "cuda": "pallas_gpu", "rocm": "pallas_gpu"}.get(backend)
+    if kernel is None:
+        return "xla"
+    if head_dim not in _HEAD_DIMS[kernel]:
+        _log_once(f"attention: head_dim {head_dim} not in {_HEAD_DIMS[kernel]} for {kernel}; using xla")
+        return "xla"
+    block = max(_BLOCKS[kernel])
+    if min(q_len, kv_len) < block:
+        _log_once(f"attention: length {min(q_len, kv_len)} shorter than one {block} block for {kernel}; using xla")
+        return "xla"
+    return kernel
+
+
 def attention(
     q: jax.Array,
     k: jax.Array,
@@ -85,8 +126,28 @@ def attention(
 ) -> jax.Array:
     """Dispatch to an attention implementation (see module doc for the masking semantics).
 
-    impl: "xla" (plain jnp) or "auto" (the best available implementation for the backend).
+    impl: "xla" (plain jnp), "pallas_tpu" (Mosaic TPU flash kernel), "pallas_gpu" (Triton flash
+    kernel) or "auto": the kernel for `jax.default_backend()` when its constraints hold (head dim,
+    at least one block of length; other lengths are padded), else xla (the reason is logged once).
+    CPU always runs xla under "auto". Set `PATHOR1_PALLAS_INTERPRET=1` to run an explicitly chosen
+    Pallas impl in interpret mode (tests on CPU).
     """
-    if impl not in ("auto", "xla"):
-        raise ValueError(f"attention: unknown impl {impl!r}; expected 'auto' or 'xla'")
-    return attention_reference(q, k, v, segment_ids=segment_ids, causal=causal, sm_scale=sm_scale)
+    if impl not in IMPLS:
+        raise ValueError(f"attention: unknown impl {impl!r}; expected one of {IMPLS}")
+    if impl == "auto":
+        impl = select_impl(q.shape[1], k.shape[1], q.shape[3])
+    if impl == "xla":
+        return attention_reference(q, k, v, segment_ids=segment_ids, causal=causal, sm_scale=sm_scale)
+    block_q, block_k = _BLOCKS[impl]
+    return flash_attention(
+        q,
+        k,
+        v,
+        segment_ids=segment_ids,
+        causal=causal,
+        sm_scale=sm_scale,
+        backend=impl.removeprefix("pallas_"),
+        block_q=block_q,
+        block_k=block_k,
+        interpret=pallas_interpret(),
+    )

@@ -1,0 +1,362 @@
+"""Flash attention in Pallas (FlashAttention-2 schedule), forward and backward.
+
+One kernel body serves two backends: Mosaic TPU (`backend="tpu"`) and Triton GPU (`backend="gpu"`);
+both run on CPU with `interpret=True`. Each program owns one (batch, head, block) tile and walks the
+other sequence axis in a `fori_loop`, so the whole key/value (or query) row of one head is the block.
+
+Layout inside the kernels is `[B, H, T, D]`; `flash_attention` takes and returns the public
+`[B, T, H, D]` layout. Lengths that are not a multiple of the block are padded inside the wrapper:
+padded keys get a segment id no query holds, padded queries get the id of key 0 (so no row is ever
+fully masked) and are sliced off, so the result equals the unpadded computation.
+
+Backward (`jax.custom_vjp`): `delta = rowsum(dO * O)` in XLA, then a dq kernel (programs over query
+blocks, loop over key blocks) and a dk/dv kernel (programs over key blocks and *query* heads, loop
+over query blocks); per-query-head dk/dv are summed over each GQA group in XLA.
+"""
+
+from __future__ import annotations
+
+import functools
+from typing import NamedTuple
+
+import jax
+import jax.numpy as jnp
+from jax import lax
+from jax.experimental import pallas as pl
+from jax.experimental.pallas import tpu as pltpu
+from jax.experimental.pallas import triton as pltriton
+
+# Finite mask value: a fully masked tile never produces inf - inf.
+MASK_VALUE = -0.7 * float(jnp.finfo(jnp.float32).max)
+# Segment id of padded keys; no query ever carries it.
+PAD_SEGMENT_ID = int(jnp.iinfo(jnp.int32).min)
+
+_NT = (((1,), (1,)), ((), ()))  # a @ b.T
+_TN = (((0,), (0,)), ((), ()))  # a.T @ b
+
+
+class _Config(NamedTuple):
+    scale: float
+    causal: bool
+    offset: int  # query row r sits at key position r + offset (offset = S - T, unpadded)
+    block_q: int
+    block_k: int
+    has_segments: bool
+    backend: str
+    interpret: bool
+
+
+def _compiler_params(backend: str, n_grid: int):
+    if backend == "tpu":
+        return pltpu.CompilerParams(dimension_semantics=("parallel",) * n_grid)
+    return pltriton.CompilerParams(num_warps=4, num_stages=2)
+
+
+def _mask(cfg: _Config, q_seg, kv_seg, q_start, k_start, shape):
+    """Boolean `[bq, bk]` attend-mask, or None when nothing is masked."""
+    mask = None
+    if cfg.has_segments:
+        mask = q_seg == kv_seg  # [bq, 1] == [1, bk]
+    if cfg.causal:
+        q_pos = q_start + cfg.offset + lax.broadcasted_iota(jnp.int32, shape, 0)
+        k_pos = k_start + lax.broadcasted_iota(jnp.int32, shape, 1)
+        causal = k_pos <= q_pos
+        mask = causal if mask is None else mask & causal
+    return mask
+
+
+def _num_kv_blocks(cfg: _Config, q_block, num_k_blocks: int):
+    """Key blocks a query block can see: all, or (causal) up to its last row's position."""
+    if not cfg.causal:
+        return num_k_blocks
+    last_pos = (q_block + 1) * cfg.block_q - 1 + cfg.offset
+    return jnp.clip(last_pos // cfg.block_k + 1, 1, num_k_blocks)
+
+
+def _first_q_block(cfg: _Config, k_block, num_q_blocks: int):
+    """First query block that can see a key block (0 unless causal)."""
+    if not cfg.causal:
+        return 0
+    return jnp.clip((k_block * cfg.block_k - cfg.offset) // cfg.block_q, 0, num_q_blocks)
+
+
+def _split_refs(refs, cfg: _Config, n_in: int):
+    """(inputs without segment refs, q_seg_ref, kv_seg_ref, outputs)."""
+    ins, outs = refs[:n_in], refs[n_in:]
+    if cfg.has_segments:
+        return ins[:-2], ins[-2], ins[-1], outs
+    return ins, None, None, outs
+
+
+# ----------------------------------------------------------------------------------------- forward
+
+
+def _fwd_kernel(*refs, cfg: _Config, num_k_blocks: int):
+    (q_ref, k_ref, v_ref), q_seg_ref, kv_seg_ref, (o_ref, lse_ref) = _split_refs(refs, cfg, 3 + 2 * cfg.has_segments)
+    bq, bk = cfg.block_q, cfg.block_k
+    i = pl.program_id(2)
+    q = q_ref[...]  # [bq, D]
+    q_seg = q_seg_ref[...] if cfg.has_segments else None  # [bq, 1]
+
+    def body(j, carry):
+        m, l, acc = carry
+        start = pl.multiple_of(j * bk, bk)
+        k = k_ref[pl.ds(start, bk), :]  # [bk, D]
+        v = v_ref[pl.ds(start, bk), :]
+        s = lax.dot_general(q, k, _NT, preferred_element_type=jnp.float32) * cfg.scale  # [bq, bk]
+        kv_seg = kv_seg_ref[:, pl.ds(start, bk)] if cfg.has_segments else None  # [1, bk]
+        mask = _mask(cfg, q_seg, kv_seg, i * bq, start, s.shape)
+        if mask is not None:
+            s = jnp.where(mask, s, MASK_VALUE)
+        m_new = jnp.maximum(m, s.max(axis=-1, keepdims=True))
+        p = jnp.exp(s - m_new)
+        alpha = jnp.exp(m - m_new)
+        l = alpha * l + p.sum(axis=-1, keepdims=True)
+        acc = alpha * acc + jnp.dot(p.astype(v.dtype), v, preferred_element_type=jnp.float32)
+        return m_new, l, acc
+
+    init = (
+        jnp.full((bq, 1), -jnp.inf, jnp.float32),
+        jnp.zeros((bq, 1), jnp.float32),
+        jnp.zeros(q.shape, jnp.float32),
+    )
+    m, l, acc = lax.fori_loop(0, _num_kv_blocks(cfg, i, num_k_blocks), body, init)
+    o_ref[...] = (acc / l).astype(o_ref.dtype)
+    lse_ref[...] = m + jnp.log(l)
+
+
+def _seg_specs(cfg: _Config, q_len: int, kv_len: int, q_block: bool):
+    """BlockSpecs for segment ids `[B, T, 1]` / `[B, 1, S]`: one block of a side, the whole other side."""
+    if not cfg.has_segments:
+        return []
+    if q_block:
+        return [
+            pl.BlockSpec((None, cfg.block_q, 1), lambda b, h, i: (b, i, 0)),
+            pl.BlockSpec((None, 1, kv_len), lambda b, h, i: (b, 0, 0)),
+        ]
+    return [
+        pl.BlockSpec((None, q_len, 1), lambda b, h, j: (b, 0, 0)),
+        pl.BlockSpec((None, 1, cfg.block_k), lambda b, h, j: (b, 0, j)),
+    ]
+
+
+def _segments(q_seg, kv_seg):
+    return [] if q_seg is None else [q_seg, kv_seg]
+
+
+def _fwd(cfg: _Config, q, k, v, q_seg, kv_seg):
+    b, h, t, d = q.shape
+    kv_heads, s = k.shape[1], k.shape[2]
+    groups = h // kv_heads
+    grid = (b, h, t // cfg.block_q)
+    q_spec = pl.BlockSpec((None, None, cfg.block_q, d), lambda b, h, i: (b, h, i, 0))
+    kv_spec = pl.BlockSpec((None, None, s, d), lambda b, h, i: (b, h // groups, 0, 0))
+    row_spec = pl.BlockSpec((None, None, cfg.block_q, 1), lambda b, h, i: (b, h, i, 0))
+    o, lse = pl.pallas_call(
+        functools.partial(_fwd_kernel, cfg=cfg, num_k_blocks=s // cfg.block_k),
+        grid=grid,
+        in_specs=[q_spec, kv_spec, kv_spec, *_seg_specs(cfg, t, s, q_block=True)],
+        out_specs=[q_spec, row_spec],
+        out_shape=[jax.ShapeDtypeStruct(q.shape, q.dtype), jax.ShapeDtypeStruct((b, h, t, 1), jnp.float32)],
+        compiler_params=_compiler_params(cfg.backend, len(grid)),
+        interpret=cfg.interpret,
+        name="flash_attention_fwd",
+    )(q, k, v, *_segments(q_seg, kv_seg))
+    return o, lse
+
+
+# ---------------------------------------------------------------------------------------- backward
+
+
+def _dq_kernel(*refs, cfg: _Config, num_k_blocks: int):
+    ins, q_seg_ref, kv_seg_ref, (dq_ref,) = _split_refs(refs, cfg, 6 + 2 * cfg.has_segments)
+    q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref = ins
+    bq, bk = cfg.block_q, cfg.block_k
+    i = pl.program_id(2)
+    q, do = q_ref[...], do_ref[...]  # [bq, D]
+    lse, delta = lse_ref[...], delta_ref[...]  # [bq, 1]
+    q_seg = q_seg_ref[...] if cfg.has_segments else None
+
+    def body(j, dq):
+        start = pl.multiple_of(j * bk, bk)
+        k = k_ref[pl.ds(start, bk), :]
+        v = v_ref[pl.ds(start, bk), :]
+        s = lax.dot_general(q, k, _NT, preferred_element_type=jnp.float32) * cfg.scale
+        p = jnp.exp(s - lse)  # [bq, bk]
+        kv_seg = kv_seg_ref[:, pl.ds(start, bk)] if cfg.has_segments else None
+        mask = _mask(cfg, q_seg, kv_seg, i * bq, start, s.shape)
+        if mask is not None:
+            p = jnp.where(mask, p, 0.0)
+        dp = lax.dot_general(do, v, _NT, preferred_element_type=jnp.float32)
+        ds = p * (dp - delta)
+        return dq + jnp.dot(ds.astype(k.dtype), k, preferred_element_type=jnp.float32)
+
+    dq = lax.fori_loop(0, _num_kv_blocks(cfg, i, num_k_blocks), body, jnp.zeros(q.shape, jnp.float32))
+    dq_ref[...] = (dq * cfg.scale).astype(dq_ref.dtype)
+
+
+def _dkv_kernel(*refs, cfg: _Config, num_q_blocks: int):
+    ins, q_seg_ref, kv_seg_ref, (dk_ref, dv_ref) = _split_refs(refs, cfg, 6 + 2 * cfg.has_segments)
+    q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref = ins
+    bq, bk = cfg.block_q, cfg.block_k
+    j = pl.program_id(2)
+    k, v = k_ref[...], v_ref[...]  # [bk, D]
+    kv_seg = kv_seg_ref[...] if cfg.has_segments else None  # [1, bk]
+
+    def body(i, carry):
+        dk, dv = carry
+        start = pl.multiple_of(i * bq, bq)
+        q = q_ref[pl.ds(start, bq), :]
+        do = do_ref[pl.ds(start, bq), :]
+        lse = lse_ref[pl.ds(start, bq), :]
+        delta = delta_ref[pl.ds(start, bq), :]
+        s = lax.dot_general(q, k, _NT, preferred_element_type=jnp.float32) * cfg.scale  # [bq, bk]
+        p = jnp.exp(s - lse)
+        q_seg = q_seg_ref[pl.ds(start, bq), :] if cfg.has_segments else None
+        mask = _mask(cfg, q_seg, kv_seg, start, j * bk, s.shape)
+        if mask is not None:
+            p = jnp.where(mask, p, 0.0)
+        dv = dv + lax.dot_general(p.astype(do.dtype), do, _TN, preferred_element_type=jnp.float32)
+        dp = lax.dot_general(do, v, _NT, preferred_element_type=jnp.float32)
+        ds = p * (dp - delta)
+        dk = dk + lax.dot_general(ds.astype(q.dtype), q, _TN, preferred_element_type=jnp.float32)
+        return dk, dv
+
+    zeros = jnp.zeros(k.shape, jnp.float32)
+    dk, dv = lax.fori_loop(_first_q_block(cfg, j, num_q_blocks), num_q_blocks, body, (zeros, zeros))
+    dk_ref[...] = dk * cfg.scale
+    dv_ref[...] = dv
+
+
+def _bwd_kernels(cfg: _Config, q, k, v, q_seg, kv_seg, lse, do, delta):
+    b, h, t, d = q.shape
+    kv_heads, s = k.shape[1], k.shape[2]
+    groups = h // kv_heads
+    segs = _segments(q_seg, kv_seg)
+
+    grid = (b, h, t // cfg.block_q)
+    q_spec = pl.BlockSpec((None, None, cfg.block_q, d), lambda b, h, i: (b, h, i, 0))
+    row_spec = pl.BlockSpec((None, None, cfg.block_q, 1), lambda b, h, i: (b, h, i, 0))
+    kv_spec = pl.BlockSpec((None, None, s, d), lambda b, h, i: (b, h // groups, 0, 0))
+    dq = pl.pallas_call(
+        functools.partial(_dq_kernel, cfg=cfg, num_k_blocks=s // cfg.block_k),
+        grid=grid,
+        in_specs=[q_spec, kv_spec, kv_spec, q_spec, row_spec, row_spec, *_seg_specs(cfg, t, s, q_block=True)],
+        out_specs=q_spec,
+        out_shape=jax.ShapeDtypeStruct(q.shape, q.dtype),
+        compiler_params=_compiler_params(cfg.backend, len(grid)),
+        interpret=cfg.interpret,
+        name="flash_attention_dq",
+    )(q, k, v, do, lse, delta, *segs)
+
+    grid = (b, h, s // cfg.block_k)
+    q_all = pl.BlockSpec((None, None, t, d), lambda b, h, j: (b, h, 0, 0))
+    row_all = pl.BlockSpec((None, None, t, 1), lambda b, h, j: (b, h, 0, 0))
+    kv_block = pl.BlockSpec((None, None, cfg.block_k, d), lambda b, h, j: (b, h // groups, j, 0))
+    dkv_block = pl.BlockSpec((None, None, cfg.block_k, d), lambda b, h, j: (b, h, j, 0))
+    dk, dv = pl.pallas_call(
+        functools.partial(_dkv_kernel, cfg=cfg, num_q_blocks=t // cfg.block_q),
+        grid=grid,
+        in_specs=[q_all, kv_block, kv_block, q_all, row_all, row_all, *_seg_specs(cfg, t, s, q_block=False)],
+        out_specs=[dkv_block, dkv_block],
+        out_shape=[jax.ShapeDtypeStruct((b, h, s, d), jnp.float32)] * 2,
+        compiler_params=_compiler_params(cfg.backend, len(grid)),
+        interpret=cfg.interpret,
+        name="flash_attention_dkv",
+    )(q, k, v, do, lse, delta, *segs)
+    # Per-query-head dk/dv -> sum over each GQA group.
+    dk = dk.reshape(b, kv_heads, groups, s, d).sum(axis=2).astype(k.dtype)
+    dv = dv.reshape(b, kv_heads, groups, s, d).sum(axis=2).astype(v.dtype)
+    return dq, dk, dv
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
+def _flash(cfg: _Config, q, k, v, q_seg, kv_seg):
+    return _fwd(cfg, q, k, v, q_seg, kv_seg)[0]
+
+
+def _flash_fwd(cfg: _Config, q, k, v, q_seg, kv_seg):
+    o, lse = _fwd(cfg, q, k, v, q_seg, kv_seg)
+    return o, (q, k, v, q_seg, kv_seg, o, lse)
+
+
+def _flash_bwd(cfg: _Config, res, do):
+    q, k, v, q_seg, kv_seg, o, lse = res
+    delta = jnp.sum(o.astype(jnp.float32) * do.astype(jnp.float32), axis=-1, keepdims=True)  # [B, H, T, 1]
+    dq, dk, dv = _bwd_kernels(cfg, q, k, v, q_seg, kv_seg, lse, do, delta)
+    return dq, dk, dv, None, None
+
+
+_flash.defvjp(_flash_fwd, _flash_bwd)
+
+
+# ----------------------------------------------------------------------------------------- wrapper
+
+
+def _round_up(n: int, m: int) -> int:
+    return -(-n // m) * m
+
+
+def flash_attention(
+    q: jax.Array,
+    k: jax.Array,
+    v: jax.Array,
+    *,
+    segment_ids: jax.Array | tuple[jax.Array, jax.Array] | None = None,
+    causal: bool = False,
+    sm_scale: float | None = None,
+    backend: str = "tpu",
+    block_q: int = 128,
+    block_k: int = 128,
+    interpret: bool = False,
+) -> jax.Array:
+    """Pallas flash attention with the semantics of `attention.attention_reference`.
+
+    q: `[B, T, H, D]`, k/v: `[B, S, K, D]` (`H % K == 0`); segment_ids `[B, T]` (needs T == S) or a
+    pair (`[B, T]`, `[B, S]`); backend "tpu" (Mosaic) or "gpu" (Triton); `interpret=True` runs the
+    kernels with the Pallas interpreter (CPU). Returns `[B, T, H, D]` in q's dtype.
+    """
+    b, t, h, d = q.shape
+    s, kv_heads = k.shape[1], k.shape[2]
+    if k.shape != v.shape or k.shape[0] != b or k.shape[3] != d:
+        raise ValueError(f"flash_attention: k {k.shape} / v {v.shape} do not match q {q.shape}")
+    if h % kv_heads:
+        raise ValueError(f"flash_attention: {h} query heads are not a multiple of {kv_heads} kv heads")
+    if backend not in ("tpu", "gpu"):
+        raise ValueError(f"flash_attention: unknown backend {backend!r}; expected 'tpu' or 'gpu'")
+    if segment_ids is not None and not isinstance(segment_ids, tuple):
+        if t != s:
+            raise ValueError(f"flash_attention: self segment_ids need T == S, got T={t}, S={s}")
+        segment_ids = (segment_ids, segment_ids)
+    if segment_ids is not None and (segment_ids[0].shape != (b, t) or segment_ids[1].shape != (b, s)):
+        raise ValueError(
+            f"flash_attention: segment_ids {segment_ids[0].shape}/{segment_ids[1].shape}, "
+            f"expected {(b, t)}/{(b, s)}"
+        )
+    tp, sp = _round_up(t, block_q), _round_up(s, block_k)
+    has_segments = segment_ids is not None or tp != t or sp != s
+    cfg = _Config(
+        scale=d**-0.5 if sm_scale is None else float(sm_scale),
+        causal=causal,
+        offset=s - t,
+        block_q=block_q,
+        block_k=block_k,
+        has_segments=has_segments,
+        backend=backend,
+        interpret=interpret,
+    )
+    q_seg = kv_seg = None
+    if has_segments:
+        if segment_ids is None:
+            segment_ids = (jnp.zeros((b, t), jnp.int32), jnp.zeros((b, s), jnp.int32))
+        q_seg, kv_seg = (x.astype(jnp.int32) for x in segment_ids)
+        # Padded queries see key 0 (a real key: never a fully masked row); padded keys match nothing.
+        q_pad = jnp.broadcast_to(kv_seg[:, :1], (b, tp - t))
+        q_seg = jnp.concatenate([q_seg, q_pad], axis=1)[:, :, None]  # [B, Tp, 1]
+        kv_seg = jnp.pad(kv_seg, ((0, 0), (0, sp - s)), constant_values=PAD_SEGMENT_ID)[:, None, :]  # [B, 1, Sp]
+
+    def to_kernel(x, n, n_pad):  # [B, N, heads, D] -> [B, heads, N_pad, D]
+        return jnp.pad(x, ((0, 0), (0, n_pad - n), (0, 0), (0, 0))).transpose(0, 2, 1, 3)
+
+    o = _flash(cfg, to_kernel(q, t, tp), to_kernel(k, s, sp), to_kernel(v, s, sp), q_seg, kv_seg)
+    return o[:, :, :t].transpose(0, 2, 1, 3)
