@@ -23,7 +23,7 @@ def param(
     """A parameter annotated with logical axis names (one per dimension)."""
     if len(axes) != len(shape):
         raise ValueError(f"logical axes {axes} do not match parameter shape {shape}")
-    return nnx.Param(init(rngs.params(), shape, dtype), eager_sharding=False, sharding_names=axes)
+    return nnx.Param(init(rngs.params(), shape, dtype), eager_sharding=False, out_sharding=axes)
 
 
 class Linear(nnx.Module):

@@ -1,0 +1,196 @@
+"""Hugging Face checkpoints (config.json + safetensors) ↔ our Flax NNX model.
+
+Tensor names follow the transformers 5 layout (`model.visual.*`, `model.language_model.*`,
+`lm_head.weight`); the original hub layout (`visual.*`, `model.layers.*`) is read too. Only
+safetensors are read or written: never pickle, never remote code.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import shutil
+import tempfile
+from collections.abc import Callable
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+from safetensors import safe_open
+from safetensors.numpy import save_file
+
+from .config import Qwen2_5_VLConfig
+from .modeling import Qwen2_5_VLForConditionalGeneration
+
+log = logging.getLogger(__name__)
+
+SAFETENSORS = "model.safetensors"
+SAFETENSORS_INDEX = "model.safetensors.index.json"
+
+
+class TensorMapping:
+    """How one of our parameters is stored in a HF checkpoint: its name and the layout change."""
+
+    def __init__(
+        self,
+        name: str,
+        to_ours: Callable[[np.ndarray], np.ndarray],
+        to_hf: Callable[[np.ndarray], np.ndarray],
+    ):
+        self.name, self.to_ours, self.to_hf = name, to_ours, to_hf
+
+
+def _identity(x: np.ndarray) -> np.ndarray:
+    return x
+
+
+def _transpose(x: np.ndarray) -> np.ndarray:
+    return np.ascontiguousarray(x.T)
+
+
+def _hf_name(path: tuple) -> str:
+    name = ".".join(str(p) for p in path)
+    return name.replace("merger.mlp_0", "merger.mlp.0").replace("merger.mlp_2", "merger.mlp.2").replace(
+        "embed_tokens.embedding", "embed_tokens.weight"
+    ).replace("patch_embed.kernel", "patch_embed.proj.weight").removesuffix(".kernel") + (
+        ".weight" if name.endswith(".kernel") and "patch_embed" not in name else ""
+    )
+
+
+def parameter_mapping(model: Qwen2_5_VLForConditionalGeneration) -> dict[tuple, TensorMapping]:
+    """Our parameter path → HF tensor name and transforms (Linear kernels are transposed)."""
+    v = model.config.vision
+    conv_shape = (v.hidden_size, v.in_channels, v.temporal_patch_size, v.patch_size, v.patch_size)
+    mapping = {}
+    for path, _ in nnx.to_flat_state(nnx.state(model, nnx.Param)):
+        name = _hf_name(path)
+        if path[-1] == "kernel" and "patch_embed" in path:
+            mapping[path] = TensorMapping(
+                name,
+                lambda x: np.ascontiguousarray(x.reshape(x.shape[0], -1).T),
+                lambda x, s=conv_shape: np.ascontiguousarray(x.T.reshape(s)),
+            )
+        elif path[-1] == "kernel":
+            mapping[path] = TensorMapping(name, _transpose, _transpose)
+        else:
+            mapping[path] = TensorMapping(name, _identity, _identity)
+    return mapping
+
+
+def _normalise_hf_name(name: str) -> str:
+    """Map the original hub layout onto the transformers 5 layout."""
+    if name.startswith("visual."):
+        return "model." + name
+    if name.startswith("model.") and not name.startswith(("model.visual.", "model.language_model.")):
+        return "model.language_model." + name[len("model.") :]
+    return name
+
+
+def _weight_files(path: Path) -> dict[str, tuple[Path, str]]:
+    """Normalised HF tensor name → (safetensors file, name stored in that file)."""
+    single, index = path / SAFETENSORS, path / SAFETENSORS_INDEX
+    if index.exists():
+        weight_map = json.loads(index.read_text())["weight_map"]
+        files = {name: path / fname for name, fname in weight_map.items()}
+    elif single.exists():
+        with safe_open(single, "np") as f:
+            files = {name: single for name in f.keys()}
+    else:
+        raise ValueError(
+            f"{path}: no {SAFETENSORS} or {SAFETENSORS_INDEX} (only safetensors checkpoints are read)"
+        )
+    for file in set(files.values()):
+        if not file.exists():
+            raise ValueError(f"{path}: weights file {file.name} named in {SAFETENSORS_INDEX} is missing")
+    return {_normalise_hf_name(name): (file, name) for name, file in files.items()}
+
+
+def load_config(path: str | os.PathLike) -> Qwen2_5_VLConfig:
+    config_file = Path(path) / "config.json"
+    if not config_file.exists():
+        raise ValueError(f"{path}: no config.json")
+    try:
+        return Qwen2_5_VLConfig.from_hf_dict(json.loads(config_file.read_text()))
+    except (TypeError, json.JSONDecodeError) as e:
+        raise ValueError(f"{config_file}: {e}") from e
+
+
+def load_pretrained(
+    path: str | os.PathLike,
+    dtype=jnp.float32,
+    *,
+    param_dtype=None,
+    attention_impl: str = "auto",
+) -> Qwen2_5_VLForConditionalGeneration:
+    """Read a HF Qwen2.5-VL directory (config.json + model.safetensors or a sharded index).
+
+    dtype: compute dtype; param_dtype: storage dtype of the parameters (default: dtype).
+    """
+    path = Path(path)
+    config = load_config(path)
+    files = _weight_files(path)
+    param_dtype = dtype if param_dtype is None else param_dtype
+    abstract = nnx.eval_shape(
+        lambda: Qwen2_5_VLForConditionalGeneration(
+            config, dtype=dtype, param_dtype=param_dtype, attention_impl=attention_impl
+        )
+    )
+    graphdef, state = nnx.split(abstract)
+    mapping = parameter_mapping(abstract)
+    handles: dict[Path, object] = {}
+    leaves = []
+    for param_path, var in nnx.to_flat_state(state):
+        m = mapping[param_path]
+        if m.name not in files:
+            raise ValueError(f"{path}: checkpoint has no tensor {m.name!r}")
+        file, stored_name = files[m.name]
+        if file not in handles:
+            handles[file] = safe_open(file, "np")
+        value = m.to_ours(handles[file].get_tensor(stored_name))
+        if tuple(value.shape) != tuple(var.shape):
+            raise ValueError(
+                f"{path}: tensor {m.name!r} has shape {tuple(value.shape)} in the checkpoint "
+                f"but the config needs {tuple(var.shape)} (ours: {'.'.join(map(str, param_path))})"
+            )
+        leaves.append((param_path, var.replace(jnp.asarray(value, dtype=var.dtype))))
+    extra = sorted(set(files) - {m.name for m in mapping.values()})
+    if extra:
+        log.warning("%s: ignoring %d tensors the model does not use, e.g. %s", path, len(extra), extra[:3])
+    return nnx.merge(graphdef, nnx.from_flat_state(leaves))
+
+
+def _to_numpy(x: jax.Array) -> np.ndarray:
+    x = np.asarray(jax.device_get(x))
+    return x.astype(np.float32) if x.dtype == jnp.bfloat16 else x
+
+
+def save_pretrained(model: Qwen2_5_VLForConditionalGeneration, path: str | os.PathLike) -> None:
+    """Write config.json + model.safetensors that `transformers` loads (written to a temp dir, then renamed).
+
+    bfloat16 parameters are written as float32 (safetensors' numpy writer has no bfloat16).
+    """
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tensors = {}
+    mapping = parameter_mapping(model)
+    for param_path, var in nnx.to_flat_state(nnx.state(model, nnx.Param)):
+        m = mapping[param_path]
+        tensors[m.name] = m.to_hf(_to_numpy(var[...]))
+    config = model.config.to_hf_dict()
+    config["dtype"] = str(next(iter(tensors.values())).dtype)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", dir=path.parent))
+    try:
+        save_file(tensors, str(tmp / SAFETENSORS), metadata={"format": "pt"})
+        (tmp / "config.json").write_text(json.dumps(config, indent=2) + "\n")
+        if path.exists():
+            for item in path.iterdir():
+                if item.name not in (SAFETENSORS, SAFETENSORS_INDEX, "config.json"):
+                    shutil.move(str(item), tmp / item.name)
+            shutil.rmtree(path)
+        os.replace(tmp, path)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
