@@ -101,7 +101,9 @@ def _log_once(message: str) -> None:
 def select_impl(q_len: int, kv_len: int, head_dim: int, backend: str | None = None) -> str:
     """The implementation `impl="auto"` runs for these shapes on `backend` (default: JAX's)."""
     backend = backend or jax.default_backend()
-    kernel = {"tpu": "pallas_tpu", "gpu": "pallas_gpu", "cuda": "pallas_gpu", "rocm": "pallas_gpu"}.get(backend)
+    kernel = {"tpu": "pallas_tpu", "gpu": "pallas_gpu", "cuda": "pallas_gpu", "rocm": "pallas_gpu"}.get(
+        backend
+    )
     if kernel is None:
         return "xla"
     if head_dim not in _HEAD_DIMS[kernel]:
@@ -109,7 +111,9 @@ def select_impl(q_len: int, kv_len: int, head_dim: int, backend: str | None = No
         return "xla"
     block = max(_BLOCKS[kernel])
     if min(q_len, kv_len) < block:
-        _log_once(f"attention: length {min(q_len, kv_len)} shorter than one {block} block for {kernel}; using xla")
+        _log_once(
+            f"attention: length {min(q_len, kv_len)} shorter than one {block} block for {kernel}; using xla"
+        )
         return "xla"
     return kernel
 

@@ -92,7 +92,9 @@ def _split_refs(refs, cfg: _Config, n_in: int):
 
 
 def _fwd_kernel(*refs, cfg: _Config, num_k_blocks: int):
-    (q_ref, k_ref, v_ref), q_seg_ref, kv_seg_ref, (o_ref, lse_ref) = _split_refs(refs, cfg, 3 + 2 * cfg.has_segments)
+    (q_ref, k_ref, v_ref), q_seg_ref, kv_seg_ref, (o_ref, lse_ref) = _split_refs(
+        refs, cfg, 3 + 2 * cfg.has_segments
+    )
     bq, bk = cfg.block_q, cfg.block_k
     i = pl.program_id(2)
     q = q_ref[...]  # [bq, D]
@@ -353,7 +355,9 @@ def flash_attention(
         # Padded queries see key 0 (a real key: never a fully masked row); padded keys match nothing.
         q_pad = jnp.broadcast_to(kv_seg[:, :1], (b, tp - t))
         q_seg = jnp.concatenate([q_seg, q_pad], axis=1)[:, :, None]  # [B, Tp, 1]
-        kv_seg = jnp.pad(kv_seg, ((0, 0), (0, sp - s)), constant_values=PAD_SEGMENT_ID)[:, None, :]  # [B, 1, Sp]
+        kv_seg = jnp.pad(kv_seg, ((0, 0), (0, sp - s)), constant_values=PAD_SEGMENT_ID)[
+            :, None, :
+        ]  # [B, 1, Sp]
 
     def to_kernel(x, n, n_pad):  # [B, N, heads, D] -> [B, heads, N_pad, D]
         return jnp.pad(x, ((0, 0), (0, n_pad - n), (0, 0), (0, 0))).transpose(0, 2, 1, 3)
