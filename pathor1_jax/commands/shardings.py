@@ -10,6 +10,7 @@ from __future__ import annotations
 import argparse
 import importlib.util
 import json
+import sys
 from pathlib import Path
 
 import jax
@@ -51,6 +52,7 @@ def _as_dict(x) -> dict:
 def model_builder(config: ml_collections.ConfigDict, param_dtype):
     """`() -> nnx.Module` for the config's `model` block (Qwen2.5-VL)."""
     from pathor1_jax.models import qwen2_5_vl
+    from pathor1_jax.models.qwen2_5_vl import presets
 
     model = config.get("model")
     if model is None:
@@ -60,15 +62,15 @@ def model_builder(config: ml_collections.ConfigDict, param_dtype):
         cfg = qwen2_5_vl.Qwen2_5_VLConfig.from_hf_dict(_as_dict(model["hf_config"]))
     elif model.get("model_type"):
         cfg = qwen2_5_vl.Qwen2_5_VLConfig.from_hf_dict(model)
-    elif model.get("name") == "tiny" or model.get("preset") == "tiny":
-        cfg = qwen2_5_vl.tiny_config()
+    elif model.get("preset"):
+        cfg = presets.preset(model["preset"])
     elif model.get("path") or model.get("checkpoint"):
         config_json = Path(model.get("path") or model.get("checkpoint")) / "config.json"
         cfg = qwen2_5_vl.Qwen2_5_VLConfig.from_hf_dict(json.loads(config_json.read_text()))
     else:
         raise ValueError(
             "config.model: expected `hf_config` (a HF config.json dict), HF fields with `model_type`, "
-            "`path` to a checkpoint folder, or name='tiny'"
+            "`path` to a checkpoint folder, or `preset` (tiny, 3b, 7b)"
         )
     return lambda: qwen2_5_vl.Qwen2_5_VLForConditionalGeneration(
         cfg, rngs=nnx.Rngs(0), param_dtype=param_dtype
@@ -76,6 +78,14 @@ def model_builder(config: ml_collections.ConfigDict, param_dtype):
 
 
 def run(args: argparse.Namespace) -> int:
+    try:
+        return _run(args)
+    except (ValueError, FileNotFoundError) as e:
+        print(f"pathor1 shardings: error: {e}", file=sys.stderr)
+        return 2
+
+
+def _run(args: argparse.Namespace) -> int:
     config = load_config_file(args.config)
     mesh_config = parse_mesh_arg(args.mesh) if args.mesh else _as_dict(config.get("mesh") or {"fsdp": -1})
     rules = preset(args.preset) if args.preset else rules_from_config(config.get("sharding"))

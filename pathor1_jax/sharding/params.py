@@ -61,13 +61,18 @@ def _mesh_shape(mesh: Mesh | AbstractMesh) -> dict[str, int]:
 def layouts(state: nnx.State, mesh: Mesh | AbstractMesh, rules: Rules) -> list[ParamLayout]:
     """Layouts of every variable of an (abstract) state; raises on an indivisible dimension."""
     shape = _mesh_shape(mesh)
-    out = []
+    out, errors = [], []
     for path, var in nnx.to_flat_state(state):
-        value = var.get_value() if hasattr(var, "get_value") else var.value
+        value = var.get_value()
         if not hasattr(value, "shape"):
             continue
         name = path_str(path)
         axes = logical_axes(var)
+        try:
+            spec = spec_for(name, value.shape, axes, rules, shape)
+        except ValueError as e:
+            errors.append(str(e))
+            continue
         out.append(
             ParamLayout(
                 path=name,
@@ -76,10 +81,13 @@ def layouts(state: nnx.State, mesh: Mesh | AbstractMesh, rules: Rules) -> list[P
                 if not jax.dtypes.issubdtype(value.dtype, jax.dtypes.prng_key)
                 else np.dtype("uint32"),
                 axes=axes,
-                spec=spec_for(name, value.shape, axes, rules, shape),
+                spec=spec,
                 is_param=isinstance(var, nnx.Param),
             )
         )
+    if errors:
+        more = f"\n... and {len(errors) - 10} more" if len(errors) > 10 else ""
+        raise ValueError("\n".join(errors[:10]) + more)
     return out
 
 
