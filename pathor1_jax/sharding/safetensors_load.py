@@ -64,26 +64,33 @@ def _names(file: Path) -> list[str]:
 
 
 class CheckpointReader:
-    """Keeps one open handle per safetensors file and reads slices of named tensors."""
+    """Keeps one open handle per safetensors file and reads slices of named tensors.
 
-    def __init__(self, path: str | Path):
+    `rename` maps the names stored in the files to the names callers use (e.g. one checkpoint
+    layout onto another); by default names are used as stored.
+    """
+
+    def __init__(self, path: str | Path, rename: Callable[[str], str] | None = None):
         self.path = Path(path)
-        self.files = tensor_files(path)
+        rename = rename or (lambda name: name)
+        self.files = {rename(name): (file, name) for name, file in tensor_files(path).items()}
         self._handles: dict[Path, object] = {}
 
-    def _handle(self, name: str):
+    def _slice(self, name: str):
         if name not in self.files:
             raise KeyError(f"{self.path}: tensor {name!r} is not in the checkpoint")
-        file = self.files[name]
+        file, stored = self.files[name]
+        if not file.exists():
+            raise FileNotFoundError(f"{self.path}: file {file.name} holding tensor {name!r} is missing")
         if file not in self._handles:
             self._handles[file] = safe_open(file, "np")
-        return self._handles[file]
+        return self._handles[file].get_slice(stored)
 
     def shape(self, name: str) -> tuple[int, ...]:
-        return tuple(self._handle(name).get_slice(name).get_shape())
+        return tuple(self._slice(name).get_shape())
 
     def read(self, name: str, index: tuple[slice, ...] | None = None) -> np.ndarray:
-        tensor = self._handle(name).get_slice(name)
+        tensor = self._slice(name)
         if index is None:
             return tensor[:]
         return tensor[tuple(slice(s.start, s.stop) for s in index)]
@@ -136,13 +143,14 @@ def load_sharded(
     sources: Mapping[str, Source | str],
     mesh: Mesh,
     rules: Rules,
+    rename: Callable[[str], str] | None = None,
 ) -> nnx.Module:
     """A model whose every variable is read, slice by slice, from `checkpoint` via `sources`.
 
     `sources` maps each variable path (dots) to a `Source` or a tensor name; a variable of the
-    model that it does not cover is an error naming that path.
+    model that it does not cover is an error naming that path. `rename`: see `CheckpointReader`.
     """
-    reader = CheckpointReader(checkpoint)
+    reader = CheckpointReader(checkpoint, rename)
     graphdef, abstract_state = nnx.split(nnx.eval_shape(make_model))
     shardings = state_shardings(abstract_state, mesh, rules)
     sharding_of = {path_str(p): v.get_value() for p, v in nnx.to_flat_state(shardings)}
