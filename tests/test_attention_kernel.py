@@ -1,0 +1,138 @@
+"""Pallas flash attention (interpret mode on CPU) against the plain-jnp reference, and the dispatch."""
+
+import logging
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from pathor1_jax.kernels import attention as attention_mod
+from pathor1_jax.kernels.attention import attention, attention_reference, select_impl
+from pathor1_jax.kernels.flash_attention import flash_attention
+
+TOL = 1e-5
+
+
+def max_rel_err(x: jax.Array, ref: jax.Array) -> float:
+    """Max absolute error relative to the reference's largest magnitude."""
+    return float(jnp.max(jnp.abs(x - ref)) / jnp.max(jnp.abs(ref)))
+
+
+def qkvw(b, t, s, h, k, d, seed=0):
+    ks = jax.random.split(jax.random.key(seed), 4)
+    return (
+        jax.random.normal(ks[0], (b, t, h, d)),
+        jax.random.normal(ks[1], (b, s, k, d)),
+        jax.random.normal(ks[2], (b, s, k, d)),
+        jax.random.normal(ks[3], (b, t, h, d)),  # cotangent
+    )
+
+
+def packed(b, t, lengths):
+    """Self segment ids `[b, t]`: segments 1, 2, ... of the given lengths, then padding (0)."""
+    ids = np.zeros((b, t), np.int32)
+    pos = 0
+    for i, n in enumerate(lengths, start=1):
+        ids[:, pos : pos + n] = i
+        pos += n
+    return jnp.asarray(ids)
+
+
+def pair_ids(b, t, s):
+    q = np.ones((b, t), np.int32)
+    q[:, -3:] = 2
+    kv = np.ones((b, s), np.int32)
+    kv[:, :5] = 2
+    kv[:, -4:] = 0  # keys no query attends
+    return jnp.asarray(q), jnp.asarray(kv)
+
+
+def all_padding_row(b, t):
+    ids = np.array(packed(b, t, [9, 7]))
+    ids[-1] = 0  # the last sequence is padding only
+    return jnp.asarray(ids)
+
+
+# (B, T, S, H, K, D, causal, segments, backend); blocks are 16 x 16.
+CASES = {
+    "gqa4/2-causal-packed-pad-tail": (1, 40, 40, 4, 2, 16, True, lambda: packed(1, 40, [17, 13]), "tpu"),
+    "gqa8/1-full-padding-row": (2, 24, 24, 8, 1, 16, False, lambda: all_padding_row(2, 24), "gpu"),
+    "gqa4/2-cross-pair-causal-offset": (1, 24, 40, 4, 2, 16, True, lambda: pair_ids(1, 24, 40), "gpu"),
+    "mha-causal-no-segments-padded": (1, 20, 20, 2, 2, 16, True, lambda: None, "tpu"),
+    "gqa8/1-exact-blocks-no-mask": (1, 32, 32, 8, 1, 32, False, lambda: None, "tpu"),
+}
+
+
+@pytest.mark.parametrize("name", list(CASES))
+def test_flash_attention_matches_reference(name):
+    b, t, s, h, k, d, causal, make_ids, backend = CASES[name]
+    q, kk, v, do = qkvw(b, t, s, h, k, d)
+    ids = make_ids()
+
+    def pallas(q, k, v):
+        return flash_attention(
+            q, k, v, segment_ids=ids, causal=causal, backend=backend, block_q=16, block_k=16, interpret=True
+        )
+
+    def reference(q, k, v):
+        return attention_reference(q, k, v, segment_ids=ids, causal=causal)
+
+    out, vjp = jax.vjp(pallas, q, kk, v)
+    ref_out, ref_vjp = jax.vjp(reference, q, kk, v)
+    assert out.shape == (b, t, h, d)
+    assert max_rel_err(out, ref_out) <= TOL
+    for grad, ref_grad, which in zip(vjp(do), ref_vjp(do), "qkv", strict=True):
+        assert grad.shape == ref_grad.shape, which
+        assert max_rel_err(grad, ref_grad) <= TOL, which
+
+
+def test_segments_change_the_result():
+    """Guards the comparison above: the segment mask is really applied."""
+    q, k, v, _ = qkvw(1, 16, 16, 2, 2, 16)
+    ids = packed(1, 16, [8, 8])
+    masked = flash_attention(q, k, v, segment_ids=ids, block_q=16, block_k=16, interpret=True)
+    unmasked = flash_attention(q, k, v, block_q=16, block_k=16, interpret=True)
+    assert max_rel_err(masked, unmasked) > 1e-2
+
+
+def test_auto_on_cpu_is_xla():
+    q, k, v, _ = qkvw(1, 8, 8, 4, 2, 128)
+    ids = packed(1, 8, [5])
+    out = attention(q, k, v, segment_ids=ids, causal=True)
+    np.testing.assert_array_equal(out, attention_reference(q, k, v, segment_ids=ids, causal=True))
+    assert select_impl(4096, 4096, 128) == "xla"
+
+
+def test_select_impl_per_backend_and_fallbacks(caplog, monkeypatch):
+    monkeypatch.setattr(attention_mod, "_logged", set())
+    assert select_impl(4096, 4096, 128, backend="tpu") == "pallas_tpu"
+    assert select_impl(4096, 4096, 128, backend="gpu") == "pallas_gpu"
+    assert select_impl(1000, 1000, 64, backend="gpu") == "pallas_gpu"  # padded to the block
+    with caplog.at_level(logging.WARNING, logger=attention_mod.__name__):
+        assert select_impl(4096, 4096, 80, backend="tpu") == "xla"  # Qwen2.5-VL vision head dim
+        assert select_impl(4096, 4096, 80, backend="tpu") == "xla"
+        assert select_impl(32, 32, 128, backend="gpu") == "xla"
+    messages = [r.getMessage() for r in caplog.records]
+    assert len(messages) == 2  # each reason logged once
+    assert "head_dim 80" in messages[0] and "shorter than one" in messages[1]
+
+
+def test_explicit_pallas_impl_uses_interpret_switch(monkeypatch):
+    monkeypatch.setenv("PATHOR1_PALLAS_INTERPRET", "1")
+    q, k, v, _ = qkvw(1, 8, 8, 2, 1, 16)
+    ids = packed(1, 8, [3, 4])
+    out = attention(q, k, v, segment_ids=ids, causal=True, impl="pallas_tpu")  # 8 tokens padded to 128
+    ref = attention_reference(q, k, v, segment_ids=ids, causal=True)
+    assert max_rel_err(out, ref) <= TOL
+
+
+def test_bad_inputs_raise():
+    q, k, v, _ = qkvw(1, 8, 8, 3, 2, 16)
+    with pytest.raises(ValueError, match="3 query heads are not a multiple of 2 kv heads"):
+        flash_attention(q, k, v, interpret=True)
+    with pytest.raises(ValueError, match="unknown impl 'flash'"):
+        attention(q, k, v, impl="flash")
+    q, k, v, _ = qkvw(1, 8, 12, 2, 2, 16)
+    with pytest.raises(ValueError, match="self segment_ids need T == S"):
+        flash_attention(q, k, v, segment_ids=jnp.zeros((1, 8), jnp.int32), interpret=True)
