@@ -133,6 +133,8 @@ def test_bad_inputs_raise():
         flash_attention(q, k, v, interpret=True)
     with pytest.raises(ValueError, match="unknown impl 'flash'"):
         attention(q, k, v, impl="flash")
+    with pytest.raises(ValueError, match="impl 'pallas_gpu' needs a GPU"):
+        attention(q, k, v, impl="pallas_gpu")
     q, k, v, _ = qkvw(1, 8, 12, 2, 2, 16)
     with pytest.raises(ValueError, match="self segment_ids need T == S"):
         flash_attention(q, k, v, segment_ids=jnp.zeros((1, 8), jnp.int32), interpret=True)

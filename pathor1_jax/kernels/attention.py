@@ -142,6 +142,13 @@ def attention(
         impl = select_impl(q.shape[1], k.shape[1], q.shape[3])
     if impl == "xla":
         return attention_reference(q, k, v, segment_ids=segment_ids, causal=causal, sm_scale=sm_scale)
+    interpret = pallas_interpret()
+    platform = {"pallas_tpu": ("tpu",), "pallas_gpu": ("gpu", "cuda", "rocm")}[impl]
+    if jax.default_backend() not in platform and not interpret:
+        raise ValueError(
+            f"attention: impl {impl!r} needs a {platform[0].upper()} (backend is {jax.default_backend()!r}); "
+            "set PATHOR1_PALLAS_INTERPRET=1 to interpret it"
+        )
     block_q, block_k = _BLOCKS[impl]
     return flash_attention(
         q,
@@ -153,5 +160,5 @@ def attention(
         backend=impl.removeprefix("pallas_"),
         block_q=block_q,
         block_k=block_k,
-        interpret=pallas_interpret(),
+        interpret=interpret,
     )

@@ -41,6 +41,9 @@ from pathor1_jax.kernels.attention import pallas_interpret
 
 AGG_MODES = ("token-mean", "seq-mean-token-mean")
 IMPLS = ("auto", "xla", "chunked", "pallas")
+# Tiles: Pallas (rows, vocab) fit TPU VMEM at D=2048 bf16; chunked XLA takes all rows at once.
+PALLAS_TILES = (256, 1024)
+CHUNKED_VOCAB_TILE = 8192
 
 _NT = (((1,), (1,)), ((), ()))  # a @ b.T
 _TN = (((0,), (0,)), ((), ()))  # a.T @ b
@@ -291,8 +294,14 @@ def token_logprobs_reference(hidden: jax.Array, lm_head: jax.Array, tokens: jax.
 def _resolve_impl(impl: str) -> str:
     if impl not in IMPLS:
         raise ValueError(f"policy loss: unknown impl {impl!r}; expected one of {IMPLS}")
+    on_tpu = jax.default_backend() == "tpu"
     if impl == "auto":
-        return "pallas" if jax.default_backend() == "tpu" else "chunked"
+        return "pallas" if on_tpu else "chunked"
+    if impl == "pallas" and not on_tpu and not pallas_interpret():
+        raise ValueError(
+            f"policy loss: impl 'pallas' needs a TPU (backend is {jax.default_backend()!r}); "
+            "set PATHOR1_PALLAS_INTERPRET=1 to interpret it"
+        )
     return impl
 
 
@@ -302,14 +311,11 @@ def token_logprobs(
     tokens: jax.Array,
     *,
     impl: str = "auto",
-    block_rows: int | None = None,
-    block_vocab: int | None = None,
 ) -> jax.Array:
     """Log-probability `[B, T]` (float32) of `tokens` under `softmax(hidden @ lm_head)`.
 
     hidden `[B, T, D]`, lm_head `[D, V]`, tokens `[B, T]` int. Tiled over the vocabulary for
-    impl "chunked"/"pallas" (see module doc); default tiles: pallas 256 rows x 1024 vocab,
-    chunked all rows x 8192 vocab.
+    impl "chunked"/"pallas" (see module doc), with tiles `PALLAS_TILES` / `CHUNKED_VOCAB_TILE`.
     """
     if hidden.ndim != 3 or lm_head.ndim != 2 or hidden.shape[-1] != lm_head.shape[0]:
         raise ValueError(
@@ -323,12 +329,8 @@ def token_logprobs(
     b, t, d = hidden.shape
     vocab = lm_head.shape[1]
     n = b * t
-    if impl == "pallas":
-        block_rows = block_rows or 256
-        block_vocab = block_vocab or 1024
-    else:
-        block_rows = n
-        block_vocab = min(block_vocab or 8192, vocab)
+    block_rows, block_vocab = PALLAS_TILES if impl == "pallas" else (n, CHUNKED_VOCAB_TILE)
+    block_vocab = min(block_vocab, vocab)
     n_pad = -(-n // block_rows) * block_rows
     cfg = _Config(vocab, block_rows, block_vocab, impl, impl == "pallas" and pallas_interpret())
     h = jnp.pad(hidden.reshape(n, d), ((0, n_pad - n), (0, 0)))
