@@ -1,0 +1,266 @@
+"""One GRPO / DAPO step: rollout (with DAPO's dynamic sampling), advantages, π_old / π_ref log-probs
+once per rollout batch, then μ passes of jitted policy updates over mini-batches of whole groups.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import time
+from collections.abc import Callable, Sequence
+from functools import partial
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+from flax import nnx
+
+from pathor1_jax.models.qwen2_5_vl import Qwen2_5_VLForConditionalGeneration
+from pathor1_jax.rl.advantages import group_advantages
+from pathor1_jax.rl.dynamic_sampling import SamplingReport, fill_batch
+from pathor1_jax.rl.losses import dapo_loss, grpo_loss
+from pathor1_jax.rl.rollout import (
+    Prompt,
+    Rollout,
+    concat_rollouts,
+    fill_logprobs,
+    max_patches,
+    minibatch_rows,
+    response_hidden,
+    sequence_inputs,
+)
+from pathor1_jax.train.step import StepSpec, zero_frozen
+
+
+@dataclasses.dataclass(frozen=True)
+class LossConfig:
+    """The static (hashable) settings of the policy loss."""
+
+    algo: str  # "grpo" (Eq. 1) or "dapo" (Eq. 2)
+    group_size: int
+    epsilon: float = 0.2  # GRPO's symmetric clip
+    beta: float = 0.04  # GRPO's KL coefficient
+    eps_low: float = 0.2  # DAPO clip-higher
+    eps_high: float = 0.28
+    impl: str = "auto"  # policy-loss kernel: "auto", "pallas" or the jnp "reference"
+
+    def __post_init__(self):
+        if self.algo not in ("grpo", "dapo"):
+            raise ValueError(f"rl algo must be 'grpo' or 'dapo', got {self.algo!r}")
+
+
+def policy_loss(
+    model: Qwen2_5_VLForConditionalGeneration,
+    inputs: dict,
+    old_logprobs: jax.Array,
+    advantages: jax.Array,
+    ref_logprobs: jax.Array | None,
+    cfg: LossConfig,
+) -> tuple[jax.Array, dict[str, jax.Array]]:
+    """The loss of one mini-batch (inputs from `sequence_inputs`), advantages `[B]`."""
+    hidden = response_hidden(model, inputs)  # [B, R, D]
+    args = (
+        hidden,
+        model.lm_head_kernel(),
+        inputs["targets"],
+        old_logprobs,
+        advantages,
+        inputs["response_mask"],
+    )
+    if cfg.algo == "grpo":
+        return grpo_loss(*args, ref_logprobs, epsilon=cfg.epsilon, beta=cfg.beta, impl=cfg.impl)
+    return dapo_loss(
+        *args, group_size=cfg.group_size, eps_low=cfg.eps_low, eps_high=cfg.eps_high, impl=cfg.impl
+    )
+
+
+def update(
+    spec: StepSpec,
+    cfg: LossConfig,
+    state: dict,
+    inputs: dict,
+    old_logprobs: jax.Array,
+    advantages: jax.Array,
+    ref_logprobs: jax.Array | None,
+) -> tuple[dict, dict[str, jax.Array]]:
+    """One optimizer update of the trainer's state dict (see `pathor1_jax.train.step`) on one
+    mini-batch; returns the new state and the loss, the kernel's metrics and the gradient norm."""
+
+    def loss_fn(params):
+        return policy_loss(
+            nnx.merge(spec.graphdef, params), inputs, old_logprobs, advantages, ref_logprobs, cfg
+        )
+
+    (loss, metrics), grads = jax.value_and_grad(loss_fn, has_aux=True)(state["params"])
+    grads = zero_frozen(grads, spec.freeze)
+    updates, opt_state = spec.tx.update(grads, state["opt_state"], state["params"])
+    new_state = {
+        "params": optax.apply_updates(state["params"], updates),
+        "opt_state": opt_state,
+        "step": state["step"] + 1,
+        "rng": state["rng"],
+    }
+    return new_state, {"loss": loss, **metrics, "grad_norm": optax.global_norm(grads)}
+
+
+jit_update = jax.jit(update, static_argnums=(0, 1), donate_argnums=2)
+
+
+def pad_groups(batch: Rollout, num_groups: int) -> tuple[Rollout, np.ndarray]:
+    """Fill a short batch up to `num_groups` with copies of its groups whose response masks are zero
+    (no tokens: no loss, no gradient, zero DAPO weight). Returns it and the real-group flags."""
+    n = batch.num_groups
+    if n == 0 or n >= num_groups:
+        return batch, np.ones(n, bool)
+    order = [i % n for i in range(num_groups)]
+    padded = batch.select_groups(order)
+    real_rows = np.arange(num_groups * batch.group_size) < n * batch.group_size
+    padded.response_mask = padded.response_mask * real_rows[:, None]
+    return padded, np.arange(num_groups) < n
+
+
+def collect_rollouts(
+    sample: Callable[[int], Rollout],
+    *,
+    algo: str,
+    group_size: int,
+    batch_groups: int,
+    max_rounds: int,
+    pad_token_id: int,
+) -> tuple[Rollout | None, list[Rollout], SamplingReport | None]:
+    """GRPO: one rollout of `batch_groups` prompts. DAPO: dynamic sampling (`fill_batch`) over rounds
+    of `batch_groups` prompts. Returns the training batch (None when no group survived), every
+    sampled rollout (for the metrics) and the sampling report (DAPO only)."""
+    if algo == "grpo":
+        batch = sample(batch_groups)
+        return batch, [batch], None
+    sampled: list[Rollout] = []
+
+    def sample_groups(num_prompts: int) -> list[tuple[Rollout, int]]:
+        part = sample(num_prompts)
+        sampled.append(part)
+        return [(part, i) for i in range(part.num_groups)]
+
+    kept, report = fill_batch(
+        sample_groups,
+        lambda group: int(group[0].correct[group[1]].sum()),
+        batch_groups=batch_groups,
+        group_size=group_size,
+        max_rounds=max_rounds,
+    )
+    if not kept:
+        return None, sampled, report
+    parts = [part.select_groups([i for p, i in kept if p is part]) for part in sampled]
+    batch = concat_rollouts([p for p in parts if p.num_groups], pad_token_id)
+    return batch, sampled, report
+
+
+@dataclasses.dataclass
+class RolloutSampler:
+    """`(model, num_prompts) → Rollout` over an endless prompt source; one call = one sampling round
+    with its own seed (`seed` counts rounds, so it is the sampler's whole resumable state)."""
+
+    next_prompts: Callable[[int], Sequence[Prompt]]
+    rollout_fn: Callable[[Qwen2_5_VLForConditionalGeneration, Sequence[Prompt], int], Rollout]
+    seed: int = 0
+
+    def __call__(self, model: Qwen2_5_VLForConditionalGeneration, num_prompts: int) -> Rollout:
+        self.seed += 1
+        return self.rollout_fn(model, self.next_prompts(num_prompts), self.seed)
+
+
+def rollout_metrics(sampled: Sequence[Rollout], max_new_tokens: int) -> dict[str, float]:
+    """Reward, accuracy, format rate and length statistics over every sampled response."""
+    rewards = np.concatenate([r.rewards.reshape(-1) for r in sampled])
+    lengths = np.concatenate([r.lengths for r in sampled])
+    return {
+        "reward/mean": float(rewards.mean()),
+        "reward/accuracy": float(np.concatenate([r.correct.reshape(-1) for r in sampled]).mean()),
+        "reward/format_rate": float(np.concatenate([r.formatted.reshape(-1) for r in sampled]).mean()),
+        "response/mean_length": float(lengths.mean()),
+        "response/max_length": float(lengths.max()),
+        "response/overlong_fraction": float(np.concatenate([r.truncated for r in sampled]).mean()),
+        "response/max_new_tokens": float(max_new_tokens),
+    }
+
+
+def rl_step(
+    spec: StepSpec,
+    state: dict,
+    sample: Callable[[Qwen2_5_VLForConditionalGeneration, int], Rollout],
+    cfg: LossConfig,
+    *,
+    batch_groups: int,
+    groups_per_minibatch: int,
+    mu: int,
+    max_rounds: int,
+    max_new_tokens: int,
+    pad_token_id: int,
+    reference: Qwen2_5_VLForConditionalGeneration | None = None,
+) -> tuple[dict, dict[str, float]]:
+    """Rollout → advantages → old/ref log-probs → μ passes over the mini-batches.
+
+    `sample(model, num_prompts)` rolls out the policy, built here from `state` (the state is donated
+    to the updates, so the models built from it live only until they start). `reference` is
+    GRPO's frozen model (None for DAPO or β = 0). Returns the new state and the step's metrics.
+    """
+    model = nnx.merge(spec.graphdef, state["params"])
+    t0 = time.perf_counter()
+    batch, sampled, report = collect_rollouts(
+        partial(sample, model),
+        algo=cfg.algo,
+        group_size=cfg.group_size,
+        batch_groups=batch_groups,
+        max_rounds=max_rounds,
+        pad_token_id=pad_token_id,
+    )
+    t1 = time.perf_counter()
+    metrics = rollout_metrics(sampled, max_new_tokens)
+    metrics.update(report.metrics() if report is not None else {"dynamic_sampling/filtered_fraction": 0.0})
+    metrics["time/rollout_s"] = t1 - t0
+    if batch is None:
+        metrics.update({"time/logprobs_s": 0.0, "time/update_s": 0.0, "update/skipped": 1.0})
+        return state, metrics
+    advantages = np.asarray(group_advantages(jnp.asarray(batch.rewards))).reshape(-1)  # [B]
+    batch, real = pad_groups(batch, batch_groups)
+    advantages = np.resize(advantages, batch.num_groups * batch.group_size) * np.repeat(
+        real, batch.group_size
+    )
+    fill_logprobs(
+        model,
+        batch,
+        groups_per_minibatch,
+        reference=reference if cfg.algo == "grpo" and cfg.beta != 0.0 else None,
+        impl=cfg.impl,
+    )
+    t2 = time.perf_counter()
+    row_sets = minibatch_rows(batch.num_groups, batch.group_size, groups_per_minibatch)
+    num_patches = max_patches(batch, row_sets)
+    inputs = [sequence_inputs(model.config, batch, rows, num_patches) for rows in row_sets]
+    history: list[dict[str, jax.Array]] = []
+    for _ in range(mu):
+        for rows, mb in zip(row_sets, inputs, strict=True):
+            ref = None if batch.ref_logprobs is None else jnp.asarray(batch.ref_logprobs[rows])
+            state, m = jit_update(
+                spec,
+                cfg,
+                state,
+                mb,
+                jnp.asarray(batch.old_logprobs[rows]),
+                jnp.asarray(advantages[rows], jnp.float32),
+                ref,
+            )
+            history.append(m)
+    history = jax.device_get(history)
+    t3 = time.perf_counter()
+    for key in history[0]:
+        metrics[f"update/{key}"] = float(np.mean([np.asarray(h[key]) for h in history]))
+    metrics.update(
+        {
+            "time/logprobs_s": t2 - t1,
+            "time/update_s": t3 - t2,
+            "update/skipped": 0.0,
+            "update/groups": float(real.sum()),
+        }
+    )
+    return state, metrics
