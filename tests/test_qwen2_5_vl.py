@@ -197,3 +197,31 @@ def test_shape_mismatch_names_the_tensor(tmp_path, checkpoint):
         match=r"tensor 'model.language_model.layers.0.mlp.(gate|up|down)_proj.weight' has shape \(128, 64\)",
     ):
         qwen2_5_vl.load_pretrained(tmp_path)
+
+
+def test_hub_layout_with_sharded_index(tmp_path, checkpoint):
+    """The original hub files: flat text config with `rope_scaling`, `visual.*` / `model.layers.*`
+    tensor names, weights split over two files behind `model.safetensors.index.json`."""
+    from safetensors.numpy import load_file, save_file
+
+    path, _, model = checkpoint
+    nested = json.loads((path / "config.json").read_text())
+    text = nested.pop("text_config")
+    rope = text.pop("rope_parameters")
+    flat = {**text, **nested, "model_type": "qwen2_5_vl", "rope_theta": rope["rope_theta"]}
+    flat["rope_scaling"] = {"type": "mrope", "mrope_section": rope["mrope_section"]}
+    (tmp_path / "config.json").write_text(json.dumps(flat))
+    tensors = {
+        name.replace("model.visual.", "visual.").replace("model.language_model.", "model."): value
+        for name, value in load_file(path / "model.safetensors").items()
+    }
+    names = sorted(tensors)
+    shards = {"model-00001-of-00002.safetensors": names[::2], "model-00002-of-00002.safetensors": names[1::2]}
+    for fname, members in shards.items():
+        save_file({n: tensors[n] for n in members}, tmp_path / fname)
+    weight_map = {n: fname for fname, members in shards.items() for n in members}
+    (tmp_path / "model.safetensors.index.json").write_text(json.dumps({"weight_map": weight_map}))
+    loaded = qwen2_5_vl.load_pretrained(tmp_path)
+    assert loaded.config == model.config
+    ids = np.array([[1, 2, 3, 4, 5]])
+    np.testing.assert_array_equal(np.asarray(loaded(ids)), np.asarray(model(ids)))
