@@ -73,7 +73,9 @@ def render_with_spans(record: ChatRecord) -> tuple[str, list[tuple[int, int]]]:
             start = turn.find(ASSISTANT_HEADER)
             end = turn.rfind(TURN_END)
             if start < 0 or end < 0:
-                raise ValueError(f"record {record.id!r}: cannot locate assistant turn {i} in the rendered chat")
+                raise ValueError(
+                    f"record {record.id!r}: cannot locate assistant turn {i} in the rendered chat"
+                )
             spans.append((len(previous) + start + len(ASSISTANT_HEADER), len(previous) + end + len(TURN_END)))
         previous = text
     return previous, spans

@@ -101,7 +101,9 @@ class QwenVLProcessor:
         if isinstance(record, CaptionRecord):
             return caption_to_chat(record, self.caption_prompt)
         if isinstance(record, MCQRecord):
-            raise TypeError(f"record {record.id!r}: MCQ records are prompts; convert with prompts.mcq_to_chat")
+            raise TypeError(
+                f"record {record.id!r}: MCQ records are prompts; convert with prompts.mcq_to_chat"
+            )
         return record
 
     def tokenize_chat(self, record: ChatRecord) -> tuple[np.ndarray, np.ndarray]:

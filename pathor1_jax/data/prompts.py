@@ -34,7 +34,9 @@ def mcq_question_text(record: MCQRecord, instruction: str = MCQ_INSTRUCTION) -> 
 
 def mcq_prompt_messages(record: MCQRecord, instruction: str = MCQ_INSTRUCTION) -> tuple[Message, ...]:
     """The user turn of an MCQ (for generation with `add_generation_prompt=True`)."""
-    parts = tuple(ImagePart(ref) for ref in record.images) + (TextPart(mcq_question_text(record, instruction)),)
+    parts = tuple(ImagePart(ref) for ref in record.images) + (
+        TextPart(mcq_question_text(record, instruction)),
+    )
     return (Message("user", parts),)
 
 

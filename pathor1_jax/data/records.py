@@ -28,7 +28,7 @@ import base64
 import binascii
 from collections.abc import Callable
 from dataclasses import dataclass, field, replace
-from typing import Any, Literal, Union
+from typing import Any, Literal
 
 RecordKind = Literal["caption", "chat", "mcq"]
 KINDS: tuple[str, ...] = ("caption", "chat", "mcq")
@@ -67,7 +67,7 @@ class ImagePart:
     type: Literal["image"] = "image"
 
 
-Part = Union[TextPart, ImagePart]
+Part = TextPart | ImagePart
 
 
 @dataclass(frozen=True)
@@ -132,7 +132,7 @@ class MCQRecord:
     subfield: str = ""
 
 
-Record = Union[CaptionRecord, ChatRecord, MCQRecord]
+Record = CaptionRecord | ChatRecord | MCQRecord
 
 
 def _fail(where: str, rid: Any, msg: str) -> RecordError:
@@ -197,7 +197,9 @@ def _parse_message(value: Any, i: int, where: str, rid: Any) -> Message:
             inline = part.get("image")
             parts.append(ImagePart(None if inline is None else parse_image(inline, where, rid, pkey)))
         else:
-            raise _fail(where, rid, f"field '{pkey}' must be {{'type': 'text', 'text': str}} or {{'type': 'image'}}")
+            raise _fail(
+                where, rid, f"field '{pkey}' must be {{'type': 'text', 'text': str}} or {{'type': 'image'}}"
+            )
     return Message(role, tuple(parts))
 
 
@@ -239,7 +241,9 @@ def parse_mcq(obj: dict, where: str) -> MCQRecord:
         raise _fail(where, rid, "field 'options' must be an object of letter -> non-empty string")
     letters = "".join(sorted(options))
     if not (2 <= len(letters) <= len(OPTION_LETTERS)) or letters != OPTION_LETTERS[: len(letters)]:
-        raise _fail(where, rid, f"field 'options' must use contiguous letters from A (2 to 6), got {letters!r}")
+        raise _fail(
+            where, rid, f"field 'options' must use contiguous letters from A (2 to 6), got {letters!r}"
+        )
     answer = _string(obj, "answer", where, rid)
     if answer not in options:
         raise _fail(where, rid, f"field 'answer' must be one of {list(letters)}, got {answer!r}")
@@ -282,7 +286,9 @@ def record_to_json(record: Record) -> dict:
             "messages": [
                 {
                     "role": m.role,
-                    "content": m.content if isinstance(m.content, str) else [_part_json(p) for p in m.content],
+                    "content": m.content
+                    if isinstance(m.content, str)
+                    else [_part_json(p) for p in m.content],
                 }
                 for m in record.messages
             ],

