@@ -100,7 +100,7 @@ def update(
         "step": state["step"] + 1,
         "rng": state["rng"],
     }
-    return new_state, {"loss": loss, **metrics, "grad_norm": optax.global_norm(grads)}
+    return new_state, {"loss": loss, **metrics, "grad_norm": optax.tree.norm(grads)}
 
 
 jit_update = jax.jit(update, static_argnums=(0, 1), donate_argnums=2)
