@@ -20,6 +20,7 @@ from .pipeline import (
     make_batch_dataset,
     make_batch_iterator,
     processor_spec_from_config,
+    record_dataset,
 )
 from .processing import IGNORE_INDEX, ImageCountError, QwenVLProcessor
 from .prompts import caption_to_chat, mcq_prompt_messages, mcq_question_text, mcq_to_chat
@@ -75,6 +76,7 @@ __all__ = [
     "processor_spec_from_config",
     "read_jsonl",
     "read_jsonl_files",
+    "record_dataset",
     "record_to_json",
     "render_messages",
     "render_with_spans",

@@ -142,6 +142,23 @@ def process_shard() -> tuple[int, int]:
     return jax.process_index(), jax.process_count()
 
 
+def record_dataset(
+    source: Sequence[Record],
+    *,
+    seed: int = 0,
+    shuffle: bool = True,
+    num_epochs: int | None = None,
+    shard: tuple[int, int] | None = None,
+) -> grain.MapDataset:
+    """Records of this process's shard (`source[index::count]`), shuffled with `seed` (a new
+    permutation every epoch), repeated `num_epochs` times (None = forever)."""
+    index, count = process_shard() if shard is None else shard
+    ds = grain.MapDataset.source(source)[index::count]
+    if shuffle:
+        ds = ds.shuffle(seed=seed)
+    return ds.repeat(num_epochs)
+
+
 def make_batch_dataset(
     source: Sequence[Record],
     spec: ProcessorSpec,
@@ -164,14 +181,9 @@ def make_batch_dataset(
     shard: `(index, count)` of this process; None = `process_shard()`. num_epochs None = forever.
     Each process reads `source[index::count]`; batches are per process (`batch_size` rows each).
     """
-    index, count = process_shard() if shard is None else shard
     pad_id = get_processor(spec).pad_token_id
-    ds = grain.MapDataset.source(source)[index::count]
-    if shuffle:
-        ds = ds.shuffle(seed=seed)
-    ds = ds.repeat(num_epochs).map(
-        EncodeExample(spec, max_len=max_len, overflow=overflow, on_bad_image=on_bad_image)
-    )
+    ds = record_dataset(source, seed=seed, shuffle=shuffle, num_epochs=num_epochs, shard=shard)
+    ds = ds.map(EncodeExample(spec, max_len=max_len, overflow=overflow, on_bad_image=on_bad_image))
     it_ds = ds.to_iter_dataset().filter(_is_example)
     if worker_count > 0:
         it_ds = it_ds.mp_prefetch(grain.MultiprocessingOptions(num_workers=worker_count))
