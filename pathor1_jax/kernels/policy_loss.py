@@ -103,32 +103,40 @@ def _fwd_kernel(h_ref, w_ref, tok_ref, m_ref, l_ref, t_ref, *, vocab: int):
     m_ref[...], l_ref[...], t_ref[...] = _tile_stats(h_ref[...], w_ref[...], tok_ref[...], col0, vocab, carry)
 
 
-def _dh_kernel(h_ref, w_ref, tok_ref, lse_ref, g_ref, dh_ref, *, vocab: int):
+def _dh_kernel(h_ref, w_ref, tok_ref, lse_ref, g_ref, dh_ref, acc_ref, *, vocab: int):
     j = pl.program_id(1)
 
     @pl.when(j == 0)
     def _init():
-        dh_ref[...] = jnp.zeros(dh_ref.shape, jnp.float32)
+        acc_ref[...] = jnp.zeros(acc_ref.shape, jnp.float32)
 
     h = h_ref[...]
     dlogits, w = _tile_dlogits(
         h, w_ref[...], tok_ref[...], lse_ref[...], g_ref[...], j * w_ref.shape[1], vocab
     )
-    dh_ref[...] += lax.dot_general(dlogits.astype(w.dtype), w, _NT, preferred_element_type=jnp.float32)
+    acc_ref[...] += lax.dot_general(dlogits.astype(w.dtype), w, _NT, preferred_element_type=jnp.float32)
+
+    @pl.when(j == pl.num_programs(1) - 1)
+    def _write():
+        dh_ref[...] = acc_ref[...].astype(dh_ref.dtype)
 
 
-def _dw_kernel(h_ref, w_ref, tok_ref, lse_ref, g_ref, dw_ref, *, vocab: int):
+def _dw_kernel(h_ref, w_ref, tok_ref, lse_ref, g_ref, dw_ref, acc_ref, *, vocab: int):
     j, i = pl.program_id(0), pl.program_id(1)
 
     @pl.when(i == 0)
     def _init():
-        dw_ref[...] = jnp.zeros(dw_ref.shape, jnp.float32)
+        acc_ref[...] = jnp.zeros(acc_ref.shape, jnp.float32)
 
     h = h_ref[...]
     dlogits, _ = _tile_dlogits(
         h, w_ref[...], tok_ref[...], lse_ref[...], g_ref[...], j * w_ref.shape[1], vocab
     )
-    dw_ref[...] += lax.dot_general(h, dlogits.astype(h.dtype), _TN, preferred_element_type=jnp.float32)
+    acc_ref[...] += lax.dot_general(h, dlogits.astype(h.dtype), _TN, preferred_element_type=jnp.float32)
+
+    @pl.when(i == pl.num_programs(1) - 1)
+    def _write():
+        dw_ref[...] = acc_ref[...].astype(dw_ref.dtype)
 
 
 def _params(semantics: tuple[str, ...]):
@@ -172,7 +180,8 @@ def _pallas_backward(cfg: _Config, h, w, tokens, lse, g):
             row,
         ],
         out_specs=pl.BlockSpec((bn, d), lambda i, j: (i, 0)),
-        out_shape=jax.ShapeDtypeStruct((n, d), jnp.float32),
+        out_shape=jax.ShapeDtypeStruct((n, d), h.dtype),
+        scratch_shapes=[pltpu.VMEM((bn, d), jnp.float32)],
         compiler_params=_params(("parallel", "arbitrary")),
         interpret=cfg.interpret,
         name="token_logprobs_dh",
@@ -189,7 +198,8 @@ def _pallas_backward(cfg: _Config, h, w, tokens, lse, g):
             row_t,
         ],
         out_specs=pl.BlockSpec((d, bv), lambda j, i: (0, j)),
-        out_shape=jax.ShapeDtypeStruct((d, cfg.vocab), jnp.float32),
+        out_shape=jax.ShapeDtypeStruct((d, cfg.vocab), w.dtype),
+        scratch_shapes=[pltpu.VMEM((d, bv), jnp.float32)],
         compiler_params=_params(("parallel", "arbitrary")),
         interpret=cfg.interpret,
         name="token_logprobs_dw",
@@ -235,14 +245,14 @@ def _chunked_backward(cfg: _Config, h, w, tokens, lse, g):
         dlogits, w_tile = _tile_dlogits(h, w_tile, tokens, lse, g, col0, cfg.vocab)
         dh = lax.dot_general(dlogits.astype(w.dtype), w_tile, _NT, preferred_element_type=jnp.float32)
         dw = lax.dot_general(h, dlogits.astype(h.dtype), _TN, preferred_element_type=jnp.float32)
-        return dh, dw
+        return dh, dw.astype(w.dtype)
 
     def body(j, carry):
         dh, dw = carry
         dh_tile, dw_tile = tile(lax.dynamic_slice_in_dim(w, j * bv, bv, axis=1), j * bv)
         return dh + dh_tile, lax.dynamic_update_slice_in_dim(dw, dw_tile, j * bv, axis=1)
 
-    carry = (jnp.zeros(h.shape, jnp.float32), jnp.zeros(w.shape, jnp.float32))
+    carry = (jnp.zeros(h.shape, jnp.float32), jnp.zeros(w.shape, w.dtype))
     dh, dw = lax.fori_loop(0, full, body, carry)
     if rest is not None:
         start, size = rest
