@@ -138,3 +138,44 @@ def test_bad_inputs_raise():
     q, k, v, _ = qkvw(1, 8, 12, 2, 2, 16)
     with pytest.raises(ValueError, match="self segment_ids need T == S"):
         flash_attention(q, k, v, segment_ids=jnp.zeros((1, 8), jnp.int32), interpret=True)
+
+
+SHARDED = r"""
+import os
+os.environ["PATHOR1_PALLAS_INTERPRET"] = "1"
+import jax, jax.numpy as jnp
+jax.config.update("jax_default_matmul_precision", "highest")
+from pathor1_jax.kernels.attention import attention, attention_reference
+from pathor1_jax.sharding.logical import use_rules
+from pathor1_jax.sharding.mesh import make_mesh
+from pathor1_jax.sharding.rules import preset
+
+ks = jax.random.split(jax.random.key(0), 4)
+q = jax.random.normal(ks[0], (4, 24, 4, 16))
+k = jax.random.normal(ks[1], (4, 24, 2, 16))
+v = jax.random.normal(ks[2], (4, 24, 2, 16))
+ids = jnp.where(jnp.arange(24) < 10, 1, 2)[None].repeat(4, 0).at[1, 20:].set(0)
+
+def loss(impl, q, k, v):
+    out = attention(q, k, v, segment_ids=ids, causal=True, impl=impl)
+    return jnp.sum(out * jnp.cos(out)), out
+
+mesh = make_mesh({"data": 2, "fsdp": 2, "tensor": 2})
+with use_rules(mesh, preset("fsdp_tp")):
+    step = jax.jit(jax.value_and_grad(lambda *a: loss("pallas_tpu", *a), argnums=(0, 1, 2), has_aux=True))
+    (_, out), grads = step(q, k, v)
+    assert "shard_map" in str(jax.make_jaxpr(lambda *a: loss("pallas_tpu", *a))(q, k, v))
+(_, ref), ref_grads = jax.value_and_grad(lambda *a: loss("xla", *a), argnums=(0, 1, 2), has_aux=True)(q, k, v)
+pairs = zip((out, *grads), (ref, *ref_grads))
+errs = [float(jnp.max(jnp.abs(a - b)) / jnp.max(jnp.abs(b))) for a, b in pairs]
+print("max_rel_errs", errs)
+assert max(errs) <= 1e-5, errs
+"""
+
+
+@pytest.mark.multidevice
+def test_pallas_attention_under_mesh_runs_per_shard():
+    """Inside `use_rules`, the kernel runs in shard_map (batch over data x fsdp, heads over tensor)."""
+    from multidevice import run_on_8_devices
+
+    assert "max_rel_errs" in run_on_8_devices(SHARDED)

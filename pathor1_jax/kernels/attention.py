@@ -8,13 +8,17 @@ Qwen2.5-VL vision windows and per-image attention are all segment ids.
 
 from __future__ import annotations
 
+import functools
 import logging
+import math
 import os
 
 import jax
 import jax.numpy as jnp
+from jax.sharding import PartitionSpec
 
 from pathor1_jax.kernels.flash_attention import flash_attention
+from pathor1_jax.sharding import logical
 
 logger = logging.getLogger(__name__)
 
@@ -150,11 +154,8 @@ def attention(
             "set PATHOR1_PALLAS_INTERPRET=1 to interpret it"
         )
     block_q, block_k = _BLOCKS[impl]
-    return flash_attention(
-        q,
-        k,
-        v,
-        segment_ids=segment_ids,
+    kernel = functools.partial(
+        flash_attention,
         causal=causal,
         sm_scale=sm_scale,
         backend=impl.removeprefix("pallas_"),
@@ -162,3 +163,47 @@ def attention(
         block_k=block_k,
         interpret=interpret,
     )
+    return _per_shard(kernel, q, k, v, segment_ids)
+
+
+def _per_shard(kernel, q: jax.Array, k: jax.Array, v: jax.Array, segment_ids: SegmentIds) -> jax.Array:
+    """Run a Pallas kernel per shard inside `logical.use_rules(mesh, rules)`; plain call outside.
+
+    A `pallas_call` is opaque to XLA's partitioner, so under a mesh it runs in `shard_map` with the
+    batch split as the rules split "batch" and the heads as they split "heads"/"kv_heads" (only
+    when both head counts divide, so each shard keeps whole GQA groups). Lengths stay whole.
+    """
+    ctx = logical._CONTEXT.get()
+    if ctx is None:
+        return kernel(q, k, v, segment_ids=segment_ids)
+    mesh, rules = ctx
+
+    def fits(axes, n: int):
+        if axes is None:
+            return None
+        size = math.prod(mesh.shape[a] for a in ((axes,) if isinstance(axes, str) else axes))
+        return axes if n % size == 0 else None
+
+    batch = fits(logical.logical_to_spec(("batch",), rules)[0], q.shape[0])
+    heads = logical.logical_to_spec(("heads",), rules)[0]
+    kv_heads = logical.logical_to_spec(("kv_heads",), rules)[0]
+    if heads != kv_heads or fits(heads, q.shape[2]) is None or fits(kv_heads, k.shape[2]) is None:
+        heads = None
+    if batch is not None and heads is not None:
+        used = set((batch,) if isinstance(batch, str) else batch)
+        heads = None if used.intersection((heads,) if isinstance(heads, str) else heads) else heads
+    qkv_spec = PartitionSpec(batch, None, heads, None)
+    seg_spec = PartitionSpec(batch, None)
+    segs = () if segment_ids is None else segment_ids if isinstance(segment_ids, tuple) else (segment_ids,)
+
+    def local(q, k, v, *segs):
+        ids = None if not segs else segs if len(segs) == 2 else segs[0]
+        return kernel(q, k, v, segment_ids=ids)
+
+    return jax.shard_map(
+        local,
+        mesh=mesh,
+        in_specs=(qkv_spec, qkv_spec, qkv_spec, *(seg_spec,) * len(segs)),
+        out_specs=qkv_spec,
+        check_vma=False,
+    )(q, k, v, *segs)
