@@ -1,0 +1,23 @@
+"""DAPO (Patho-R1 Eq. 2, reward Eq. 4, dynamic sampling) of the tiny Qwen2.5-VL on the embedded demo
+MCQs, on CPU; `pathor1 demo --rl dapo` runs it after SFT. Sizes are our choice (2 CPU cores)."""
+
+import ml_collections
+
+from pathor1_jax.rl.train import rl_config
+
+
+def get_config() -> ml_collections.ConfigDict:
+    config = rl_config("dapo")
+    config.model.init_from = "runs/demo/sft"  # the SFT stage's run directory ("" = random init)
+    config.rl.group_size = 4
+    config.rl.batch_groups = 4
+    config.rl.groups_per_minibatch = 2
+    config.rl.max_new_tokens = 64
+    config.rl.l_cache = 16
+    config.rl.dapo_reward = "soft"  # the literal Eq. 4 is binary; see pathor1_jax.rl.rewards
+    config.rl.max_rounds = 3
+    config.optim.lr = 1e-4
+    config.train.steps = 10
+    config.train.ckpt_every = 5
+    config.train.out_dir = "runs/demo/dapo"
+    return config

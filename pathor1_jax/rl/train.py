@@ -1,0 +1,253 @@
+"""GRPO / DAPO training runs on the trainer's machinery (mesh, sharded model, optimizer, resume,
+checkpoints, metrics): `run_rl(config)` for `config.stage` in ("grpo", "dapo").
+
+Config blocks beyond the trainer's (see `pathor1_jax.train.defaults`): `rl` (see `rl_defaults`) and
+`data` with `kind="mcq"`. `train.steps` counts RL steps (one rollout batch each); the optimizer's
+schedule counts updates, `μ · batch_groups / groups_per_minibatch` per RL step. A checkpoint holds
+the train state and the prompt stream's position and sampling round, so a resumed run continues
+with the prompts and seeds it would have used.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import time
+from functools import partial
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+from flax import nnx
+from tqdm import tqdm
+
+from pathor1_jax.data.pipeline import get_processor, load_source, processor_spec_from_config
+from pathor1_jax.rl import rewards
+from pathor1_jax.rl.prompts import PromptStream, decode_response
+from pathor1_jax.rl.rollout import rollout
+from pathor1_jax.rl.step import LossConfig, RolloutSampler, rl_step
+from pathor1_jax.sharding.logical import use_rules
+from pathor1_jax.sharding.multihost import is_main_process
+from pathor1_jax.sharding.params import create_sharded
+from pathor1_jax.train.defaults import base_config
+from pathor1_jax.train.metrics import MetricsWriter, plot_losses
+from pathor1_jax.train.run import initial_params, model_config, model_factory
+from pathor1_jax.train.trainer import Stage, Trainer, _Preemption, on_mesh
+
+ALGOS = ("grpo", "dapo")
+
+
+def rl_defaults(algo: str) -> ml_collections.ConfigDict:
+    """The `config.rl` block. Paper-fixed: G sampled outputs, the rewards (Eqs. 3, 4), GRPO's
+    symmetric clip + k3 KL, DAPO's clip-higher 0.2 / 0.28 and dynamic sampling. The rest is ours."""
+    return ml_collections.ConfigDict(
+        dict(
+            algo=algo,
+            group_size=8,  # G
+            batch_groups=8,  # prompts per rollout batch (after DAPO's filtering)
+            groups_per_minibatch=4,  # prompts per policy update
+            mu=1,  # passes over the rollout batch
+            max_new_tokens=256,  # response budget; also DAPO's L_max unless l_max is set
+            temperature=1.0,
+            top_p=1.0,
+            top_k=0,
+            epsilon=0.2,  # GRPO clip
+            beta=0.04,  # GRPO KL coefficient (k3 against the frozen initial model)
+            eps_low=0.2,  # DAPO clip-higher
+            eps_high=0.28,
+            l_max=0,  # DAPO length penalty: 0 = max_new_tokens
+            l_cache=64,
+            dapo_reward="paper",  # "paper" (Eq. 4 literally, binary) | "soft"
+            max_rounds=4,  # DAPO dynamic sampling: rollout rounds per step at most
+            loss_impl="auto",  # policy-loss kernel: auto | pallas | chunked | xla (jnp reference)
+        )
+    )
+
+
+def rl_config(algo: str) -> ml_collections.ConfigDict:
+    """A complete RL config: the trainer's defaults with `stage`, MCQ data and the `rl` block."""
+    if algo not in ALGOS:
+        raise ValueError(f"RL algo must be one of {ALGOS}, got {algo!r}")
+    config = base_config("sft")
+    config.stage = algo
+    config.data.kind = "mcq"
+    config.rl = rl_defaults(algo)
+    config.optim.warmup_steps = 0
+    config.optim.min_lr_ratio = 1.0  # constant learning rate
+    config.train.out_dir = f"runs/{algo}"
+    return config
+
+
+def reward_function(rl: ml_collections.ConfigDict):
+    """`(text, answer, num_tokens) → reward` of the configured algorithm."""
+    if rl.algo == "grpo":
+        return lambda text, answer, num_tokens: rewards.grpo_reward(text, answer)
+    l_max = int(rl.l_max or rl.max_new_tokens)
+    return partial(_dapo, l_max=l_max, l_cache=int(rl.l_cache), variant=rl.dapo_reward)
+
+
+def _dapo(text: str, answer: str, num_tokens: int, *, l_max: int, l_cache: int, variant: str) -> float:
+    return rewards.dapo_reward(text, answer, num_tokens, l_max, l_cache, variant)
+
+
+def loss_config(rl: ml_collections.ConfigDict) -> LossConfig:
+    return LossConfig(
+        algo=rl.algo,
+        group_size=int(rl.group_size),
+        epsilon=float(rl.epsilon),
+        beta=float(rl.beta),
+        eps_low=float(rl.eps_low),
+        eps_high=float(rl.eps_high),
+        impl=rl.loss_impl,
+    )
+
+
+class RLData:
+    """The resumable part of RL data: the prompt stream's position and the sampler's round counter."""
+
+    def __init__(self, prompts: PromptStream, sampler: RolloutSampler):
+        self.prompts, self.sampler = prompts, sampler
+
+    def get_state(self) -> dict:
+        return {**self.prompts.get_state(), "sampling_round": self.sampler.seed}
+
+    def set_state(self, state: dict) -> None:
+        self.prompts.set_state(state)
+        self.sampler.seed = int(state["sampling_round"])
+
+
+@dataclasses.dataclass
+class RLResult:
+    out_dir: Path
+    start_step: int
+    end_step: int
+    first_reward: float | None  # mean reward of the first step run here
+    last_reward: float | None
+    preempted: bool
+    metrics_path: Path
+
+
+class RLTrainer(Trainer):
+    def __init__(self, config: ml_collections.ConfigDict, out_dir: str | Path):
+        rl = config.rl
+        if rl.algo not in ALGOS or rl.algo != config.stage:
+            raise ValueError(f"config.stage={config.stage!r} and config.rl.algo={rl.algo!r} must agree")
+        if config.data.kind != "mcq":
+            raise ValueError(f"config.data.kind={config.data.kind!r}: RL trains on 'mcq' records")
+        if int(rl.batch_groups) % int(rl.groups_per_minibatch):
+            raise ValueError(
+                f"config.rl.batch_groups={rl.batch_groups} is not a multiple of "
+                f"groups_per_minibatch={rl.groups_per_minibatch}"
+            )
+        self.rl_steps = int(config.train.steps)
+        self.loss_cfg = loss_config(rl)
+        cfg = model_config(config.model)
+        self.processor = get_processor(processor_spec_from_config(config.data, cfg))
+        self.prompts = PromptStream(
+            load_source(config.data),
+            self.processor,
+            seed=int(config.data.seed),
+            shuffle=bool(config.data.shuffle),
+        )
+        self.sampler = RolloutSampler(self.prompts, self._rollout)
+        updates_per_step = int(rl.mu) * int(rl.batch_groups) // int(rl.groups_per_minibatch)
+        optimizer_config = ml_collections.ConfigDict(config.to_dict())
+        optimizer_config.train.steps = self.rl_steps * updates_per_step
+        make_model = model_factory(config.model, cfg)
+        init = initial_params(config.model)
+        super().__init__(
+            optimizer_config,
+            Stage(name=rl.algo, step=None, prepare=None),  # RL drives its own steps (`rl_step`)
+            make_model,
+            RLData(self.prompts, self.sampler),
+            out_dir,
+            init,
+        )
+        self.config = config
+        self.reference = None
+        if rl.algo == "grpo" and float(rl.beta) != 0.0:
+            self.reference = self._reference_model(make_model, init)
+
+    def _reference_model(self, make_model, init) -> nnx.Module:
+        """GRPO's frozen π_ref: the run's starting weights (the SFT checkpoint), on the same mesh —
+        rebuilt from `init_from` (not copied from the state, which may be a resumed one)."""
+        with use_rules(self.mesh, self.rules):
+            fresh = create_sharded(make_model, self.mesh, self.rules)
+        params = nnx.to_pure_dict(nnx.state(fresh, nnx.Param))
+        if init is not None:
+            params = init(params)
+        return nnx.merge(self.spec.graphdef, on_mesh(jax.tree.map(jnp.copy, params), self.mesh))
+
+    def _rollout(self, model, prompts, seed: int):
+        rl = self.config.rl
+        return rollout(
+            model,
+            prompts,
+            group_size=int(rl.group_size),
+            max_new_tokens=int(rl.max_new_tokens),
+            decode=partial(decode_response, self.processor),
+            reward_fn=reward_function(rl),
+            temperature=float(rl.temperature),
+            top_p=float(rl.top_p),
+            top_k=int(rl.top_k),
+            seed=int(self.config.train.seed) * 1_000_003 + seed,
+            pad_token_id=self.processor.pad_token_id,
+        )
+
+    def fit(self) -> RLResult:
+        rl = self.config.rl
+        writer = MetricsWriter(self.out_dir, resume_step=self.start_step)
+        step = self.start_step
+        first = last = None
+        preempted = False
+        bar = tqdm(
+            total=self.rl_steps, initial=step, desc=rl.algo, disable=not is_main_process(), dynamic_ncols=True
+        )
+        try:
+            with _Preemption() as preemption, use_rules(self.mesh, self.rules):
+                while step < self.rl_steps:
+                    t0 = time.perf_counter()
+                    self.state, metrics = rl_step(
+                        self.spec,
+                        self.state,
+                        self.sampler,
+                        self.loss_cfg,
+                        batch_groups=int(rl.batch_groups),
+                        groups_per_minibatch=int(rl.groups_per_minibatch),
+                        mu=int(rl.mu),
+                        max_rounds=int(rl.max_rounds),
+                        max_new_tokens=int(rl.max_new_tokens),
+                        pad_token_id=self.processor.pad_token_id,
+                        reference=self.reference,
+                    )
+                    step += 1
+                    metrics.update(
+                        lr=float(self.schedule(max(int(self.state["step"]) - 1, 0))),
+                        step_time_s=time.perf_counter() - t0,
+                    )
+                    first = metrics["reward/mean"] if first is None else first
+                    last = metrics["reward/mean"]
+                    writer.write(step, metrics)
+                    bar.set_postfix(reward=f"{last:.3f}", acc=f"{metrics['reward/accuracy']:.2f}")
+                    bar.update(1)
+                    if preemption.requested:
+                        preempted = True
+                        self.checkpointer.save(step, self.state, self.data.get_state())
+                        break
+                    if step % int(self.config.train.ckpt_every) == 0 or step == self.rl_steps:
+                        self.checkpointer.save(step, self.state, self.data.get_state())
+        finally:
+            bar.close()
+            self.checkpointer.close()
+            writer.close()
+        if is_main_process() and not preempted and writer.path.exists():
+            plot_losses([(rl.algo, writer.path)], self.out_dir / "reward.png", key="reward/mean")
+        return RLResult(self.out_dir, self.start_step, step, first, last, preempted, writer.path)
+
+
+def run_rl(config: ml_collections.ConfigDict, out_dir: str | Path | None = None) -> RLResult:
+    """Train GRPO or DAPO (`config.stage`) on the MCQs of `config.data`, writing to `out_dir`."""
+    out_dir = Path(out_dir or config.train.out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    (out_dir / "config.json").write_text(config.to_json_best_effort(indent=2))
+    return RLTrainer(config, out_dir).fit()
