@@ -8,7 +8,7 @@ from .chat_template import render_messages, render_with_spans, template_text
 from .demo import demo_dir, demo_path, demo_records
 from .images import ImageDecodeError, load_image
 from .jsonl import read_jsonl, read_jsonl_files, write_jsonl
-from .packing import BatchPacker, fit_to_length, pack_examples
+from .packing import BatchPacker, fit_to_length, pack_examples, real_grids
 from .pipeline import (
     EncodeExample,
     ProcessorSpec,
@@ -76,6 +76,7 @@ __all__ = [
     "processor_spec_from_config",
     "read_jsonl",
     "read_jsonl_files",
+    "real_grids",
     "record_dataset",
     "record_to_json",
     "render_messages",

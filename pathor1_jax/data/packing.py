@@ -13,8 +13,8 @@ A batch (all numpy):
 
 Every sample starts with a non-loss token (`<|im_start|>`), so the shifted loss never crosses a
 segment boundary. Padding images occupy no tokens and no patches: a model computes the vision
-features of the real patches only (`vision_index(image_grid_thw, num_patches=P)` marks the rest as
-padding, segment 0) and the k-th image-pad token takes the k-th merged feature.
+features of the real patches only (`vision_index(real_grids(image_grid_thw), num_patches=P)` marks
+the rest as padding, segment 0) and the k-th image-pad token takes the k-th merged feature.
 """
 
 from __future__ import annotations
@@ -29,6 +29,12 @@ from .processing import IGNORE_INDEX, PATCH_DIM
 log = logging.getLogger(__name__)
 
 OVERFLOW_POLICIES = ("truncate", "drop")
+
+
+def real_grids(image_grid_thw: np.ndarray) -> np.ndarray:
+    """The grid rows of real images (drops the `[0, 0, 0]` padding rows)."""
+    grid = np.asarray(image_grid_thw).reshape(-1, 3)
+    return grid[grid.prod(axis=-1) > 0]
 
 
 def image_spans(example: dict[str, np.ndarray]) -> list[tuple[int, int]]:
