@@ -151,6 +151,7 @@ def test_multi_process_env():
     assert multi_process_env({"TPU_WORKER_HOSTNAMES": "10.0.0.2"}) is None  # single-host TPU VM
     assert multi_process_env({"TPU_WORKER_HOSTNAMES": "10.0.0.2,10.0.0.3"}) == {}
     assert multi_process_env({"SLURM_NTASKS": "2"}) == {}
+    assert multi_process_env({"PATHOR1_MULTIHOST": "1"}) == {}
     with pytest.raises(ValueError, match="JAX_PROCESS_ID is not"):
         multi_process_env({"JAX_COORDINATOR_ADDRESS": "h:1", "JAX_NUM_PROCESSES": "2"})
 

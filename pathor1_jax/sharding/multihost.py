@@ -19,14 +19,17 @@ from pathor1_jax.sharding.logical import Rules, logical_to_spec
 COORDINATOR_ENV = "JAX_COORDINATOR_ADDRESS"
 NUM_PROCESSES_ENV = "JAX_NUM_PROCESSES"
 PROCESS_ID_ENV = "JAX_PROCESS_ID"
+# Set by launch/tpu_pod.sh: JAX finds the other TPU workers itself.
+MULTIHOST_ENV = "PATHOR1_MULTIHOST"
 
 
 def multi_process_env(env: Mapping[str, str] | None = None) -> dict[str, object] | None:
     """Arguments for `jax.distributed.initialize` when `env` describes several processes, else None.
 
-    Explicit `JAX_COORDINATOR_ADDRESS` / `JAX_NUM_PROCESSES` / `JAX_PROCESS_ID` win; otherwise a
-    multi-worker Cloud TPU VM (`TPU_WORKER_HOSTNAMES` lists several hosts), SLURM or Open MPI with
-    more than one task is detected by JAX itself (empty arguments).
+    Explicit `JAX_COORDINATOR_ADDRESS` / `JAX_NUM_PROCESSES` / `JAX_PROCESS_ID` win; otherwise
+    `PATHOR1_MULTIHOST=1` (launch/tpu_pod.sh), a multi-worker Cloud TPU VM (`TPU_WORKER_HOSTNAMES`
+    lists several hosts), SLURM or Open MPI with more than one task let JAX detect the cluster
+    itself (empty arguments).
     """
     env = os.environ if env is None else env
     if env.get(COORDINATOR_ENV):
@@ -40,6 +43,8 @@ def multi_process_env(env: Mapping[str, str] | None = None) -> dict[str, object]
             "num_processes": int(env[NUM_PROCESSES_ENV]),
             "process_id": int(env[PROCESS_ID_ENV]),
         }
+    if env.get(MULTIHOST_ENV) == "1":
+        return {}
     if len([h for h in env.get("TPU_WORKER_HOSTNAMES", "").split(",") if h.strip()]) > 1:
         return {}
     if int(env.get("SLURM_NTASKS", "1")) > 1 or int(env.get("OMPI_COMM_WORLD_SIZE", "1")) > 1:

@@ -1,0 +1,67 @@
+#!/usr/bin/env bash
+# Train pathor1_jax on GPUs: one host with N GPUs, or several hosts (run this once per host).
+#
+#   launch/gpu.sh --config configs/X.py [--gpus N] [--install] [--dry-run] [-- EXTRA TRAIN ARGS]
+#
+# One process per host drives all of that host's GPUs. Multi-node runs read the cluster from the
+# environment (set by you or your scheduler) and pass it to jax.distributed.initialize():
+#   COORDINATOR_ADDRESS  host:port of process 0 (or MASTER_ADDR + MASTER_PORT, port default 1234)
+#   NUM_PROCESSES        number of hosts         (or NNODES / WORLD_SIZE)
+#   PROCESS_ID           this host's rank, 0-based (or NODE_RANK / RANK)
+# --gpus N restricts the run to GPUs 0..N-1 (CUDA_VISIBLE_DEVICES); --install installs this
+# checkout with jax[cuda12] first. --dry-run prints the exact commands instead of running them.
+set -euo pipefail
+
+usage() { awk 'NR > 1 && /^#/ { sub(/^# ?/, ""); print; next } NR > 1 { exit }' "$0"; exit "${1:-0}"; }
+
+CONFIG="" GPUS="" INSTALL=0 DRY_RUN=0 EXTRA=()
+while [[ $# -gt 0 ]]; do
+  case "$1" in
+    --config) CONFIG="$2"; shift 2 ;;
+    --gpus) GPUS="$2"; shift 2 ;;
+    --install) INSTALL=1; shift ;;
+    --dry-run) DRY_RUN=1; shift ;;
+    -h|--help) usage 0 ;;
+    --) shift; EXTRA=("$@"); break ;;
+    *) echo "gpu.sh: unknown argument $1" >&2; usage 2 ;;
+  esac
+done
+if [[ -z "$CONFIG" ]]; then echo "gpu.sh: --config is required" >&2; usage 2; fi
+REPO="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
+
+COORD="${COORDINATOR_ADDRESS:-}"
+if [[ -z "$COORD" && -n "${MASTER_ADDR:-}" ]]; then COORD="$MASTER_ADDR:${MASTER_PORT:-1234}"; fi
+NPROCS="${NUM_PROCESSES:-${NNODES:-${WORLD_SIZE:-1}}}"
+PID="${PROCESS_ID:-${NODE_RANK:-${RANK:-0}}}"
+if [[ "$NPROCS" -gt 1 && -z "$COORD" ]]; then
+  echo "gpu.sh: $NPROCS processes but no COORDINATOR_ADDRESS (or MASTER_ADDR) in the environment" >&2; exit 2
+fi
+if [[ "$PID" -ge "$NPROCS" ]]; then
+  echo "gpu.sh: PROCESS_ID $PID must be below NUM_PROCESSES $NPROCS" >&2; exit 2
+fi
+
+ENV=()
+if [[ -n "$GPUS" ]]; then ENV+=("CUDA_VISIBLE_DEVICES=$(seq -s, 0 $((GPUS - 1)))"); fi
+if [[ "$NPROCS" -gt 1 ]]; then
+  ENV+=("JAX_COORDINATOR_ADDRESS=$COORD" "JAX_NUM_PROCESSES=$NPROCS" "JAX_PROCESS_ID=$PID")
+fi
+
+# Print a command so that it can be pasted into a shell as is (single quotes where needed).
+show() {
+  local out="" arg
+  for arg in "$@"; do
+    if [[ "$arg" =~ ^[A-Za-z0-9_./:=,@%+-]+$ ]]; then out+="$arg "; else out+="'${arg//\'/\'\\\'\'}' "; fi
+  done
+  echo "${out% }"
+}
+
+run() {
+  if [[ "$DRY_RUN" == 1 ]]; then show "$@"; else "$@"; fi
+}
+
+cd "$REPO"
+if [[ "$INSTALL" == 1 ]]; then
+  run python3 -m pip install -q -U 'jax[cuda12]'
+  run python3 -m pip install -q -e "$REPO"
+fi
+run env "${ENV[@]+"${ENV[@]}"}" python3 -m pathor1_jax.cli train --config "$CONFIG" "${EXTRA[@]+"${EXTRA[@]}"}"

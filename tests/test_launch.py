@@ -1,0 +1,98 @@
+"""`launch/*.sh --dry-run` prints the exact commands a run would execute."""
+
+from __future__ import annotations
+
+import os
+import shlex
+import subprocess
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+CONFIG = "configs/qwen2_5_vl_7b.py"
+CLEAN = {k: v for k, v in os.environ.items() if k not in (
+    "COORDINATOR_ADDRESS", "MASTER_ADDR", "MASTER_PORT", "NUM_PROCESSES", "NNODES", "WORLD_SIZE",
+    "PROCESS_ID", "NODE_RANK", "RANK")}  # fmt: skip
+
+
+def launch(script: str, *args: str, env: dict | None = None) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        ["bash", str(REPO / "launch" / script), *args],
+        capture_output=True, text=True, env={**CLEAN, **(env or {})}, timeout=30,
+    )  # fmt: skip
+
+
+def test_tpu_pod_dry_run_prints_install_start_and_log_commands():
+    out = launch("tpu_pod.sh", "--tpu", "pod-1", "--zone", "us-central2-b", "--project", "lab",
+                 "--config", CONFIG, "--dry-run",
+                 "--", "--steps", "10", "--run-name", "it's a test")  # fmt: skip
+    assert out.returncode == 0, out.stderr
+    lines = [shlex.split(line) for line in out.stdout.strip().splitlines()]
+    where = ["--zone=us-central2-b", "--project=lab"]
+    ssh = ["gcloud", "compute", "tpus", "tpu-vm", "ssh", "pod-1"]
+    tarball = "/tmp/pathor1_jax-src.tar.gz"
+    assert lines[0] == ["git", "-C", str(REPO), "archive", "--format=tar.gz", "-o", tarball, "HEAD"]
+    assert lines[1] == ["gcloud", "compute", "tpus", "tpu-vm", "scp", tarball,
+                        "pod-1:~/pathor1_jax-src.tar.gz", "--worker=all", *where]  # fmt: skip
+    assert lines[2][:-1] == [*ssh, "--worker=all", *where, "--command"]
+    assert lines[2][-1] == (
+        "mkdir -p ~/pathor1_jax && tar -xzf ~/pathor1_jax-src.tar.gz -C ~/pathor1_jax"
+        " && python3 -m pip install -q -U 'jax[tpu]' && python3 -m pip install -q -e ~/pathor1_jax"
+    )
+    assert lines[3][:-1] == [*ssh, "--worker=all", *where, "--command"]
+    remote = lines[3][-1]
+    assert remote.startswith("cd ~/pathor1_jax && PATHOR1_MULTIHOST=1 setsid nohup python3 -m")
+    assert remote.endswith("> ~/pathor1_train.log 2>&1 < /dev/null &")
+    # the remote shell sees the train arguments exactly as given here
+    train = shlex.split(remote.split("nohup ", 1)[1].split(" >", 1)[0])
+    assert train == ["python3", "-m", "pathor1_jax.cli", "train", "--config", CONFIG,
+                     "--steps", "10", "--run-name", "it's a test"]  # fmt: skip
+    assert lines[4] == [*ssh, "--worker=0", *where, "--command", "tail -n +1 -F ~/pathor1_train.log"]
+    assert len(lines) == 5
+
+
+def test_tpu_pod_no_install_and_errors():
+    out = launch("tpu_pod.sh", "--tpu", "p", "--zone", "z", "--config", CONFIG, "--no-install", "--dry-run")
+    assert out.returncode == 0 and len(out.stdout.strip().splitlines()) == 2
+    assert "--project" not in out.stdout
+    missing = launch("tpu_pod.sh", "--zone", "z", "--config", CONFIG, "--dry-run")
+    assert missing.returncode == 2 and "--tpu is required" in missing.stderr
+    outside = launch("tpu_pod.sh", "--tpu", "p", "--zone", "z", "--config", "/nonexistent/c.py", "--dry-run")
+    assert outside.returncode == 2 and "must be a path inside the checkout" in outside.stderr
+
+
+def test_gpu_single_host_dry_run():
+    out = launch("gpu.sh", "--config", CONFIG, "--gpus", "4", "--dry-run", "--", "--steps", "3")
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.strip().splitlines() == [
+        f"env CUDA_VISIBLE_DEVICES=0,1,2,3 python3 -m pathor1_jax.cli train --config {CONFIG} --steps 3"
+    ]
+
+
+@pytest.mark.parametrize(
+    "env",
+    [
+        {"COORDINATOR_ADDRESS": "10.0.0.1:1234", "NUM_PROCESSES": "4", "PROCESS_ID": "2"},
+        {"MASTER_ADDR": "10.0.0.1", "MASTER_PORT": "1234", "NNODES": "4", "NODE_RANK": "2"},
+    ],
+)
+def test_gpu_multi_node_dry_run_reads_cluster_from_env(env):
+    out = launch("gpu.sh", "--config", CONFIG, "--install", "--dry-run", env=env)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.strip().splitlines() == [
+        "python3 -m pip install -q -U 'jax[cuda12]'",
+        f"python3 -m pip install -q -e {REPO}",
+        "env JAX_COORDINATOR_ADDRESS=10.0.0.1:1234 JAX_NUM_PROCESSES=4 JAX_PROCESS_ID=2 "
+        f"python3 -m pathor1_jax.cli train --config {CONFIG}",
+    ]
+
+
+def test_gpu_errors():
+    no_coord = launch("gpu.sh", "--config", CONFIG, "--dry-run", env={"NUM_PROCESSES": "2"})
+    assert no_coord.returncode == 2 and "no COORDINATOR_ADDRESS" in no_coord.stderr
+    bad_rank = launch("gpu.sh", "--config", CONFIG, "--dry-run",
+                      env={"COORDINATOR_ADDRESS": "h:1", "NUM_PROCESSES": "2",
+                           "PROCESS_ID": "2"})  # fmt: skip
+    assert bad_rank.returncode == 2 and "PROCESS_ID 2 must be below NUM_PROCESSES 2" in bad_rank.stderr
+    assert launch("gpu.sh", "--dry-run").returncode == 2
