@@ -1,0 +1,154 @@
+"""Held-out MCQ evaluation: greedy decoding, accuracy and format rate with the RL rewards' rules.
+
+A response is correct when its single `<answer>` block holds exactly the right letter
+(`rewards.accuracy_reward`) and well formatted when `rewards.format_reward` is 1.
+
+    pathor1 eval mcq --model runs/demo/grpo --data demo --split test
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import os
+import sys
+from collections.abc import Sequence
+from functools import partial
+from pathlib import Path
+
+import ml_collections
+import numpy as np
+from flax import nnx
+from tqdm import tqdm
+
+from pathor1_jax.data.processing import QwenVLProcessor
+from pathor1_jax.data.records import MCQRecord
+from pathor1_jax.models import qwen2_5_vl
+from pathor1_jax.rl.prompts import decode_response, mcq_prompt
+from pathor1_jax.rl.rollout import rollout
+
+
+@dataclasses.dataclass
+class MCQResult:
+    accuracy: float
+    format_rate: float
+    num_examples: int
+    predictions: list[dict]  # per record: id, answer, response, correct, formatted
+
+    def summary(self) -> dict[str, float]:
+        return {"accuracy": self.accuracy, "format_rate": self.format_rate, "num_examples": self.num_examples}
+
+
+def evaluate_mcq(
+    model: qwen2_5_vl.Qwen2_5_VLForConditionalGeneration,
+    processor: QwenVLProcessor,
+    records: Sequence[MCQRecord],
+    *,
+    batch_size: int = 8,
+    max_new_tokens: int = 256,
+    progress: bool = True,
+) -> MCQResult:
+    """Greedy answers to `records`, in batches of `batch_size` (the last one padded by repeating
+    records, whose extra answers are dropped, so every batch has one compiled shape)."""
+    if not records:
+        raise ValueError("evaluate_mcq: no MCQ records to evaluate")
+    predictions = []
+    decode = partial(decode_response, processor)
+    for start in tqdm(range(0, len(records), batch_size), desc="eval mcq", disable=not progress):
+        chunk = list(records[start : start + batch_size])
+        padded = chunk + [chunk[-1]] * (batch_size - len(chunk))
+        batch = rollout(
+            model,
+            [mcq_prompt(processor, r) for r in padded],
+            group_size=1,
+            max_new_tokens=max_new_tokens,
+            decode=decode,
+            reward_fn=lambda text, answer, num_tokens: 0.0,
+            temperature=0.0,
+            pad_token_id=processor.pad_token_id,
+        )
+        for i, record in enumerate(chunk):
+            predictions.append(
+                {
+                    "id": record.id,
+                    "answer": record.answer,
+                    "response": batch.texts[i],
+                    "correct": bool(batch.correct[i, 0]),
+                    "formatted": bool(batch.formatted[i, 0]),
+                }
+            )
+    return MCQResult(
+        accuracy=float(np.mean([p["correct"] for p in predictions])),
+        format_rate=float(np.mean([p["formatted"] for p in predictions])),
+        num_examples=len(predictions),
+        predictions=predictions,
+    )
+
+
+def load_for_eval(
+    model_dir: str | Path,
+) -> tuple[qwen2_5_vl.Qwen2_5_VLForConditionalGeneration, QwenVLProcessor]:
+    """A model and its processor from an HF checkpoint (config.json + safetensors + tokenizer files)
+    or from a training run directory (our config.json + checkpoints/: the latest step's params, and
+    the run's own tokenizer / image-processor settings)."""
+    from pathor1_jax.data.pipeline import get_processor, processor_spec_from_config
+    from pathor1_jax.train.checkpoint import restore_params
+    from pathor1_jax.train.run import model_config, model_factory
+
+    path = Path(model_dir)
+    if not (path / "config.json").exists():
+        raise FileNotFoundError(
+            f"--model {model_dir}: no config.json (need an HF checkpoint or a run directory)"
+        )
+    if not (path / "checkpoints").is_dir():
+        model = qwen2_5_vl.load_pretrained(path)
+        return model, QwenVLProcessor(path, path, rope_config=model.config)
+    config = ml_collections.ConfigDict(json.loads((path / "config.json").read_text()))
+    cfg = model_config(config.model)
+    graphdef, params = nnx.split(model_factory(config.model, cfg)(), nnx.Param)
+    restored = restore_params(path / "checkpoints", nnx.to_pure_dict(params))
+    return nnx.merge(graphdef, restored), get_processor(processor_spec_from_config(config.data, cfg))
+
+
+def write_predictions(path: str | Path, predictions: Sequence[dict]) -> None:
+    """One JSON object per record, written to a temporary file and renamed."""
+    tmp = Path(f"{path}.tmp")
+    tmp.write_text("".join(json.dumps(p, ensure_ascii=False) + "\n" for p in predictions), encoding="utf-8")
+    os.replace(tmp, path)
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    """Arguments of `pathor1 eval mcq`."""
+    parser.add_argument("--model", required=True, help="HF checkpoint folder or training run directory")
+    parser.add_argument("--data", required=True, help='MCQ JSONL file(s), comma-separated, or "demo"')
+    parser.add_argument("--split", default="test", help="split of the embedded demo MCQs (with --data demo)")
+    parser.add_argument("--batch-size", type=int, default=8)
+    parser.add_argument("--max-new-tokens", type=int, default=256)
+    parser.add_argument("--limit", type=int, default=0, help="evaluate the first N records only (0 = all)")
+    parser.add_argument("--out", default="", help="write per-record predictions to this JSONL file")
+
+
+def run(args: argparse.Namespace) -> int:
+    """`pathor1 eval mcq`: print accuracy and format rate as JSON; optionally write the predictions."""
+    from pathor1_jax.data.demo import demo_records
+    from pathor1_jax.data.jsonl import read_jsonl_files
+
+    try:
+        records = (
+            demo_records("mcq", args.split)
+            if args.data == "demo"
+            else read_jsonl_files(args.data.split(","), "mcq")
+        )
+        model, processor = load_for_eval(args.model)
+    except (ValueError, OSError) as e:
+        print(f"pathor1 eval mcq: error: {e}", file=sys.stderr)
+        return 2
+    records = records[: args.limit] if args.limit else records
+    result = evaluate_mcq(
+        model, processor, records, batch_size=args.batch_size, max_new_tokens=args.max_new_tokens
+    )
+    if args.out:
+        write_predictions(args.out, result.predictions)
+    print(json.dumps(result.summary()))
+    return 0
