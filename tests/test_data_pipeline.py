@@ -298,3 +298,30 @@ def test_long_sample_follows_the_overflow_policy(spec, caplog):
     assert "dropped record 'long': longer than max_len=96" in caplog.text
     (batch,) = list(make_batch_iterator(good + [long], spec, overflow="truncate", **kw))
     assert (batch["segment_ids"][3] == 1).all() and (batch["loss_mask"][3] > 0).any()
+
+
+def test_template_rendering_matches_transformers_apply_chat_template(proc):
+    from pathor1_jax.data.chat_template import messages_to_json, template_text
+
+    chat = _chat()
+    messages = messages_to_json(chat.messages)
+    hf = proc.tokenizer.apply_chat_template(messages, chat_template=template_text(), tokenize=False)
+    assert hf == render_messages(chat.messages) == EXPECTED_TEXT
+    hf_prompt = proc.tokenizer.apply_chat_template(
+        messages[1:2], chat_template=template_text(), tokenize=False, add_generation_prompt=True
+    )
+    assert hf_prompt == render_messages(chat.messages[1:2], add_generation_prompt=True)
+
+
+def test_array_record_source_gives_the_same_batches_as_jsonl(spec, tmp_path):
+    from pathor1_jax.data.array_record import ArrayRecordSource, write_array_record
+
+    records = demo_records("caption", "train")[:10]
+    write_array_record({"train": records}, tmp_path)
+    kw = dict(batch_size=2, max_len=256, seed=0, num_epochs=1, shard=(0, 1))
+    from_jsonl = list(make_batch_iterator(records, spec, **kw))
+    from_ar = list(make_batch_iterator(ArrayRecordSource(tmp_path, "train"), spec, **kw))
+    assert len(from_jsonl) == len(from_ar) > 1
+    for a, b in zip(from_jsonl, from_ar, strict=True):
+        for key in a:
+            np.testing.assert_array_equal(a[key], b[key], err_msg=key)
