@@ -1,0 +1,83 @@
+"""Metrics: one JSON object per step in `metrics.jsonl` and the same scalars in TensorBoard, written
+by process 0 only; loss curves as PNG (matplotlib, Agg backend) at the end of a run."""
+
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+
+import jax
+
+METRICS_FILE = "metrics.jsonl"
+
+
+def read_metrics(path: str | Path) -> list[dict]:
+    """All records of a metrics JSONL file."""
+    with open(path) as f:
+        return [json.loads(line) for line in f if line.strip()]
+
+
+class MetricsWriter:
+    """Appends `{"step": n, ...}` lines and TensorBoard scalars; a no-op off process 0.
+
+    On resume (`resume_step` given) records past that step, written before an interruption, are
+    dropped so the file holds each step once.
+    """
+
+    def __init__(self, out_dir: str | Path, resume_step: int | None = None):
+        self.enabled = jax.process_index() == 0
+        self.path = Path(out_dir) / METRICS_FILE
+        self._file = self._tb = None
+        if not self.enabled:
+            return
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        if self.path.exists():
+            kept = [r for r in read_metrics(self.path) if resume_step is not None and r["step"] <= resume_step]
+            tmp = self.path.with_suffix(".jsonl.tmp")
+            tmp.write_text("".join(json.dumps(r) + "\n" for r in kept))
+            os.replace(tmp, self.path)
+        from tensorboardX import SummaryWriter
+
+        self._file = open(self.path, "a")
+        self._tb = SummaryWriter(str(Path(out_dir) / "tensorboard"))
+
+    def write(self, step: int, scalars: Mapping[str, float]) -> None:
+        if not self.enabled:
+            return
+        record = {"step": int(step), **{k: float(v) for k, v in scalars.items()}}
+        self._file.write(json.dumps(record) + "\n")
+        self._file.flush()
+        for name, value in scalars.items():
+            self._tb.add_scalar(name, float(value), int(step))
+
+    def close(self) -> None:
+        if self._file is not None:
+            self._file.close()
+            self._tb.close()
+            self._file = self._tb = None
+
+
+def plot_losses(runs: Sequence[tuple[str, str | Path]], out_png: str | Path, key: str = "loss") -> Path:
+    """One PNG with `key` against step for each `(label, metrics.jsonl)`; written via a temp file."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, len(runs), figsize=(4.5 * len(runs), 3.5), squeeze=False)
+    for ax, (label, path) in zip(axes[0], runs, strict=True):
+        records = [r for r in read_metrics(path) if key in r]
+        ax.plot([r["step"] for r in records], [r[key] for r in records], lw=1.5)
+        ax.set_title(label)
+        ax.set_xlabel("step")
+        ax.set_ylabel(key)
+        ax.grid(alpha=0.3)
+    fig.tight_layout()
+    out_png = Path(out_png)
+    tmp = out_png.with_name(out_png.stem + ".tmp.png")
+    fig.savefig(tmp, dpi=100)
+    plt.close(fig)
+    os.replace(tmp, out_png)
+    return out_png

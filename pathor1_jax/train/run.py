@@ -1,0 +1,94 @@
+"""One training run from a config: the model, its data, its starting weights, then `Trainer.fit`.
+
+`config.stage` picks the step (`cpt` or `sft`); `config.model` is the Qwen2.5-VL (`preset`,
+`hf_config` or `path` to a HF checkpoint, plus `dtype` / `param_dtype` / `attention_impl`), and
+`config.model.init_from` where the weights start: "" (random init), a HF checkpoint folder
+(config.json + safetensors), or a previous run's directory (its latest checkpoint's params).
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+from flax import nnx
+
+from pathor1_jax.models import qwen2_5_vl
+from pathor1_jax.models.qwen2_5_vl.presets import preset
+from pathor1_jax.train.checkpoint import restore_params
+from pathor1_jax.train.cpt import cpt_step
+from pathor1_jax.train.lm import prepare_batch
+from pathor1_jax.train.sft import sft_step
+from pathor1_jax.train.trainer import FitResult, Stage, Trainer
+
+STEPS = {"cpt": cpt_step, "sft": sft_step}
+DATA_KINDS = {"cpt": "caption", "sft": "chat"}
+
+
+def model_config(model: ml_collections.ConfigDict) -> qwen2_5_vl.Qwen2_5_VLConfig:
+    """The Qwen2.5-VL config named by a `config.model` block."""
+    if model.get("hf_config"):
+        return qwen2_5_vl.Qwen2_5_VLConfig.from_hf_dict(model.hf_config.to_dict())
+    if model.get("path"):
+        return qwen2_5_vl.Qwen2_5_VLConfig.from_hf_dict(
+            json.loads((Path(model.path) / "config.json").read_text())
+        )
+    if model.get("preset"):
+        return preset(model.preset)
+    raise ValueError("config.model: set one of `preset` (tiny, 3b, 7b), `hf_config` or `path`")
+
+
+def model_factory(model: ml_collections.ConfigDict, cfg: qwen2_5_vl.Qwen2_5_VLConfig) -> Callable[[], nnx.Module]:
+    dtype, param_dtype = jnp.dtype(model.dtype), jnp.dtype(model.param_dtype)
+    return lambda: qwen2_5_vl.Qwen2_5_VLForConditionalGeneration(
+        cfg, rngs=nnx.Rngs(int(model.seed)), dtype=dtype, param_dtype=param_dtype,
+        attention_impl=model.attention_impl,
+    )  # fmt: skip
+
+
+def initial_params(model: ml_collections.ConfigDict) -> Callable[[dict], dict] | None:
+    """`like_params -> params` loading `model.init_from`, laid out like `like_params`; None = random."""
+    source = model.get("init_from") or ""
+    if not source:
+        return None
+    path = Path(source)
+    checkpoints = path / "checkpoints"
+    if checkpoints.is_dir():
+        return lambda like: restore_params(checkpoints, like)
+    if (path / "config.json").exists():
+
+        def from_hf(like: dict) -> dict:
+            loaded = qwen2_5_vl.load_pretrained(path, jnp.dtype(model.dtype), param_dtype=jnp.dtype(model.param_dtype))
+            params = nnx.to_pure_dict(nnx.state(loaded, nnx.Param))
+            return jax.tree.map(lambda x, ref: jax.device_put(x, ref.sharding), params, like)
+
+        return from_hf
+    raise FileNotFoundError(
+        f"config.model.init_from={source!r}: neither a HF checkpoint (config.json) nor a run directory "
+        "(checkpoints/)"
+    )
+
+
+def run_stage(config: ml_collections.ConfigDict, out_dir: str | Path | None = None) -> FitResult:
+    """Train `config.stage` on `config.data`, writing to `out_dir` (default `config.train.out_dir`)."""
+    from pathor1_jax.data.pipeline import batch_iterator_from_config
+
+    if config.stage not in STEPS:
+        raise ValueError(f"config.stage={config.stage!r}: expected one of {sorted(STEPS)}")
+    if config.data.kind != DATA_KINDS[config.stage]:
+        raise ValueError(
+            f"config.data.kind={config.data.kind!r} but stage {config.stage!r} trains on "
+            f"{DATA_KINDS[config.stage]!r} records"
+        )
+    cfg = model_config(config.model)
+    out_dir = Path(out_dir or config.train.out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    (out_dir / "run_config.json").write_text(config.to_json_best_effort(indent=2))
+    stage = Stage(name=config.stage, step=STEPS[config.stage], prepare=lambda b: prepare_batch(b, cfg))
+    data = batch_iterator_from_config(config.data, cfg)
+    trainer = Trainer(config, stage, model_factory(config.model, cfg), data, out_dir, initial_params(config.model))
+    return trainer.fit()

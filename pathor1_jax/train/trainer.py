@@ -1,0 +1,234 @@
+"""The training loop shared by the stages: mesh, optimizer, resume, checkpoints, metrics, SIGTERM.
+
+    result = Trainer(config, stage, make_model, data).fit()
+
+`config` blocks used here: `train` (steps, grad_accum, log_every, ckpt_every, keep, seed),
+`optim` (see `optim.py`), `freeze` (regexes), `mesh` and `sharding` (see `pathor1_jax.sharding`).
+`stage` supplies the jitted step and the host-side preparation of a micro-batch; `data` is an
+iterator of micro-batches (dicts of numpy arrays) with `get_state()` / `set_state(state)`.
+
+A run directory holds `checkpoints/`, `metrics.jsonl`, `tensorboard/` and `loss.png`. Starting a
+run whose directory has a checkpoint resumes it exactly: parameters, optimizer state, step, RNG
+and the position of the data iterator. SIGTERM (preemption) saves a checkpoint at the end of the
+current step and returns with `preempted=True`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import signal
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import jax
+import ml_collections
+import numpy as np
+from flax import nnx
+from jax.sharding import Mesh, NamedSharding, PartitionSpec
+from tqdm import tqdm
+
+from pathor1_jax.sharding.logical import use_rules
+from pathor1_jax.sharding.mesh import make_mesh
+from pathor1_jax.sharding.multihost import batch_spec, is_main_process
+from pathor1_jax.sharding.params import create_sharded
+from pathor1_jax.sharding.rules import rules_from_config
+from pathor1_jax.train.checkpoint import Checkpointer
+from pathor1_jax.train.metrics import MetricsWriter, plot_losses
+from pathor1_jax.train.optim import make_optimizer
+from pathor1_jax.train.step import StepSpec, init_state
+
+# Where the batch dimension sits in each micro-batch field after stacking (`[accum, ...]`); other
+# fields (pixel patches, vision bookkeeping) are replicated.
+BATCH_AXIS = {"input_ids": 1, "labels": 1, "segment_ids": 1, "attention_mask": 1, "position_ids": 2}
+
+
+@dataclasses.dataclass(frozen=True)
+class Stage:
+    """What differs between CPT and SFT: the jitted step and the host-side micro-batch preparation."""
+
+    name: str
+    step: Callable[[StepSpec, dict, dict], tuple[dict, dict]]
+    prepare: Callable[[dict], dict]
+
+
+@dataclasses.dataclass
+class FitResult:
+    out_dir: Path
+    start_step: int
+    end_step: int
+    first_loss: float | None
+    last_loss: float | None
+    preempted: bool
+    metrics_path: Path
+
+
+class _Preemption:
+    """Records SIGTERM instead of dying, for the duration of a `with` block."""
+
+    def __init__(self):
+        self.requested = False
+        self._previous = None
+
+    def __enter__(self):
+        def handler(signum, frame):
+            self.requested = True
+
+        try:
+            self._previous = signal.signal(signal.SIGTERM, handler)
+        except ValueError:  # not the main thread: no handler, no preemption support
+            self._previous = None
+        return self
+
+    def __exit__(self, *exc):
+        if self._previous is not None:
+            signal.signal(signal.SIGTERM, self._previous)
+
+
+def stack_micro_batches(micro_batches: list[dict]) -> dict:
+    """`accum` micro-batches → one dict with a leading `[accum]` axis on every field."""
+    keys = micro_batches[0].keys()
+    return {k: jax.tree.map(lambda *xs: np.stack(xs), *[m[k] for m in micro_batches]) for k in keys}
+
+
+def put_batch(batch: dict, mesh: Mesh, rules) -> dict:
+    """Host batch → global arrays: token fields split on the mesh's batch axes, the rest replicated."""
+    spec = batch_spec(rules)
+    out = {}
+    for key, value in batch.items():
+        if key in BATCH_AXIS:
+            axis = BATCH_AXIS[key]
+            parts = math.prod(mesh.shape[a] for a in _names(spec[0]))
+            if value.shape[axis] % parts:
+                raise ValueError(
+                    f"batch field {key!r}: batch size {value.shape[axis]} is not divisible by the "
+                    f"{parts} devices of mesh axes {spec[0]!r}"
+                )
+            sharding = NamedSharding(mesh, PartitionSpec(*([None] * axis), spec[0]))
+        else:
+            sharding = NamedSharding(mesh, PartitionSpec())
+        out[key] = jax.tree.map(
+            lambda x, s=sharding: jax.make_array_from_process_local_data(s, np.asarray(x)), value
+        )
+    return out
+
+
+def on_mesh(tree, mesh: Mesh):
+    """Leaves not yet laid out on `mesh` (step counters, RNG) replicated on it, so that every step
+    sees the same input shardings (and compiles once)."""
+    replicated = NamedSharding(mesh, PartitionSpec())
+    return jax.tree.map(
+        lambda x: x if isinstance(x.sharding, NamedSharding) else jax.device_put(x, replicated), tree
+    )
+
+
+def _names(entry) -> tuple[str, ...]:
+    if entry is None:
+        return ()
+    return (entry,) if isinstance(entry, str) else tuple(entry)
+
+
+class Trainer:
+    def __init__(
+        self,
+        config: ml_collections.ConfigDict,
+        stage: Stage,
+        make_model: Callable[[], nnx.Module],
+        data: Iterator[dict],
+        out_dir: str | Path,
+        init_params: Callable[[dict], dict] | None = None,
+    ):
+        """init_params: maps freshly initialised params to the starting ones (pretrained weights,
+        the previous stage's checkpoint); not used when resuming this run's own checkpoint."""
+        self.config = config
+        self.stage = stage
+        self.data = data
+        self.out_dir = Path(out_dir)
+        self.total_steps = int(config.train.steps)
+        self.accum = int(config.train.grad_accum)
+        self.mesh = make_mesh(dict(config.mesh))
+        self.rules = rules_from_config(config.get("sharding"))
+        with use_rules(self.mesh, self.rules):
+            model = create_sharded(make_model, self.mesh, self.rules)
+        freeze = tuple(config.get("freeze") or ())
+        tx, self.schedule = make_optimizer(config.optim, self.total_steps, freeze)
+        graphdef, state = init_state(model, tx, int(config.train.seed))
+        self.state = on_mesh(state, self.mesh)
+        self.spec = StepSpec(graphdef=graphdef, tx=tx, freeze=freeze)
+        self.checkpointer = Checkpointer(self.out_dir / "checkpoints", keep=int(config.train.keep))
+        self.start_step = self.checkpointer.latest_step()
+        if self.start_step is not None:
+            self.state, data_state = self.checkpointer.restore(self.start_step, self.state)
+            self.data.set_state(data_state)
+        else:
+            self.start_step = 0
+            if init_params is not None:
+                self.state["params"] = init_params(self.state["params"])
+
+    def num_params(self) -> tuple[int, int]:
+        """(total, trainable) parameter counts."""
+        from pathor1_jax.train.optim import FROZEN, param_labels
+
+        params = self.state["params"]
+        labels = jax.tree.leaves(param_labels(params, self.spec.freeze))
+        sizes = [int(np.prod(p.shape)) for p in jax.tree.leaves(params)]
+        return sum(sizes), sum(s for s, lab in zip(sizes, labels, strict=True) if lab != FROZEN)
+
+    def _next_batch(self) -> tuple[dict, int]:
+        micro = [self.stage.prepare(next(self.data)) for _ in range(self.accum)]
+        tokens = sum(int((m["segment_ids"] != 0).sum()) for m in micro)
+        return stack_micro_batches(micro), tokens
+
+    def fit(self) -> FitResult:
+        cfg = self.config.train
+        writer = MetricsWriter(self.out_dir, resume_step=self.start_step)
+        step = self.start_step
+        first = last = None
+        preempted = False
+        bar = tqdm(
+            total=self.total_steps,
+            initial=step,
+            desc=self.stage.name,
+            disable=not is_main_process(),
+            dynamic_ncols=True,
+        )
+        try:
+            with _Preemption() as preemption, use_rules(self.mesh, self.rules):
+                while step < self.total_steps:
+                    t0 = time.perf_counter()
+                    host_batch, tokens = self._next_batch()
+                    batch = put_batch(host_batch, self.mesh, self.rules)
+                    self.state, metrics = self.stage.step(self.spec, self.state, batch)
+                    metrics = {k: float(v) for k, v in jax.device_get(metrics).items()}
+                    dt = time.perf_counter() - t0
+                    step += 1
+                    first = metrics["loss"] if first is None else first
+                    last = metrics["loss"]
+                    metrics.update(lr=float(self.schedule(step - 1)), tokens_per_s=tokens / dt, step_time_s=dt)
+                    if step % int(cfg.log_every) == 0 or step in (1, self.total_steps):
+                        writer.write(step, metrics)
+                    bar.set_postfix(loss=f"{last:.4f}", tok_s=f"{tokens / dt:,.0f}")
+                    bar.update(1)
+                    if preemption.requested:
+                        preempted = True
+                        self.checkpointer.save(step, self.state, self.data.get_state())
+                        break
+                    if step % int(cfg.ckpt_every) == 0 or step == self.total_steps:
+                        self.checkpointer.save(step, self.state, self.data.get_state())
+        finally:
+            bar.close()
+            self.checkpointer.close()
+            writer.close()
+        if is_main_process() and not preempted and writer.path.exists():
+            plot_losses([(self.stage.name, writer.path)], self.out_dir / "loss.png")
+        return FitResult(
+            out_dir=self.out_dir,
+            start_step=self.start_step,
+            end_step=step,
+            first_loss=first,
+            last_loss=last,
+            preempted=preempted,
+            metrics_path=writer.path,
+        )
+
