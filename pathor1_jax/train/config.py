@@ -39,7 +39,9 @@ def load_config_file(spec: str) -> ml_collections.ConfigDict:
         raise ConfigError(f"config file {path}: defines no get_config()")
     config = get_config(arg) if arg else get_config()
     if not isinstance(config, ml_collections.ConfigDict):
-        raise ConfigError(f"config file {path}: get_config() returned {type(config).__name__}, not ConfigDict")
+        raise ConfigError(
+            f"config file {path}: get_config() returned {type(config).__name__}, not ConfigDict"
+        )
     return config
 
 

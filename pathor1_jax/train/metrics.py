@@ -34,7 +34,9 @@ class MetricsWriter:
             return
         self.path.parent.mkdir(parents=True, exist_ok=True)
         if self.path.exists():
-            kept = [r for r in read_metrics(self.path) if resume_step is not None and r["step"] <= resume_step]
+            kept = [
+                r for r in read_metrics(self.path) if resume_step is not None and r["step"] <= resume_step
+            ]
             tmp = self.path.with_suffix(".jsonl.tmp")
             tmp.write_text("".join(json.dumps(r) + "\n" for r in kept))
             os.replace(tmp, self.path)

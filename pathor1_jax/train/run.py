@@ -42,7 +42,9 @@ def model_config(model: ml_collections.ConfigDict) -> qwen2_5_vl.Qwen2_5_VLConfi
     raise ValueError("config.model: set one of `preset` (tiny, 3b, 7b), `hf_config` or `path`")
 
 
-def model_factory(model: ml_collections.ConfigDict, cfg: qwen2_5_vl.Qwen2_5_VLConfig) -> Callable[[], nnx.Module]:
+def model_factory(
+    model: ml_collections.ConfigDict, cfg: qwen2_5_vl.Qwen2_5_VLConfig
+) -> Callable[[], nnx.Module]:
     dtype, param_dtype = jnp.dtype(model.dtype), jnp.dtype(model.param_dtype)
     return lambda: qwen2_5_vl.Qwen2_5_VLForConditionalGeneration(
         cfg, rngs=nnx.Rngs(int(model.seed)), dtype=dtype, param_dtype=param_dtype,
@@ -62,7 +64,9 @@ def initial_params(model: ml_collections.ConfigDict) -> Callable[[dict], dict] |
     if (path / "config.json").exists():
 
         def from_hf(like: dict) -> dict:
-            loaded = qwen2_5_vl.load_pretrained(path, jnp.dtype(model.dtype), param_dtype=jnp.dtype(model.param_dtype))
+            loaded = qwen2_5_vl.load_pretrained(
+                path, jnp.dtype(model.dtype), param_dtype=jnp.dtype(model.param_dtype)
+            )
             params = nnx.to_pure_dict(nnx.state(loaded, nnx.Param))
             return jax.tree.map(lambda x, ref: jax.device_put(x, ref.sharding), params, like)
 
@@ -90,5 +94,7 @@ def run_stage(config: ml_collections.ConfigDict, out_dir: str | Path | None = No
     (out_dir / "run_config.json").write_text(config.to_json_best_effort(indent=2))
     stage = Stage(name=config.stage, step=STEPS[config.stage], prepare=lambda b: prepare_batch(b, cfg))
     data = batch_iterator_from_config(config.data, cfg)
-    trainer = Trainer(config, stage, model_factory(config.model, cfg), data, out_dir, initial_params(config.model))
+    trainer = Trainer(
+        config, stage, model_factory(config.model, cfg), data, out_dir, initial_params(config.model)
+    )
     return trainer.fit()

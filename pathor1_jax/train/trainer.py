@@ -205,7 +205,9 @@ class Trainer:
                     step += 1
                     first = metrics["loss"] if first is None else first
                     last = metrics["loss"]
-                    metrics.update(lr=float(self.schedule(step - 1)), tokens_per_s=tokens / dt, step_time_s=dt)
+                    metrics.update(
+                        lr=float(self.schedule(step - 1)), tokens_per_s=tokens / dt, step_time_s=dt
+                    )
                     if step % int(cfg.log_every) == 0 or step in (1, self.total_steps):
                         writer.write(step, metrics)
                     bar.set_postfix(loss=f"{last:.4f}", tok_s=f"{tokens / dt:,.0f}")
@@ -231,4 +233,3 @@ class Trainer:
             preempted=preempted,
             metrics_path=writer.path,
         )
-
