@@ -13,6 +13,8 @@ import sys
 COMMANDS: dict[str, tuple[str, str]] = {
     "generate": ("pathor1_jax.commands.generate", "generate text from an image and a prompt"),
     "shardings": ("pathor1_jax.commands.shardings", "show each parameter's sharding and memory per device"),
+    "train": ("pathor1_jax.commands.train", "train one stage (CPT, SFT) from a config file"),
+    "demo": ("pathor1_jax.commands.demo", "the end-to-end demo on the embedded data (CPU, minutes)"),
 }
 
 

@@ -1,0 +1,48 @@
+"""`pathor1 train --config configs/sft_3b.py [--workdir DIR] [--config.key=value ...]`: one training run.
+
+Overrides address any key of the config (`--config.optim.lr=1e-5`, `--config.train.steps 100`); a key
+the config does not define is an error naming it. Rerunning the same command on the same work
+directory resumes from its latest checkpoint (exactly: weights, optimizer, step, RNG, data order).
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+from pathor1_jax.train.config import ConfigError, load_config
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--config", required=True, help="config file defining get_config() (path.py[:arg])")
+    parser.add_argument("--workdir", help="run directory (default: the config's train.out_dir)")
+    parser.epilog = "Any --config.<key>=<value> overrides that key of the config."
+    parse_known_args = parser.parse_known_args
+
+    def parse_args(args=None, namespace=None):
+        namespace, rest = parse_known_args(args, namespace)
+        namespace.overrides = rest
+        return namespace
+
+    parser.parse_args = parse_args  # the overrides are the arguments argparse does not know
+
+
+def run(args: argparse.Namespace) -> int:
+    from pathor1_jax.sharding.multihost import is_main_process, maybe_initialize_distributed
+
+    maybe_initialize_distributed()
+    try:
+        config = load_config(args.config, args.overrides)
+    except ConfigError as e:
+        print(f"pathor1 train: error: {e}", file=sys.stderr)
+        return 2
+    from pathor1_jax.train.run import run_stage
+
+    result = run_stage(config, args.workdir)
+    if is_main_process():
+        state = "preempted (SIGTERM); rerun the same command to resume" if result.preempted else "done"
+        print(
+            f"{config.stage}: steps {result.start_step}->{result.end_step}, loss {result.first_loss} -> "
+            f"{result.last_loss}; {state}; run directory {result.out_dir}"
+        )
+    return 0
