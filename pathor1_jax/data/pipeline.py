@@ -179,6 +179,7 @@ def make_batch_dataset(
     """The grain dataset of packed batches over `source` (any random-access sequence of records).
 
     shard: `(index, count)` of this process; None = `process_shard()`. num_epochs None = forever.
+    worker_count > 0 encodes in that many grain worker processes (the caller needs a `__main__` guard).
     Each process reads `source[index::count]`; batches are per process (`batch_size` rows each).
     """
     pad_id = get_processor(spec).pad_token_id
@@ -186,6 +187,10 @@ def make_batch_dataset(
     ds = ds.map(EncodeExample(spec, max_len=max_len, overflow=overflow, on_bad_image=on_bad_image))
     it_ds = ds.to_iter_dataset().filter(_is_example)
     if worker_count > 0:
+        from absl import flags
+
+        if not flags.FLAGS.is_parsed():  # grain's workers read absl flags; use their defaults
+            flags.FLAGS.mark_as_parsed()
         it_ds = it_ds.mp_prefetch(grain.MultiprocessingOptions(num_workers=worker_count))
     return PackedBatches(
         it_ds,

@@ -35,7 +35,7 @@ class ImageCountError(ValueError):
 
 def load_tokenizer(path: str | os.PathLike):
     """The Qwen2 tokenizer from a directory (a checkpoint's own files or any tokenizer folder)."""
-    from transformers import AutoTokenizer
+    from transformers.models.auto.tokenization_auto import AutoTokenizer
 
     return AutoTokenizer.from_pretrained(os.fspath(path))
 
