@@ -22,11 +22,12 @@ from pathor1_jax.sharding.rules import dp, fsdp, fsdp_tp, normalize_rules, rules
 
 
 class Toy(nnx.Module):
-    def __init__(self, rngs: nnx.Rngs, embed: int = 16, mlp: int = 32, vocab: int = 64):
-        self.embed = Embed(vocab, embed, rngs=rngs)
-        self.up = Linear(embed, mlp, use_bias=True, axes=("embed", "mlp"), rngs=rngs)
-        self.down = Linear(mlp, embed, use_bias=False, axes=("mlp", "embed"), rngs=rngs)
-        self.norm = RMSNorm(embed, eps=1e-6, axis="embed", rngs=rngs)
+    def __init__(self, rngs: nnx.Rngs, embed=16, mlp=32, vocab=64, param_dtype=jnp.float32):
+        kw = dict(rngs=rngs, param_dtype=param_dtype)
+        self.embed = Embed(vocab, embed, **kw)
+        self.up = Linear(embed, mlp, use_bias=True, axes=("embed", "mlp"), **kw)
+        self.down = Linear(mlp, embed, use_bias=False, axes=("mlp", "embed"), **kw)
+        self.norm = RMSNorm(embed, eps=1e-6, axis="embed", **kw)
 
 
 def toy_state(**kw) -> nnx.State:
@@ -138,6 +139,13 @@ def test_totals_count_shards_and_adamw_state():
     t = totals(rows, dict(mesh.shape))
     assert (t.num_params, t.params_per_device) == (64 * 16 + 16 * 32 + 32 + 32 * 16 + 16, per_device)
     assert (t.param_bytes, t.moment_bytes, t.master_bytes) == (4 * per_device, 8 * per_device, 0)
+    # frozen parameters keep no AdamW state; bfloat16 parameters get a float32 master copy
+    frozen = totals(rows, dict(mesh.shape), freeze=(r"^embed\.",))
+    assert frozen.trainable_per_device == per_device - 64 * 16 // 4
+    assert frozen.moment_bytes == 8 * (per_device - 64 * 16 // 4)
+    bf16 = nnx.state(nnx.eval_shape(lambda: Toy(nnx.Rngs(0), param_dtype=jnp.bfloat16)))
+    t = totals(layouts(bf16, mesh, fsdp_tp()), dict(mesh.shape))
+    assert (t.param_bytes, t.master_bytes, t.moment_bytes) == (2 * per_device, 4 * per_device, 8 * per_device)
 
 
 # ----------------------------------------------------------------------------- multi-host env

@@ -2,7 +2,8 @@
 
 Builds the model of `--config` abstractly (`nnx.eval_shape`: no parameter memory), lays it out on
 a (hypothetical) mesh with the config's rules, and prints each parameter's logical axes,
-PartitionSpec and bytes per device, then per-device totals for parameters + AdamW state.
+PartitionSpec and bytes per device, then per-device totals for parameters + AdamW state (none for
+parameters the config's `freeze` regexes match).
 """
 
 from __future__ import annotations
@@ -62,11 +63,13 @@ def model_builder(config: ml_collections.ConfigDict, param_dtype):
         cfg = qwen2_5_vl.Qwen2_5_VLConfig.from_hf_dict(_as_dict(model["hf_config"]))
     elif model.get("model_type"):
         cfg = qwen2_5_vl.Qwen2_5_VLConfig.from_hf_dict(model)
+    elif model.get("path"):
+        config_json = Path(model["path"]) / "config.json"
+        if not config_json.exists():
+            raise FileNotFoundError(f"config.model.path: {config_json} does not exist")
+        cfg = qwen2_5_vl.Qwen2_5_VLConfig.from_hf_dict(json.loads(config_json.read_text()))
     elif model.get("preset"):
         cfg = presets.preset(model["preset"])
-    elif model.get("path") or model.get("checkpoint"):
-        config_json = Path(model.get("path") or model.get("checkpoint")) / "config.json"
-        cfg = qwen2_5_vl.Qwen2_5_VLConfig.from_hf_dict(json.loads(config_json.read_text()))
     else:
         raise ValueError(
             "config.model: expected `hf_config` (a HF config.json dict), HF fields with `model_type`, "
@@ -93,7 +96,8 @@ def _run(args: argparse.Namespace) -> int:
     dtype_name = args.param_dtype or (config.get("model") or {}).get("param_dtype") or "float32"
     mesh = abstract_mesh(mesh_config, num_devices)
     abstract = nnx.eval_shape(model_builder(config, jnp.dtype(dtype_name)))
-    table, _ = layout_table(nnx.state(abstract), mesh, rules)
+    freeze = tuple(config.get("freeze") or ())
+    table, _ = layout_table(nnx.state(abstract), mesh, rules, freeze)
     print(f"config: {args.config}")
     print(f"rules: {list(rules)}")
     print(table)
