@@ -11,7 +11,13 @@ fully masked) and are sliced off, so the result equals the unpadded computation.
 
 Backward (`jax.custom_vjp`): `delta = rowsum(dO * O)` in XLA, then a dq kernel (programs over query
 blocks, loop over key blocks) and a dk/dv kernel (programs over key blocks and *query* heads, loop
-over query blocks); per-query-head dk/dv are summed over each GQA group in XLA.
+over query blocks, computing the transposed scores `K Q^T` so every matmul is NN or NT); per-query-
+head dk/dv are summed over each GQA group in XLA.
+
+Mosaic-friendly layouts: in-kernel dynamic slices index only the second-minor (sublane) axis; a
+per-query value that the dk/dv kernel needs along lanes (log-sum-exp, delta, query segment ids) is
+passed as `[..., T / block_q, block_q]` rows, key segment ids as `[B, S / block_k, block_k]` rows
+for the forward and dq kernels and as a `[B, S, 1]` column for the dk/dv kernel.
 """
 
 from __future__ import annotations
@@ -32,7 +38,6 @@ MASK_VALUE = -0.7 * float(jnp.finfo(jnp.float32).max)
 PAD_SEGMENT_ID = int(jnp.iinfo(jnp.int32).min)
 
 _NT = (((1,), (1,)), ((), ()))  # a @ b.T
-_TN = (((0,), (0,)), ((), ()))  # a.T @ b
 
 
 class _Config(NamedTuple):
@@ -52,17 +57,17 @@ def _compiler_params(backend: str, n_grid: int):
     return pltriton.CompilerParams(num_warps=4, num_stages=2)
 
 
-def _mask(cfg: _Config, q_seg, kv_seg, q_start, k_start, shape):
-    """Boolean `[bq, bk]` attend-mask, or None when nothing is masked."""
-    mask = None
-    if cfg.has_segments:
-        mask = q_seg == kv_seg  # [bq, 1] == [1, bk]
+def _mask(cfg: _Config, seg_eq, q_pos, k_pos):
+    """Boolean attend-mask from segment equality and positions (broadcast together), or None."""
+    mask = seg_eq if cfg.has_segments else None
     if cfg.causal:
-        q_pos = q_start + cfg.offset + lax.broadcasted_iota(jnp.int32, shape, 0)
-        k_pos = k_start + lax.broadcasted_iota(jnp.int32, shape, 1)
-        causal = k_pos <= q_pos
+        causal = k_pos <= q_pos + cfg.offset
         mask = causal if mask is None else mask & causal
     return mask
+
+
+def _iota(shape, dim: int):
+    return lax.broadcasted_iota(jnp.int32, shape, dim)
 
 
 def _num_kv_blocks(cfg: _Config, q_block, num_k_blocks: int):
@@ -106,8 +111,8 @@ def _fwd_kernel(*refs, cfg: _Config, num_k_blocks: int):
         k = k_ref[pl.ds(start, bk), :]  # [bk, D]
         v = v_ref[pl.ds(start, bk), :]
         s = lax.dot_general(q, k, _NT, preferred_element_type=jnp.float32) * cfg.scale  # [bq, bk]
-        kv_seg = kv_seg_ref[:, pl.ds(start, bk)] if cfg.has_segments else None  # [1, bk]
-        mask = _mask(cfg, q_seg, kv_seg, i * bq, start, s.shape)
+        seg_eq = q_seg == kv_seg_ref[pl.ds(j, 1), :] if cfg.has_segments else None  # [bq, 1] == [1, bk]
+        mask = _mask(cfg, seg_eq, i * bq + _iota(s.shape, 0), start + _iota(s.shape, 1))
         if mask is not None:
             s = jnp.where(mask, s, MASK_VALUE)
         m_new = jnp.maximum(m, s.max(axis=-1, keepdims=True))
@@ -127,23 +132,29 @@ def _fwd_kernel(*refs, cfg: _Config, num_k_blocks: int):
     lse_ref[...] = m + jnp.log(l)
 
 
-def _seg_specs(cfg: _Config, q_len: int, kv_len: int, q_block: bool):
-    """BlockSpecs for segment ids `[B, T, 1]` / `[B, 1, S]`: one block of a side, the whole other side."""
+def _seg_inputs(cfg: _Config, q_seg, kv_seg, q_blocks: bool):
+    """Segment-id arrays and BlockSpecs from `[B, Tp]` / `[B, Sp]` ids (free reshapes).
+
+    q_blocks (forward, dq): a `[bq, 1]` column of query ids and all key ids as `[Sp / bk, bk]` rows;
+    otherwise (dk/dv): all query ids as `[Tp / bq, bq]` rows and a `[bk, 1]` column of key ids.
+    """
     if not cfg.has_segments:
-        return []
-    if q_block:
-        return [
-            pl.BlockSpec((None, cfg.block_q, 1), lambda b, h, i: (b, i, 0)),
-            pl.BlockSpec((None, 1, kv_len), lambda b, h, i: (b, 0, 0)),
+        return [], []
+    (b, t), s = q_seg.shape, kv_seg.shape[1]
+    bq, bk = cfg.block_q, cfg.block_k
+    if q_blocks:
+        arrays = [q_seg.reshape(b, t, 1), kv_seg.reshape(b, s // bk, bk)]
+        specs = [
+            pl.BlockSpec((None, bq, 1), lambda b, h, i: (b, i, 0)),
+            pl.BlockSpec((None, s // bk, bk), lambda b, h, i: (b, 0, 0)),
         ]
-    return [
-        pl.BlockSpec((None, q_len, 1), lambda b, h, j: (b, 0, 0)),
-        pl.BlockSpec((None, 1, cfg.block_k), lambda b, h, j: (b, 0, j)),
-    ]
-
-
-def _segments(q_seg, kv_seg):
-    return [] if q_seg is None else [q_seg, kv_seg]
+    else:
+        arrays = [q_seg.reshape(b, t // bq, bq), kv_seg.reshape(b, s, 1)]
+        specs = [
+            pl.BlockSpec((None, t // bq, bq), lambda b, h, j: (b, 0, 0)),
+            pl.BlockSpec((None, bk, 1), lambda b, h, j: (b, j, 0)),
+        ]
+    return arrays, specs
 
 
 def _fwd(cfg: _Config, q, k, v, q_seg, kv_seg):
@@ -154,16 +165,17 @@ def _fwd(cfg: _Config, q, k, v, q_seg, kv_seg):
     q_spec = pl.BlockSpec((None, None, cfg.block_q, d), lambda b, h, i: (b, h, i, 0))
     kv_spec = pl.BlockSpec((None, None, s, d), lambda b, h, i: (b, h // groups, 0, 0))
     row_spec = pl.BlockSpec((None, None, cfg.block_q, 1), lambda b, h, i: (b, h, i, 0))
+    seg_arrays, seg_specs = _seg_inputs(cfg, q_seg, kv_seg, q_blocks=True)
     o, lse = pl.pallas_call(
         functools.partial(_fwd_kernel, cfg=cfg, num_k_blocks=s // cfg.block_k),
         grid=grid,
-        in_specs=[q_spec, kv_spec, kv_spec, *_seg_specs(cfg, t, s, q_block=True)],
+        in_specs=[q_spec, kv_spec, kv_spec, *seg_specs],
         out_specs=[q_spec, row_spec],
         out_shape=[jax.ShapeDtypeStruct(q.shape, q.dtype), jax.ShapeDtypeStruct((b, h, t, 1), jnp.float32)],
         compiler_params=_compiler_params(cfg.backend, len(grid)),
         interpret=cfg.interpret,
         name="flash_attention_fwd",
-    )(q, k, v, *_segments(q_seg, kv_seg))
+    )(q, k, v, *seg_arrays)
     return o, lse
 
 
@@ -185,8 +197,8 @@ def _dq_kernel(*refs, cfg: _Config, num_k_blocks: int):
         v = v_ref[pl.ds(start, bk), :]
         s = lax.dot_general(q, k, _NT, preferred_element_type=jnp.float32) * cfg.scale
         p = jnp.exp(s - lse)  # [bq, bk]
-        kv_seg = kv_seg_ref[:, pl.ds(start, bk)] if cfg.has_segments else None
-        mask = _mask(cfg, q_seg, kv_seg, i * bq, start, s.shape)
+        seg_eq = q_seg == kv_seg_ref[pl.ds(j, 1), :] if cfg.has_segments else None
+        mask = _mask(cfg, seg_eq, i * bq + _iota(s.shape, 0), start + _iota(s.shape, 1))
         if mask is not None:
             p = jnp.where(mask, p, 0.0)
         dp = lax.dot_general(do, v, _NT, preferred_element_type=jnp.float32)
@@ -203,25 +215,25 @@ def _dkv_kernel(*refs, cfg: _Config, num_q_blocks: int):
     bq, bk = cfg.block_q, cfg.block_k
     j = pl.program_id(2)
     k, v = k_ref[...], v_ref[...]  # [bk, D]
-    kv_seg = kv_seg_ref[...] if cfg.has_segments else None  # [1, bk]
+    kv_seg = kv_seg_ref[...] if cfg.has_segments else None  # [bk, 1]
 
     def body(i, carry):
         dk, dv = carry
         start = pl.multiple_of(i * bq, bq)
-        q = q_ref[pl.ds(start, bq), :]
+        q = q_ref[pl.ds(start, bq), :]  # [bq, D]
         do = do_ref[pl.ds(start, bq), :]
-        lse = lse_ref[pl.ds(start, bq), :]
-        delta = delta_ref[pl.ds(start, bq), :]
-        s = lax.dot_general(q, k, _NT, preferred_element_type=jnp.float32) * cfg.scale  # [bq, bk]
-        p = jnp.exp(s - lse)
-        q_seg = q_seg_ref[pl.ds(start, bq), :] if cfg.has_segments else None
-        mask = _mask(cfg, q_seg, kv_seg, start, j * bk, s.shape)
+        lse = lse_ref[pl.ds(i, 1), :]  # [1, bq]
+        delta = delta_ref[pl.ds(i, 1), :]
+        s_t = lax.dot_general(k, q, _NT, preferred_element_type=jnp.float32) * cfg.scale  # [bk, bq]
+        p_t = jnp.exp(s_t - lse)
+        seg_eq = kv_seg == q_seg_ref[pl.ds(i, 1), :] if cfg.has_segments else None  # [bk, 1] == [1, bq]
+        mask = _mask(cfg, seg_eq, start + _iota(s_t.shape, 1), j * bk + _iota(s_t.shape, 0))
         if mask is not None:
-            p = jnp.where(mask, p, 0.0)
-        dv = dv + lax.dot_general(p.astype(do.dtype), do, _TN, preferred_element_type=jnp.float32)
-        dp = lax.dot_general(do, v, _NT, preferred_element_type=jnp.float32)
-        ds = p * (dp - delta)
-        dk = dk + lax.dot_general(ds.astype(q.dtype), q, _TN, preferred_element_type=jnp.float32)
+            p_t = jnp.where(mask, p_t, 0.0)
+        dv = dv + jnp.dot(p_t.astype(do.dtype), do, preferred_element_type=jnp.float32)
+        dp_t = lax.dot_general(v, do, _NT, preferred_element_type=jnp.float32)  # [bk, bq]
+        ds_t = p_t * (dp_t - delta)
+        dk = dk + jnp.dot(ds_t.astype(q.dtype), q, preferred_element_type=jnp.float32)
         return dk, dv
 
     zeros = jnp.zeros(k.shape, jnp.float32)
@@ -234,38 +246,40 @@ def _bwd_kernels(cfg: _Config, q, k, v, q_seg, kv_seg, lse, do, delta):
     b, h, t, d = q.shape
     kv_heads, s = k.shape[1], k.shape[2]
     groups = h // kv_heads
-    segs = _segments(q_seg, kv_seg)
+    nq = t // cfg.block_q
 
     grid = (b, h, t // cfg.block_q)
     q_spec = pl.BlockSpec((None, None, cfg.block_q, d), lambda b, h, i: (b, h, i, 0))
     row_spec = pl.BlockSpec((None, None, cfg.block_q, 1), lambda b, h, i: (b, h, i, 0))
     kv_spec = pl.BlockSpec((None, None, s, d), lambda b, h, i: (b, h // groups, 0, 0))
+    seg_arrays, seg_specs = _seg_inputs(cfg, q_seg, kv_seg, q_blocks=True)
     dq = pl.pallas_call(
         functools.partial(_dq_kernel, cfg=cfg, num_k_blocks=s // cfg.block_k),
         grid=grid,
-        in_specs=[q_spec, kv_spec, kv_spec, q_spec, row_spec, row_spec, *_seg_specs(cfg, t, s, q_block=True)],
+        in_specs=[q_spec, kv_spec, kv_spec, q_spec, row_spec, row_spec, *seg_specs],
         out_specs=q_spec,
         out_shape=jax.ShapeDtypeStruct(q.shape, q.dtype),
         compiler_params=_compiler_params(cfg.backend, len(grid)),
         interpret=cfg.interpret,
         name="flash_attention_dq",
-    )(q, k, v, do, lse, delta, *segs)
+    )(q, k, v, do, lse, delta, *seg_arrays)
 
     grid = (b, h, s // cfg.block_k)
     q_all = pl.BlockSpec((None, None, t, d), lambda b, h, j: (b, h, 0, 0))
-    row_all = pl.BlockSpec((None, None, t, 1), lambda b, h, j: (b, h, 0, 0))
+    rows_all = pl.BlockSpec((None, None, nq, cfg.block_q), lambda b, h, j: (b, h, 0, 0))
     kv_block = pl.BlockSpec((None, None, cfg.block_k, d), lambda b, h, j: (b, h // groups, j, 0))
     dkv_block = pl.BlockSpec((None, None, cfg.block_k, d), lambda b, h, j: (b, h, j, 0))
+    seg_arrays, seg_specs = _seg_inputs(cfg, q_seg, kv_seg, q_blocks=False)
     dk, dv = pl.pallas_call(
         functools.partial(_dkv_kernel, cfg=cfg, num_q_blocks=t // cfg.block_q),
         grid=grid,
-        in_specs=[q_all, kv_block, kv_block, q_all, row_all, row_all, *_seg_specs(cfg, t, s, q_block=False)],
+        in_specs=[q_all, kv_block, kv_block, q_all, rows_all, rows_all, *seg_specs],
         out_specs=[dkv_block, dkv_block],
         out_shape=[jax.ShapeDtypeStruct((b, h, s, d), jnp.float32)] * 2,
         compiler_params=_compiler_params(cfg.backend, len(grid)),
         interpret=cfg.interpret,
         name="flash_attention_dkv",
-    )(q, k, v, do, lse, delta, *segs)
+    )(q, k, v, do, lse.reshape(b, h, nq, cfg.block_q), delta.reshape(b, h, nq, cfg.block_q), *seg_arrays)
     # Per-query-head dk/dv -> sum over each GQA group.
     dk = dk.reshape(b, kv_heads, groups, s, d).sum(axis=2).astype(k.dtype)
     dv = dv.reshape(b, kv_heads, groups, s, d).sum(axis=2).astype(v.dtype)
@@ -354,10 +368,8 @@ def flash_attention(
         q_seg, kv_seg = (x.astype(jnp.int32) for x in segment_ids)
         # Padded queries see key 0 (a real key: never a fully masked row); padded keys match nothing.
         q_pad = jnp.broadcast_to(kv_seg[:, :1], (b, tp - t))
-        q_seg = jnp.concatenate([q_seg, q_pad], axis=1)[:, :, None]  # [B, Tp, 1]
-        kv_seg = jnp.pad(kv_seg, ((0, 0), (0, sp - s)), constant_values=PAD_SEGMENT_ID)[
-            :, None, :
-        ]  # [B, 1, Sp]
+        q_seg = jnp.concatenate([q_seg, q_pad], axis=1)  # [B, Tp]
+        kv_seg = jnp.pad(kv_seg, ((0, 0), (0, sp - s)), constant_values=PAD_SEGMENT_ID)  # [B, Sp]
 
     def to_kernel(x, n, n_pad):  # [B, N, heads, D] -> [B, heads, N_pad, D]
         return jnp.pad(x, ((0, 0), (0, n_pad - n), (0, 0), (0, 0))).transpose(0, 2, 1, 3)
