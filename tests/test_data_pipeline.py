@@ -325,3 +325,12 @@ def test_array_record_source_gives_the_same_batches_as_jsonl(spec, tmp_path):
     for a, b in zip(from_jsonl, from_ar, strict=True):
         for key in a:
             np.testing.assert_array_equal(a[key], b[key], err_msg=key)
+
+
+def test_mcq_prompt_ends_with_the_generation_prompt(proc):
+    mcq = demo_records("mcq", "test")[0]
+    ex = proc.encode_prompt(mcq)
+    text = proc.tokenizer.decode(ex["input_ids"])
+    assert text.startswith("<|im_start|>system\nYou are a helpful assistant.<|im_end|>\n<|im_start|>user\n")
+    assert text.endswith("<|im_end|>\n<|im_start|>assistant\n") and "\nA. " in text
+    assert (ex["labels"] == IGNORE_INDEX).all() and ex["mm_token_type_ids"].sum() == 4

@@ -19,9 +19,9 @@ from typing import Any
 
 import numpy as np
 
-from .chat_template import render_with_spans
+from .chat_template import render_messages, render_with_spans
 from .images import load_image
-from .prompts import CAPTION_PROMPT, caption_to_chat
+from .prompts import CAPTION_PROMPT, caption_to_chat, mcq_prompt_messages
 from .records import CaptionRecord, ChatRecord, MCQRecord, Record
 
 IGNORE_INDEX = -100
@@ -123,10 +123,26 @@ class QwenVLProcessor:
         """One example from a caption or chat record; `images` (PIL) are decoded from the record
         when not given. Raises `ImageCountError` when images and placeholders disagree."""
         chat = self.as_chat(record)
-        refs = chat.all_images()
         if images is None:
-            images = [load_image(ref, record_id=chat.id) for ref in refs]
+            images = [load_image(ref, record_id=chat.id) for ref in chat.all_images()]
         ids, labels = self.tokenize_chat(chat)
+        return self._with_images(chat, ids, labels, images)
+
+    def encode_prompt(
+        self, record: MCQRecord | ChatRecord, images: list | None = None
+    ) -> dict[str, np.ndarray]:
+        """A generation prompt: an MCQ's user turn (`prompts.mcq_prompt_messages`) or a chat's
+        messages, followed by `<|im_start|>assistant\n`. Same arrays as `encode`; labels all -100."""
+        if isinstance(record, MCQRecord):
+            record = ChatRecord(id=record.id, messages=mcq_prompt_messages(record))
+        if images is None:
+            images = [load_image(ref, record_id=record.id) for ref in record.all_images()]
+        text = render_messages(record.messages, add_generation_prompt=True)
+        ids = np.asarray(self.tokenizer(text, add_special_tokens=False)["input_ids"], dtype=np.int32)
+        return self._with_images(record, ids, np.full(ids.shape, IGNORE_INDEX, np.int32), images)
+
+    def _with_images(self, chat: ChatRecord, ids: np.ndarray, labels: np.ndarray, images: list) -> dict:
+        """Check the image count, run the image processor, expand the image pads, add M-RoPE positions."""
         num_pads = int((ids == self.image_token_id).sum())
         if not num_pads == len(images) == chat.num_placeholders():
             raise ImageCountError(
