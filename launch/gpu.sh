@@ -64,4 +64,5 @@ if [[ "$INSTALL" == 1 ]]; then
   run python3 -m pip install -q -U 'jax[cuda12]'
   run python3 -m pip install -q -e "$REPO"
 fi
-run env "${ENV[@]+"${ENV[@]}"}" python3 -m pathor1_jax.cli train --config "$CONFIG" "${EXTRA[@]+"${EXTRA[@]}"}"
+TRAIN=(python3 -m pathor1_jax.cli train --config "$CONFIG" "${EXTRA[@]+"${EXTRA[@]}"}")
+if [[ ${#ENV[@]} -gt 0 ]]; then run env "${ENV[@]}" "${TRAIN[@]}"; else run "${TRAIN[@]}"; fi

@@ -96,3 +96,8 @@ def test_gpu_errors():
                            "PROCESS_ID": "2"})  # fmt: skip
     assert bad_rank.returncode == 2 and "PROCESS_ID 2 must be below NUM_PROCESSES 2" in bad_rank.stderr
     assert launch("gpu.sh", "--dry-run").returncode == 2
+
+
+def test_gpu_plain_single_process():
+    out = launch("gpu.sh", "--config", CONFIG, "--dry-run")
+    assert out.stdout.strip().splitlines() == [f"python3 -m pathor1_jax.cli train --config {CONFIG}"]
