@@ -132,7 +132,8 @@ def _dw_kernel(h_ref, w_ref, tok_ref, lse_ref, g_ref, dw_ref, acc_ref, *, vocab:
     dlogits, _ = _tile_dlogits(
         h, w_ref[...], tok_ref[...], lse_ref[...], g_ref[...], j * w_ref.shape[1], vocab
     )
-    acc_ref[...] += lax.dot_general(h, dlogits.astype(h.dtype), _TN, preferred_element_type=jnp.float32)
+    h_t = h.astype(jnp.float32).T.astype(h.dtype)  # [D, bn]: explicit transpose, then an NN matmul (Mosaic)
+    acc_ref[...] += jnp.dot(h_t, dlogits.astype(h.dtype), preferred_element_type=jnp.float32)
 
     @pl.when(i == pl.num_programs(1) - 1)
     def _write():
