@@ -87,6 +87,27 @@ def test_flash_attention_matches_reference(name):
         assert max_rel_err(grad, ref_grad) <= TOL, which
 
 
+def test_bfloat16_inputs_match_float32_reference():
+    """bf16 q/k/v (probabilities cast to bf16 before P @ V, as on the accelerators) stay close."""
+    q, k, v, do = qkvw(1, 40, 40, 4, 2, 16, seed=1)
+    ids = packed(1, 40, [23, 12])
+    bf16 = [x.astype(jnp.bfloat16) for x in (q, k, v)]
+
+    def pallas(q, k, v):
+        return flash_attention(q, k, v, segment_ids=ids, causal=True, block_q=16, block_k=16, interpret=True)
+
+    out, vjp = jax.vjp(pallas, *bf16)
+    ref_out, ref_vjp = jax.vjp(
+        lambda *a: attention_reference(*a, segment_ids=ids, causal=True),
+        *(x.astype(jnp.float32) for x in bf16),
+    )
+    assert out.dtype == jnp.bfloat16
+    assert max_rel_err(out.astype(jnp.float32), ref_out) <= 2e-2
+    for grad, ref_grad in zip(vjp(do.astype(jnp.bfloat16)), ref_vjp(do), strict=True):
+        assert grad.dtype == jnp.bfloat16
+        assert max_rel_err(grad.astype(jnp.float32), ref_grad) <= 3e-2
+
+
 def test_segments_change_the_result():
     """Guards the comparison above: the segment mask is really applied."""
     q, k, v, _ = qkvw(1, 16, 16, 2, 2, 16)
