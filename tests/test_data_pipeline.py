@@ -226,6 +226,9 @@ def test_overflow_policies():
     np.testing.assert_array_equal(cut["pixel_values"], ex["pixel_values"][:16])
     through, reason = fit_to_length(ex, 16, "truncate")
     assert through is None and "cut through an image" in reason
+    prompt_only = dict(ex, labels=np.where(np.arange(20) < 15, IGNORE_INDEX, ex["labels"]))
+    nothing, reason = fit_to_length(prompt_only, 12, "truncate")
+    assert nothing is None and "leaves no loss tokens" in reason
     with pytest.raises(ValueError, match="overflow policy must be one of"):
         fit_to_length(ex, 12, "wrap")
 

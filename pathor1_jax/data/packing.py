@@ -49,7 +49,8 @@ def fit_to_length(example: dict[str, np.ndarray], max_len: int, policy: str) -> 
 
     `drop` drops any example longer than `max_len`. `truncate` cuts it to `max_len` tokens, keeping
     only the images whose pad tokens lie entirely before the cut; a cut through an image's pad
-    tokens drops the example instead (its features could not be placed).
+    tokens drops the example instead (its features could not be placed), and so does a cut that
+    leaves no loss tokens.
     """
     if policy not in OVERFLOW_POLICIES:
         raise ValueError(f"overflow policy must be one of {OVERFLOW_POLICIES}, got {policy!r}")
@@ -61,6 +62,8 @@ def fit_to_length(example: dict[str, np.ndarray], max_len: int, policy: str) -> 
     spans = image_spans(example)
     if any(start < max_len < end for start, end in spans):
         return None, f"truncation at max_len={max_len} would cut through an image ({length} tokens)"
+    if not (example["labels"][:max_len] != IGNORE_INDEX).any():
+        return None, f"truncation at max_len={max_len} leaves no loss tokens ({length} tokens)"
     kept = sum(end <= max_len for _, end in spans)
     grid = example["image_grid_thw"][:kept]
     patches = int(grid.prod(axis=-1).sum()) if kept else 0

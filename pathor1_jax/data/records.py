@@ -27,7 +27,7 @@ from __future__ import annotations
 import base64
 import binascii
 from collections.abc import Callable
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, replace
 from typing import Any, Literal
 
 RecordKind = Literal["caption", "chat", "mcq"]
@@ -127,8 +127,8 @@ class MCQRecord:
     id: str
     images: tuple[ImageRef, ...]
     question: str
-    options: dict[str, str] = field(default_factory=dict)
-    answer: str = "A"
+    options: dict[str, str]  # contiguous letters from "A"
+    answer: str  # one of the option letters
     subfield: str = ""
 
 
