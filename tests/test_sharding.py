@@ -246,3 +246,30 @@ def test_abstract_layout_needs_no_memory():
     leaves = jax.tree.leaves(nnx.state(abstract))
     assert all(isinstance(x, jax.ShapeDtypeStruct) for x in leaves)
     assert sum(math.prod(x.shape) for x in leaves) == qwen_7b_counts(1)[0]
+
+
+def test_load_sharded_reads_params_and_initialises_other_variables(tmp_path):
+    """One-device mesh: parameters come from the file (PyTorch [out, in] transposed); RNG state and
+    statistics the checkpoint does not hold are initialised by the constructor."""
+    import numpy as np
+    from safetensors.numpy import save_file
+
+    from pathor1_jax.sharding.mesh import make_mesh
+    from pathor1_jax.sharding.safetensors_load import Source, load_sharded
+
+    class WithState(nnx.Module):
+        def __init__(self, rngs: nnx.Rngs):
+            self.up = Linear(4, 8, use_bias=False, axes=("embed", "mlp"), rngs=rngs)
+            self.rngs = rngs
+            self.count = nnx.BatchStat(jnp.full((4,), 7.0))
+
+    weight = np.arange(32, dtype=np.float32).reshape(8, 4)
+    save_file({"up.weight": weight}, str(tmp_path / "model.safetensors"))
+    mesh = make_mesh({"fsdp": 1}, jax.devices()[:1])
+    sources = {"up.kernel": Source("up.weight", perm=(1, 0))}
+    model = load_sharded(lambda: WithState(nnx.Rngs(0)), tmp_path, sources, mesh, fsdp())
+    np.testing.assert_array_equal(np.asarray(model.up.kernel[...]), weight.T)
+    np.testing.assert_array_equal(np.asarray(model.count[...]), np.full((4,), 7.0))
+    assert model.rngs.default.count[...] == WithState(nnx.Rngs(0)).rngs.default.count[...] == 1
+    with pytest.raises(KeyError, match="tensor 'up.w' is not in the checkpoint"):
+        load_sharded(lambda: WithState(nnx.Rngs(0)), tmp_path, {"up.kernel": "up.w"}, mesh, fsdp())

@@ -76,7 +76,14 @@ def make_mesh(config: Mapping, devices: Sequence[jax.Device] | None = None) -> M
     devices = list(jax.devices() if devices is None else devices)
     ici, dcn = mesh_shape(config, len(devices))
     if math.prod(dcn) > 1:
-        grid = mesh_utils.create_hybrid_device_mesh(ici, dcn, devices, allow_split_physical_axes=True)
+        # TPU slices are told apart by `slice_index`; GPU hosts by their process
+        grid = mesh_utils.create_hybrid_device_mesh(
+            ici,
+            dcn,
+            devices,
+            process_is_granule=devices[0].platform != "tpu",
+            allow_split_physical_axes=True,
+        )
     else:
         try:
             grid = mesh_utils.create_device_mesh(ici, devices, allow_split_physical_axes=True)

@@ -145,23 +145,31 @@ def load_sharded(
     rules: Rules,
     rename: Callable[[str], str] | None = None,
 ) -> nnx.Module:
-    """A model whose every variable is read, slice by slice, from `checkpoint` via `sources`.
+    """A model whose every parameter is read, slice by slice, from `checkpoint` via `sources`.
 
-    `sources` maps each variable path (dots) to a `Source` or a tensor name; a variable of the
-    model that it does not cover is an error naming that path. `rename`: see `CheckpointReader`.
+    `sources` maps each `nnx.Param` path (dots) to a `Source` or a tensor name; a parameter that it
+    does not cover is an error naming that path. Other variables (RNG state, statistics) not in
+    `sources` are initialised by `make_model`, directly sharded. `rename`: see `CheckpointReader`.
     """
     reader = CheckpointReader(checkpoint, rename)
     graphdef, abstract_state = nnx.split(nnx.eval_shape(make_model))
     shardings = state_shardings(abstract_state, mesh, rules)
     sharding_of = {path_str(p): v.get_value() for p, v in nnx.to_flat_state(shardings)}
-    flat = []
+    flat, initialised = [], []
     for path, var in nnx.to_flat_state(abstract_state):
         name = path_str(path)
         if name not in sources:
-            raise KeyError(f"parameter {name}: no checkpoint tensor is mapped to it")
+            if isinstance(var, nnx.Param):
+                raise KeyError(f"parameter {name}: no checkpoint tensor is mapped to it")
+            initialised.append(name)
+            continue
         source = sources[name]
         source = Source(source) if isinstance(source, str) else source
         value = var.get_value()
         array = load_array(reader, source, name, value.shape, value.dtype, sharding_of[name])
         flat.append((path, var.replace(array)))
+    if initialised:
+        keep = lambda path, _: path_str(path) in initialised  # noqa: E731
+        init = jax.jit(lambda: nnx.state(make_model(), keep), out_shardings=nnx.state(shardings, keep))
+        flat.extend(nnx.to_flat_state(init()))
     return nnx.merge(graphdef, nnx.from_flat_state(flat))
