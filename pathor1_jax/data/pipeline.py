@@ -27,7 +27,7 @@ from .records import Record
 
 @dataclasses.dataclass(frozen=True, eq=False)
 class ProcessorSpec:
-    """How to build a `QwenVLProcessor` (built lazily, once per spec object and process / grain worker)."""
+    """How to build a `QwenVLProcessor` (built lazily, once per process / grain worker)."""
 
     tokenizer_path: str
     image_processor_path: str | None = None
@@ -44,14 +44,25 @@ class ProcessorSpec:
             rope_config=self.rope_config,
         )
 
+    def key(self) -> tuple:
+        return (
+            self.tokenizer_path,
+            self.image_processor_path,
+            self.min_pixels,
+            self.max_pixels,
+            repr(self.rope_config),
+        )
 
-_PROCESSORS: dict[ProcessorSpec, QwenVLProcessor] = {}
+
+_PROCESSORS: dict[tuple, QwenVLProcessor] = {}
 
 
 def get_processor(spec: ProcessorSpec) -> QwenVLProcessor:
-    if spec not in _PROCESSORS:
-        _PROCESSORS[spec] = spec.build()
-    return _PROCESSORS[spec]
+    """The processor of `spec`, built once per process (and grain worker) for equal specs."""
+    key = spec.key()
+    if key not in _PROCESSORS:
+        _PROCESSORS[key] = spec.build()
+    return _PROCESSORS[key]
 
 
 class EncodeExample(grain.transforms.Map):
