@@ -48,6 +48,7 @@ def test_mesh_fill_and_dcn():
         "tensor": 2,
     }
     assert parse_mesh_arg("data=2, fsdp=4,tensor=1") == {"data": 2, "fsdp": 4, "tensor": 1}
+    assert parse_mesh_arg("fsdp=-1,dcn.data=2") == {"fsdp": -1, "dcn": {"data": 2}}
 
 
 @pytest.mark.parametrize(

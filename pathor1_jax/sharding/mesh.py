@@ -60,14 +60,19 @@ def mesh_shape(config: Mapping, num_devices: int) -> tuple[tuple[int, ...], tupl
     return ici, dcn
 
 
-def parse_mesh_arg(text: str) -> dict[str, int]:
-    """`"data=2,fsdp=4,tensor=1"` → `{"data": 2, "fsdp": 4, "tensor": 1}` (for the CLI)."""
-    out: dict[str, int] = {}
+def parse_mesh_arg(text: str) -> dict:
+    """`"data=2,fsdp=4,tensor=1"` → `{"data": 2, "fsdp": 4, "tensor": 1}` (for the CLI);
+    `dcn.data=2` sets an across-slice size."""
+    out: dict = {}
     for item in filter(None, (s.strip() for s in text.split(","))):
         name, sep, value = item.partition("=")
         if not sep:
             raise ValueError(f"--mesh: expected axis=size, got {item!r}")
-        out[name.strip()] = int(value)
+        name = name.strip()
+        if name.startswith("dcn."):
+            out.setdefault("dcn", {})[name[len("dcn.") :]] = int(value)
+        else:
+            out[name] = int(value)
     return out
 
 
