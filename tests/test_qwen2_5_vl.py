@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 
+import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
@@ -225,3 +226,15 @@ def test_hub_layout_with_sharded_index(tmp_path, checkpoint):
     assert loaded.config == model.config
     ids = np.array([[1, 2, 3, 4, 5]])
     np.testing.assert_array_equal(np.asarray(loaded(ids)), np.asarray(model(ids)))
+
+
+def test_vision_index_skips_padding_grid_rows(checkpoint):
+    _, _, model = checkpoint
+    grids = np.array([GRID_A, GRID_B])
+    exact = qwen2_5_vl.vision_index(grids, model.config.vision, num_patches=120)
+    padded = qwen2_5_vl.vision_index(
+        np.array([GRID_A, GRID_B, (0, 0, 0)]), model.config.vision, num_patches=120
+    )
+    for a, b in zip(jax.tree.leaves(exact), jax.tree.leaves(padded), strict=True):
+        np.testing.assert_array_equal(a, b)
+    assert (exact.window_segment_ids[88:] == 0).all() and exact.window_segment_ids[:88].min() == 1

@@ -38,6 +38,7 @@ def vision_index(
     """Window order, segment ids and rotary coordinates for images of grids `[N_img, 3]`.
 
     num_patches: pad the bookkeeping to this many patches (a multiple of merge²); None = exact.
+    Rows of `[0, 0, 0]` (padding of a fixed-size grid array) are skipped.
     """
     merge = config.spatial_merge_size
     unit = merge * merge
@@ -46,6 +47,8 @@ def vision_index(
     window_index, window_seg, frame_seg, rotary = [], [], [], []
     group_offset, window_id, frame_id = 0, 0, 0
     for t, h, w in grids.tolist():
+        if t * h * w == 0:
+            continue
         if h % merge or w % merge:
             raise ValueError(f"image grid {[t, h, w]} is not a multiple of spatial_merge_size {merge}")
         gh, gw = h // merge, w // merge
