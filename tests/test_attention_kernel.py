@@ -134,9 +134,11 @@ def test_select_impl_per_backend_and_fallbacks(caplog, monkeypatch):
         assert select_impl(4096, 4096, 80, backend="tpu") == "xla"  # Qwen2.5-VL vision head dim
         assert select_impl(4096, 4096, 80, backend="tpu") == "xla"
         assert select_impl(32, 32, 128, backend="gpu") == "xla"
+        assert select_impl(16384, 16384, 128, backend="tpu") == "pallas_tpu"  # bf16: 20 MiB of VMEM
+        assert select_impl(65536, 65536, 128, backend="tpu") == "xla"
     messages = [r.getMessage() for r in caplog.records]
-    assert len(messages) == 2  # each reason logged once
-    assert "head_dim 80" in messages[0] and "shorter than one" in messages[1]
+    assert len(messages) == 3  # each reason logged once
+    assert "head_dim 80" in messages[0] and "shorter than one" in messages[1] and "VMEM" in messages[2]
 
 
 def test_explicit_pallas_impl_uses_interpret_switch(monkeypatch):

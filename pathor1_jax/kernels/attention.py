@@ -17,7 +17,7 @@ import jax
 import jax.numpy as jnp
 from jax.sharding import PartitionSpec
 
-from pathor1_jax.kernels.flash_attention import flash_attention
+from pathor1_jax.kernels.flash_attention import flash_attention, tpu_vmem_bytes
 from pathor1_jax.sharding import logical
 
 logger = logging.getLogger(__name__)
@@ -88,6 +88,8 @@ IMPLS = ("auto", "xla", "pallas_tpu", "pallas_gpu")
 # Kernel tiles per backend (block_q, block_k) and the head dims each kernel supports.
 _BLOCKS = {"pallas_tpu": (128, 128), "pallas_gpu": (64, 64)}
 _HEAD_DIMS = {"pallas_tpu": (128, 256), "pallas_gpu": (16, 32, 64, 128, 256)}
+# The TPU kernels hold one head's whole K/V (or Q/dO) row in VMEM; longer rows run xla.
+TPU_VMEM_BUDGET = 64 * 2**20
 _logged: set[str] = set()
 
 
@@ -102,7 +104,7 @@ def _log_once(message: str) -> None:
         logger.warning(message)
 
 
-def select_impl(q_len: int, kv_len: int, head_dim: int, backend: str | None = None) -> str:
+def select_impl(q_len: int, kv_len: int, head_dim: int, backend: str | None = None, itemsize: int = 2) -> str:
     """The implementation `impl="auto"` runs for these shapes on `backend` (default: JAX's)."""
     backend = backend or jax.default_backend()
     kernel = {"tpu": "pallas_tpu", "gpu": "pallas_gpu", "cuda": "pallas_gpu", "rocm": "pallas_gpu"}.get(
@@ -117,6 +119,12 @@ def select_impl(q_len: int, kv_len: int, head_dim: int, backend: str | None = No
     if min(q_len, kv_len) < block:
         _log_once(
             f"attention: length {min(q_len, kv_len)} shorter than one {block} block for {kernel}; using xla"
+        )
+        return "xla"
+    if kernel == "pallas_tpu" and tpu_vmem_bytes(q_len, kv_len, head_dim, itemsize) > TPU_VMEM_BUDGET:
+        _log_once(
+            f"attention: length {max(q_len, kv_len)} needs more than "
+            f"{TPU_VMEM_BUDGET >> 20} MiB of VMEM for pallas_tpu; using xla"
         )
         return "xla"
     return kernel
@@ -136,14 +144,15 @@ def attention(
 
     impl: "xla" (plain jnp), "pallas_tpu" (Mosaic TPU flash kernel), "pallas_gpu" (Triton flash
     kernel) or "auto": the kernel for `jax.default_backend()` when its constraints hold (head dim,
-    at least one block of length; other lengths are padded), else xla (the reason is logged once).
+    at least one block of length, the TPU VMEM budget; other lengths are padded), else xla (the
+    reason is logged once).
     CPU always runs xla under "auto". Set `PATHOR1_PALLAS_INTERPRET=1` to run an explicitly chosen
     Pallas impl in interpret mode (tests on CPU).
     """
     if impl not in IMPLS:
         raise ValueError(f"attention: unknown impl {impl!r}; expected one of {IMPLS}")
     if impl == "auto":
-        impl = select_impl(q.shape[1], k.shape[1], q.shape[3])
+        impl = select_impl(q.shape[1], k.shape[1], q.shape[3], itemsize=q.dtype.itemsize)
     if impl == "xla":
         return attention_reference(q, k, v, segment_ids=segment_ids, causal=causal, sm_scale=sm_scale)
     interpret = pallas_interpret()

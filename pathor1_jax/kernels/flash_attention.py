@@ -49,12 +49,21 @@ class _Config(NamedTuple):
     has_segments: bool
     backend: str
     interpret: bool
+    vmem_limit: int | None  # TPU scoped-VMEM limit (bytes); None = Mosaic's default
 
 
-def _compiler_params(backend: str, n_grid: int):
-    if backend == "tpu":
-        return pltpu.CompilerParams(dimension_semantics=("parallel",) * n_grid)
+def _compiler_params(cfg: _Config, n_grid: int):
+    if cfg.backend == "tpu":
+        return pltpu.CompilerParams(
+            dimension_semantics=("parallel",) * n_grid, vmem_limit_bytes=cfg.vmem_limit
+        )
     return pltriton.CompilerParams(num_warps=4, num_stages=2)
+
+
+def tpu_vmem_bytes(q_len: int, kv_len: int, head_dim: int, itemsize: int) -> int:
+    """Estimated VMEM of the TPU kernels: two double-buffered whole-row operands (K and V, or Q and
+    dO) of one head, plus 4 MiB for tiles, f32 temporaries and segment ids."""
+    return 2 * 2 * max(q_len, kv_len) * head_dim * itemsize + 4 * 2**20
 
 
 def _mask(cfg: _Config, seg_eq, q_pos, k_pos):
@@ -172,7 +181,7 @@ def _fwd(cfg: _Config, q, k, v, q_seg, kv_seg):
         in_specs=[q_spec, kv_spec, kv_spec, *seg_specs],
         out_specs=[q_spec, row_spec],
         out_shape=[jax.ShapeDtypeStruct(q.shape, q.dtype), jax.ShapeDtypeStruct((b, h, t, 1), jnp.float32)],
-        compiler_params=_compiler_params(cfg.backend, len(grid)),
+        compiler_params=_compiler_params(cfg, len(grid)),
         interpret=cfg.interpret,
         name="flash_attention_fwd",
     )(q, k, v, *seg_arrays)
@@ -259,7 +268,7 @@ def _bwd_kernels(cfg: _Config, q, k, v, q_seg, kv_seg, lse, do, delta):
         in_specs=[q_spec, kv_spec, kv_spec, q_spec, row_spec, row_spec, *seg_specs],
         out_specs=q_spec,
         out_shape=jax.ShapeDtypeStruct(q.shape, q.dtype),
-        compiler_params=_compiler_params(cfg.backend, len(grid)),
+        compiler_params=_compiler_params(cfg, len(grid)),
         interpret=cfg.interpret,
         name="flash_attention_dq",
     )(q, k, v, do, lse, delta, *seg_arrays)
@@ -276,7 +285,7 @@ def _bwd_kernels(cfg: _Config, q, k, v, q_seg, kv_seg, lse, do, delta):
         in_specs=[q_all, kv_block, kv_block, q_all, rows_all, rows_all, *seg_specs],
         out_specs=[dkv_block, dkv_block],
         out_shape=[jax.ShapeDtypeStruct((b, h, s, d), jnp.float32)] * 2,
-        compiler_params=_compiler_params(cfg.backend, len(grid)),
+        compiler_params=_compiler_params(cfg, len(grid)),
         interpret=cfg.interpret,
         name="flash_attention_dkv",
     )(q, k, v, do, lse.reshape(b, h, nq, cfg.block_q), delta.reshape(b, h, nq, cfg.block_q), *seg_arrays)
@@ -351,6 +360,9 @@ def flash_attention(
         )
     tp, sp = _round_up(t, block_q), _round_up(s, block_k)
     has_segments = segment_ids is not None or tp != t or sp != s
+    vmem = tpu_vmem_bytes(tp, sp, d, q.dtype.itemsize)
+    # Above ~12 MiB raise Mosaic's scoped-VMEM limit (default 16 MiB on v5e) with 16 MiB of headroom.
+    vmem_limit = vmem + 16 * 2**20 if backend == "tpu" and vmem > 12 * 2**20 else None
     cfg = _Config(
         scale=d**-0.5 if sm_scale is None else float(sm_scale),
         causal=causal,
@@ -360,6 +372,7 @@ def flash_attention(
         has_segments=has_segments,
         backend=backend,
         interpret=interpret,
+        vmem_limit=vmem_limit,
     )
     q_seg = kv_seg = None
     if has_segments:
