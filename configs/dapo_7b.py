@@ -23,6 +23,7 @@ def get_config() -> ml_collections.ConfigDict:
     config.rl.groups_per_minibatch = 16
     config.rl.mu = 1
     config.rl.max_new_tokens = 1024
+    config.rl.prompt_len = 1536  # up to 1024 image tokens + the question
     config.rl.l_cache = 256
     config.rl.max_rounds = 4
     config.optim.lr = 1e-6

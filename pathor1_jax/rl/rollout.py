@@ -126,11 +126,17 @@ def special_ids(
 
 
 def pad_prompts(
-    prompts: Sequence[Prompt], repeat: int, pad_token_id: int, multiple: int = 32
+    prompts: Sequence[Prompt], repeat: int, pad_token_id: int, length: int = 0, multiple: int = 64
 ) -> tuple[np.ndarray, np.ndarray]:
-    """Left-padded ids and mask `[len(prompts) · repeat, P]`, each prompt repeated `repeat` times;
-    P is the longest prompt rounded up to `multiple` (fewer distinct shapes to compile)."""
-    p = -(-max(len(q.input_ids) for q in prompts) // multiple) * multiple
+    """Left-padded ids and mask `[len(prompts) · repeat, P]`, each prompt repeated `repeat` times.
+
+    P = `length` when given (one compiled shape for every batch; longer prompts are an error), else
+    the longest prompt rounded up to `multiple` (few distinct shapes).
+    """
+    longest = max(len(q.input_ids) for q in prompts)
+    if length and longest > length:
+        raise ValueError(f"a prompt has {longest} tokens, more than the configured prompt length {length}")
+    p = length or -(-longest // multiple) * multiple
     ids = np.full((len(prompts) * repeat, p), pad_token_id, np.int32)
     mask = np.zeros_like(ids)
     for i, q in enumerate(prompts):
@@ -194,16 +200,18 @@ def rollout(
     seed: int = 0,
     eos_token_id: int | None = None,
     pad_token_id: int | None = None,
+    prompt_len: int = 0,
 ) -> Rollout:
     """Sample `group_size` responses per prompt with the KV-cache generator and score them.
 
     `decode(ids)` turns response ids (EOS excluded) into text, keeping `<think>`/`<answer>` (decode
     without skipping special tokens); `reward_fn(text, answer, num_tokens)` is the RL reward.
-    Log-probs are filled in separately (`fill_logprobs`), once per rollout batch.
+    Log-probs are filled in separately (`fill_logprobs`), once per rollout batch. `prompt_len`: see
+    `pad_prompts`.
     """
     eos, pad = special_ids(model.config, eos_token_id, pad_token_id)
     prompts = list(prompts)
-    ids, mask = pad_prompts(prompts, group_size, pad)
+    ids, mask = pad_prompts(prompts, group_size, pad, prompt_len)
     pixels, grids = sample_images(prompts, np.arange(len(ids)), group_size)
     responses = np.asarray(
         qwen2_5_vl.generate(

@@ -15,8 +15,6 @@ import time
 from functools import partial
 from pathlib import Path
 
-import jax
-import jax.numpy as jnp
 import ml_collections
 from flax import nnx
 from tqdm import tqdm
@@ -48,6 +46,7 @@ def rl_defaults(algo: str) -> ml_collections.ConfigDict:
             groups_per_minibatch=4,  # prompts per policy update
             mu=1,  # passes over the rollout batch
             max_new_tokens=256,  # response budget; also DAPO's L_max unless l_max is set
+            prompt_len=0,  # prompts left-padded to this many tokens (one compiled shape); 0 = next 64
             temperature=1.0,
             top_p=1.0,
             top_k=0,
@@ -176,7 +175,7 @@ class RLTrainer(Trainer):
         params = nnx.to_pure_dict(nnx.state(fresh, nnx.Param))
         if init is not None:
             params = init(params)
-        return nnx.merge(self.spec.graphdef, on_mesh(jax.tree.map(jnp.copy, params), self.mesh))
+        return nnx.merge(self.spec.graphdef, on_mesh(params, self.mesh))
 
     def _rollout(self, model, prompts, seed: int):
         rl = self.config.rl
@@ -192,6 +191,7 @@ class RLTrainer(Trainer):
             top_k=int(rl.top_k),
             seed=int(self.config.train.seed) * 1_000_003 + seed,
             pad_token_id=self.processor.pad_token_id,
+            prompt_len=int(rl.prompt_len),
         )
 
     def fit(self) -> RLResult:
