@@ -1,0 +1,88 @@
+"""Config files and `--config.key=value` overrides (no JAX compilation here)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from pathor1_jax.cli import main
+from pathor1_jax.train.config import ConfigError, load_config, parse_overrides
+
+CONFIGS = Path(__file__).resolve().parents[1] / "configs"
+OURS = ["demo_cpt.py", "demo_sft.py", "cpt_3b.py", "sft_3b.py", "cpt_7b.py", "sft_7b.py"]
+
+
+def test_overrides_are_parsed_to_the_type_they_replace():
+    config = load_config(
+        str(CONFIGS / "demo_sft.py"),
+        [
+            "--config.optim.lr=1e-4",
+            "--config.train.steps",
+            "7",
+            "--config.data.packing=false",
+            "--config.freeze=('^model[.]visual[.]', 'lm_head')",
+            "--config.model.init_from=runs/x",
+        ],
+    )
+    assert config.optim.lr == 1e-4 and isinstance(config.optim.lr, float)
+    assert config.train.steps == 7 and isinstance(config.train.steps, int)
+    assert config.data.packing is False
+    assert config.freeze == ("^model[.]visual[.]", "lm_head")
+    assert config.model.init_from == "runs/x"
+    with pytest.raises(AttributeError):  # locked: no new keys after loading
+        config.optim.new_key = 1
+
+
+@pytest.mark.parametrize(
+    "override, message",
+    [
+        (
+            "--config.optim.lrr=1e-5",
+            r"unknown config key 'optim.lrr': 'lrr' is not a key of optim \(known: b1,",
+        ),
+        (
+            "--config.optimizer.lr=1",
+            r"unknown config key 'optimizer.lr': 'optimizer' is not a key of the top",
+        ),
+        ("--config.train.steps=ten", r"--config.train.steps=ten: not a int literal"),
+        ("--config.train.steps=1.5", r"expected int like the default 40, got float"),
+        ("--config.data.packing=maybe", r"expected a boolean"),
+        ("--config.optim=1", r"--config.optim: is a block of keys"),
+    ],
+)
+def test_bad_overrides_name_the_key(override, message):
+    with pytest.raises(ConfigError, match=message):
+        load_config(str(CONFIGS / "demo_cpt.py"), [override])
+
+
+def test_parse_overrides_rejects_other_arguments():
+    assert parse_overrides(["--config.a.b=1", "--config.c", "x=y"]) == [("a.b", "1"), ("c", "x=y")]
+    with pytest.raises(ConfigError, match="unexpected argument '--steps'"):
+        parse_overrides(["--steps", "3"])
+    with pytest.raises(ConfigError, match="--config.a: missing a value"):
+        parse_overrides(["--config.a"])
+
+
+def test_missing_config_file_and_missing_get_config(tmp_path):
+    with pytest.raises(ConfigError, match="nope.py: no such file"):
+        load_config(str(tmp_path / "nope.py"))
+    empty = tmp_path / "empty.py"
+    empty.write_text("x = 1\n")
+    with pytest.raises(ConfigError, match="defines no get_config"):
+        load_config(str(empty))
+
+
+def test_cli_unknown_key_exits_2_naming_it(capsys):
+    rc = main(["train", "--config", str(CONFIGS / "demo_cpt.py"), "--config.train.stepz=3"])
+    assert rc == 2
+    assert "unknown config key 'train.stepz'" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("name", OURS)
+def test_configs_load_with_a_known_stage_and_model(name):
+    config = load_config(str(CONFIGS / name))
+    assert config.stage in ("cpt", "sft")
+    assert config.data.kind == {"cpt": "caption", "sft": "chat"}[config.stage]
+    assert config.model.preset in ("tiny", "3b", "7b")
+    assert 0 < config.optim.warmup_steps < config.train.steps
