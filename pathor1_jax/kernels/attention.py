@@ -182,7 +182,7 @@ def _per_shard(kernel, q: jax.Array, k: jax.Array, v: jax.Array, segment_ids: Se
     batch split as the rules split "batch" and the heads as they split "heads"/"kv_heads" (only
     when both head counts divide, so each shard keeps whole GQA groups). Lengths stay whole.
     """
-    ctx = logical._CONTEXT.get()
+    ctx = logical.current_rules()
     if ctx is None:
         return kernel(q, k, v, segment_ids=segment_ids)
     mesh, rules = ctx

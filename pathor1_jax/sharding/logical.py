@@ -31,6 +31,11 @@ def use_rules(mesh: Mesh, rules: Rules) -> Iterator[None]:
         _CONTEXT.reset(token)
 
 
+def current_rules() -> tuple[Mesh, Rules] | None:
+    """The `(mesh, rules)` of the innermost `use_rules` context, or None outside one."""
+    return _CONTEXT.get()
+
+
 def logical_to_spec(axes: Sequence[str | None], rules: Rules) -> PartitionSpec:
     """First matching rule wins; a mesh axis is used at most once per array."""
     used: set[str] = set()
@@ -54,7 +59,7 @@ def logical_to_spec(axes: Sequence[str | None], rules: Rules) -> PartitionSpec:
 
 def constrain(x: jax.Array, axes: Sequence[str | None]) -> jax.Array:
     """`with_sharding_constraint` on logical axes; identity outside `use_rules`."""
-    ctx = _CONTEXT.get()
+    ctx = current_rules()
     if ctx is None:
         return x
     mesh, rules = ctx
