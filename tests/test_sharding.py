@@ -16,9 +16,9 @@ from pathor1_jax.models.layers import Embed, Linear, RMSNorm
 from pathor1_jax.sharding.logical import logical_to_spec
 from pathor1_jax.sharding.mesh import abstract_mesh, mesh_shape, parse_mesh_arg
 from pathor1_jax.sharding.multihost import batch_spec, multi_process_env
-from pathor1_jax.sharding.params import layouts, state_shardings
+from pathor1_jax.sharding.params import layouts, logical_axes, state_shardings
 from pathor1_jax.sharding.report import totals
-from pathor1_jax.sharding.rules import dp, fsdp, fsdp_tp, normalize_rules, rules_from_config
+from pathor1_jax.sharding.rules import LOGICAL_AXES, dp, fsdp, fsdp_tp, normalize_rules, rules_from_config
 
 
 class Toy(nnx.Module):
@@ -247,6 +247,11 @@ def test_abstract_layout_needs_no_memory():
     leaves = jax.tree.leaves(nnx.state(abstract))
     assert all(isinstance(x, jax.ShapeDtypeStruct) for x in leaves)
     assert sum(math.prod(x.shape) for x in leaves) == qwen_7b_counts(1)[0]
+    # every parameter is annotated, one known logical axis per dimension
+    for path, var in nnx.to_flat_state(nnx.state(abstract, nnx.Param)):
+        axes = logical_axes(var)
+        assert axes is not None and len(axes) == var.get_value().ndim, path
+        assert set(axes) <= set(LOGICAL_AXES), (path, axes)
 
 
 def test_load_sharded_reads_params_and_initialises_other_variables(tmp_path):
