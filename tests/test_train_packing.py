@@ -1,0 +1,92 @@
+"""On the tiny Qwen2.5-VL and real demo chats (with images): the per-token losses of a packed batch equal
+those of the same samples unpacked, and the chunked loss equals plain cross-entropy on the logits."""
+
+from __future__ import annotations
+
+import jax
+import numpy as np
+import pytest
+from flax import nnx
+
+from pathor1_jax.data.demo import demo_records
+from pathor1_jax.data.packing import pack_examples
+from pathor1_jax.data.pipeline import ProcessorSpec, default_tokenizer_path, get_processor
+from pathor1_jax.models import qwen2_5_vl
+from pathor1_jax.train.lm import lm_nll, prepare_batch
+from pathor1_jax.train.losses import IGNORE_INDEX, token_mean_loss
+
+MAX_LEN, ROWS = 256, 3
+
+
+@pytest.fixture(scope="module")
+def setup():
+    cfg = qwen2_5_vl.tiny_config()
+    spec = ProcessorSpec(default_tokenizer_path(), min_pixels=56 * 56, max_pixels=56 * 56, rope_config=cfg)
+    processor = get_processor(spec)
+    examples = [processor.encode(r) for r in demo_records("chat")[:3]]
+    kw = dict(
+        batch_size=ROWS, max_len=MAX_LEN, pad_token_id=processor.pad_token_id, max_patches=64, max_images=4
+    )
+    (packed,) = pack_examples(examples, packing=True, **kw)
+    (unpacked,) = pack_examples(examples, packing=False, **kw)
+    model = qwen2_5_vl.Qwen2_5_VLForConditionalGeneration(cfg, rngs=nnx.Rngs(0))
+    graphdef, state = nnx.split(model)
+
+    @jax.jit
+    def nll_and_logits(state, batch):
+        model = nnx.merge(graphdef, state)
+        nll, valid = lm_nll(model, batch, chunk=64)
+        logits = model(
+            batch["input_ids"],
+            pixel_values=batch["pixel_values"],
+            position_ids=batch["position_ids"],
+            segment_ids=batch["segment_ids"],
+            vision_index=batch["vision_index"],
+        )
+        return nll, valid, logits
+
+    def run(batch):
+        return jax.device_get(nll_and_logits(state, prepare_batch(batch, cfg)))
+
+    return examples, packed, run(packed), unpacked, run(unpacked)
+
+
+def per_sample_losses(batch: dict, nll: np.ndarray, valid: np.ndarray) -> list[np.ndarray]:
+    """The valid per-token losses of each sample, samples in row-major order."""
+    out = []
+    for r in range(batch["segment_ids"].shape[0]):
+        for s in range(1, batch["segment_ids"][r].max() + 1):
+            where = (batch["segment_ids"][r] == s) & valid[r]
+            out.append(nll[r][where])
+    return out
+
+
+def test_samples_really_are_packed(setup):
+    examples, packed, _, unpacked, _ = setup
+    assert packed["segment_ids"].max(axis=1).tolist() == [2, 1, 0]  # two samples share row 0
+    assert unpacked["segment_ids"].max(axis=1).tolist() == [1, 1, 1]
+    assert len(packed["image_grid_thw"][packed["image_grid_thw"].prod(-1) > 0]) == 3
+
+
+def test_packed_and_unpacked_per_token_losses_are_equal(setup):
+    examples, packed, (p_nll, p_valid, _), unpacked, (u_nll, u_valid, _) = setup
+    packed_losses = per_sample_losses(packed, p_nll, p_valid)
+    unpacked_losses = per_sample_losses(unpacked, u_nll, u_valid)
+    assert len(packed_losses) == len(unpacked_losses) == 3
+    for ex, a, b in zip(examples, packed_losses, unpacked_losses, strict=True):
+        # every label except a sample's first token is a target (samples start with <|im_start|>)
+        assert a.shape == b.shape == ((ex["labels"] != IGNORE_INDEX).sum(),)
+        np.testing.assert_allclose(a, b, rtol=2e-5, atol=2e-5)
+    np.testing.assert_allclose(token_mean_loss(p_nll, p_valid), token_mean_loss(u_nll, u_valid), rtol=1e-5)
+
+
+def test_chunked_loss_matches_cross_entropy_of_the_logits(setup):
+    _, _, _, unpacked, (nll, valid, logits) = setup
+    labels = unpacked["labels"]
+    for r in range(ROWS):  # HF: logits[t] predicts labels[t + 1]
+        t = np.flatnonzero(labels[r, 1:] != IGNORE_INDEX)
+        rows = logits[r, t].astype(np.float64)  # [n, V]
+        log_z = rows.max(-1) + np.log(np.exp(rows - rows.max(-1, keepdims=True)).sum(-1))
+        expected = log_z - rows[np.arange(len(t)), labels[r, t + 1]]
+        np.testing.assert_array_equal(np.flatnonzero(valid[r]), t)
+        np.testing.assert_allclose(nll[r, t], expected, rtol=1e-5, atol=1e-5)
