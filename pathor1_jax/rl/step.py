@@ -254,7 +254,8 @@ def rl_step(
     history = jax.device_get(history)
     t3 = time.perf_counter()
     for key in history[0]:
-        metrics[f"update/{key}"] = float(np.mean([np.asarray(h[key]) for h in history]))
+        name = "loss" if key == "loss" else f"update/{key}"  # "loss": the trainer's (and demo plot's) key
+        metrics[name] = float(np.mean([np.asarray(h[key]) for h in history]))
     metrics.update(
         {
             "time/logprobs_s": t2 - t1,

@@ -122,6 +122,8 @@ class RLResult:
     end_step: int
     first_reward: float | None  # mean reward of the first step run here
     last_reward: float | None
+    first_loss: float | None  # policy loss of the first step run here (None: no update)
+    last_loss: float | None
     preempted: bool
     metrics_path: Path
 
@@ -198,7 +200,7 @@ class RLTrainer(Trainer):
         rl = self.config.rl
         writer = MetricsWriter(self.out_dir, resume_step=self.start_step)
         step = self.start_step
-        first = last = None
+        first = last = first_loss = last_loss = None
         preempted = False
         bar = tqdm(
             total=self.rl_steps, initial=step, desc=rl.algo, disable=not is_main_process(), dynamic_ncols=True
@@ -227,6 +229,9 @@ class RLTrainer(Trainer):
                     )
                     first = metrics["reward/mean"] if first is None else first
                     last = metrics["reward/mean"]
+                    if "loss" in metrics:
+                        first_loss = metrics["loss"] if first_loss is None else first_loss
+                        last_loss = metrics["loss"]
                     writer.write(step, metrics)
                     bar.set_postfix(reward=f"{last:.3f}", acc=f"{metrics['reward/accuracy']:.2f}")
                     bar.update(1)
@@ -242,7 +247,9 @@ class RLTrainer(Trainer):
             writer.close()
         if is_main_process() and not preempted and writer.path.exists():
             plot_losses([(rl.algo, writer.path)], self.out_dir / "reward.png", key="reward/mean")
-        return RLResult(self.out_dir, self.start_step, step, first, last, preempted, writer.path)
+        return RLResult(
+            self.out_dir, self.start_step, step, first, last, first_loss, last_loss, preempted, writer.path
+        )
 
 
 def run_rl(config: ml_collections.ConfigDict, out_dir: str | Path | None = None) -> RLResult:
