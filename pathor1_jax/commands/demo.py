@@ -16,7 +16,10 @@ import dataclasses
 import shutil
 import time
 from collections.abc import Callable
+from functools import partial
 from pathlib import Path
+
+from pathor1_jax.rl.demo import rl_demo
 
 CONFIGS = Path(__file__).resolve().parents[2] / "configs"
 
@@ -63,6 +66,8 @@ def lm_stage(name: str, config_file: str) -> DemoStage:
 STAGES: list[DemoStage] = [
     lm_stage("cpt", "demo_cpt.py"),
     lm_stage("sft", "demo_sft.py"),
+    DemoStage("grpo", partial(rl_demo, "grpo")),  # each RL stage starts from sft (see pathor1_jax.rl.demo)
+    DemoStage("dapo", partial(rl_demo, "dapo")),
 ]
 
 

@@ -81,6 +81,10 @@ def run_stage(config: ml_collections.ConfigDict, out_dir: str | Path | None = No
     """Train `config.stage` on `config.data`, writing to `out_dir` (default `config.train.out_dir`)."""
     from pathor1_jax.data.pipeline import batch_iterator_from_config
 
+    if config.stage in ("grpo", "dapo"):  # RL drives its own loop on the same Trainer
+        from pathor1_jax.rl.train import run_rl
+
+        return run_rl(config, out_dir)
     if config.stage not in STEPS:
         raise ValueError(f"config.stage={config.stage!r}: expected one of {sorted(STEPS)}")
     if config.data.kind != DATA_KINDS[config.stage]:
