@@ -3,8 +3,12 @@ and resume."""
 
 import json
 
+import jax
+import numpy as np
 import pytest
+from flax import nnx
 
+from pathor1_jax.eval.mcq import load_for_eval
 from pathor1_jax.rl.train import RLTrainer, run_rl
 from pathor1_jax.train.config import load_config
 
@@ -69,3 +73,7 @@ def test_grpo_run_resumes_prompts_and_sampling_rounds(grpo_run):
     assert int(trainer.state["step"]) == 2  # one update per RL step here
     assert trainer.prompts.position == 4 and trainer.sampler.seed == 2
     trainer.checkpointer.close()
+    # `pathor1 eval mcq --model <run dir>` loads the same (latest) parameters
+    model, _ = load_for_eval(out)
+    loaded = nnx.to_pure_dict(nnx.state(model, nnx.Param))
+    jax.tree.map(np.testing.assert_array_equal, loaded, jax.device_get(trainer.state["params"]))

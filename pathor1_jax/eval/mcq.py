@@ -28,6 +28,8 @@ from pathor1_jax.models import qwen2_5_vl
 from pathor1_jax.rl.prompts import decode_response, mcq_prompt
 from pathor1_jax.rl.rollout import rollout
 
+RUN_CONFIG = "run_config.json"  # the training config a run directory holds (pathor1_jax.train.run)
+
 
 @dataclasses.dataclass
 class MCQResult:
@@ -90,21 +92,23 @@ def load_for_eval(
     model_dir: str | Path,
 ) -> tuple[qwen2_5_vl.Qwen2_5_VLForConditionalGeneration, QwenVLProcessor]:
     """A model and its processor from an HF checkpoint (config.json + safetensors + tokenizer files)
-    or from a training run directory (our config.json + checkpoints/: the latest step's params, and
+    or from a training run directory (run_config.json + checkpoints/: the latest step's params, and
     the run's own tokenizer / image-processor settings)."""
     from pathor1_jax.data.pipeline import get_processor, processor_spec_from_config
     from pathor1_jax.train.checkpoint import restore_params
     from pathor1_jax.train.run import model_config, model_factory
 
     path = Path(model_dir)
-    if not (path / "config.json").exists():
-        raise FileNotFoundError(
-            f"--model {model_dir}: no config.json (need an HF checkpoint or a run directory)"
-        )
-    if not (path / "checkpoints").is_dir():
+    if (path / "checkpoints").is_dir() and (path / RUN_CONFIG).exists():
+        config = ml_collections.ConfigDict(json.loads((path / RUN_CONFIG).read_text()))
+    elif (path / "config.json").exists():
         model = qwen2_5_vl.load_pretrained(path)
         return model, QwenVLProcessor(path, path, rope_config=model.config)
-    config = ml_collections.ConfigDict(json.loads((path / "config.json").read_text()))
+    else:
+        raise FileNotFoundError(
+            f"--model {model_dir}: neither an HF checkpoint (config.json) nor a run directory "
+            f"({RUN_CONFIG} + checkpoints/)"
+        )
     cfg = model_config(config.model)
     graphdef, params = nnx.split(model_factory(config.model, cfg)(), nnx.Param)
     restored = restore_params(path / "checkpoints", nnx.to_pure_dict(params))

@@ -256,5 +256,5 @@ def run_rl(config: ml_collections.ConfigDict, out_dir: str | Path | None = None)
     """Train GRPO or DAPO (`config.stage`) on the MCQs of `config.data`, writing to `out_dir`."""
     out_dir = Path(out_dir or config.train.out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    (out_dir / "config.json").write_text(config.to_json_best_effort(indent=2))
+    (out_dir / "run_config.json").write_text(config.to_json_best_effort(indent=2))
     return RLTrainer(config, out_dir).fit()
