@@ -119,7 +119,6 @@ from pathor1_jax.sharding.logical import logical_to_spec, use_rules
 from pathor1_jax.sharding.mesh import make_mesh
 from pathor1_jax.sharding.multihost import batch_spec, make_global_batch
 from pathor1_jax.sharding.params import create_sharded, logical_axes
-from pathor1_jax.sharding.qwen_checkpoint import load_pretrained_sharded
 from pathor1_jax.sharding.rules import preset
 
 t0 = time.time()
@@ -207,7 +206,7 @@ model = make()
 path = tempfile.mkdtemp() + "/tiny"
 qwen2_5_vl.save_pretrained(model, path)
 mesh, rules = make_mesh({"data": 2, "fsdp": 2, "tensor": 2}), preset("fsdp_tp")
-loaded = load_pretrained_sharded(path, mesh, rules)
+loaded = qwen2_5_vl.load_pretrained(path, mesh=mesh, rules=rules)
 flat = nnx.to_flat_state(nnx.state(model, nnx.Param))
 want = {".".join(map(str, p)): np.asarray(v.get_value()) for p, v in flat}
 for p, v in nnx.to_flat_state(nnx.state(loaded, nnx.Param)):

@@ -21,11 +21,9 @@ from pathor1_jax.sharding.safetensors_load import Source, load_sharded
 
 
 def _source(m: checkpoint.TensorMapping) -> Source:
-    if m.to_ours is checkpoint._identity:
-        return Source(m.name)
-    if m.to_ours is checkpoint._transpose:
-        return Source(m.name, perm=(1, 0))
-    return Source(m.name, transform=m.to_ours)
+    if m.conv_shape is not None:
+        return Source(m.name, transform=m.to_ours)
+    return Source(m.name, perm=(1, 0)) if m.transpose else Source(m.name)
 
 
 def load_pretrained_sharded(
@@ -48,4 +46,4 @@ def load_pretrained_sharded(
 
     mapping = checkpoint.parameter_mapping(nnx.eval_shape(make))
     sources = {path_str(p): _source(m) for p, m in mapping.items()}
-    return load_sharded(make, path, sources, mesh, rules, rename=checkpoint._normalise_hf_name)
+    return load_sharded(make, path, sources, mesh, rules, rename=checkpoint.normalise_hf_name)

@@ -7,12 +7,12 @@ safetensors are read or written: never pickle, never remote code.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import os
 import shutil
 import tempfile
-from collections.abc import Callable
 from pathlib import Path
 
 import jax
@@ -31,24 +31,27 @@ SAFETENSORS = "model.safetensors"
 SAFETENSORS_INDEX = "model.safetensors.index.json"
 
 
+@dataclasses.dataclass(frozen=True)
 class TensorMapping:
-    """How one of our parameters is stored in a HF checkpoint: its name and the layout change."""
+    """How one of our parameters is stored in a HF checkpoint: its name and layout change.
 
-    def __init__(
-        self,
-        name: str,
-        to_ours: Callable[[np.ndarray], np.ndarray],
-        to_hf: Callable[[np.ndarray], np.ndarray],
-    ):
-        self.name, self.to_ours, self.to_hf = name, to_ours, to_hf
+    transpose: a Linear kernel (PyTorch `[out, in]`, ours `[in, out]`).
+    conv_shape: the patch embedding (HF's Conv3d weight of this shape, ours `[C·T·P·P, D]`).
+    """
 
+    name: str
+    transpose: bool = False
+    conv_shape: tuple[int, ...] | None = None
 
-def _identity(x: np.ndarray) -> np.ndarray:
-    return x
+    def to_ours(self, x: np.ndarray) -> np.ndarray:
+        if self.conv_shape is not None:
+            return np.ascontiguousarray(x.reshape(x.shape[0], -1).T)
+        return np.ascontiguousarray(x.T) if self.transpose else x
 
-
-def _transpose(x: np.ndarray) -> np.ndarray:
-    return np.ascontiguousarray(x.T)
+    def to_hf(self, x: np.ndarray) -> np.ndarray:
+        if self.conv_shape is not None:
+            return np.ascontiguousarray(x.T.reshape(self.conv_shape))
+        return np.ascontiguousarray(x.T) if self.transpose else x
 
 
 def _hf_name(path: tuple) -> str:
@@ -68,19 +71,13 @@ def parameter_mapping(model: Qwen2_5_VLForConditionalGeneration) -> dict[tuple, 
     for path, _ in nnx.to_flat_state(nnx.state(model, nnx.Param)):
         name = _hf_name(path)
         if path[-1] == "kernel" and "patch_embed" in path:
-            mapping[path] = TensorMapping(
-                name,
-                lambda x: np.ascontiguousarray(x.reshape(x.shape[0], -1).T),
-                lambda x, s=conv_shape: np.ascontiguousarray(x.T.reshape(s)),
-            )
-        elif path[-1] == "kernel":
-            mapping[path] = TensorMapping(name, _transpose, _transpose)
+            mapping[path] = TensorMapping(name, conv_shape=conv_shape)
         else:
-            mapping[path] = TensorMapping(name, _identity, _identity)
+            mapping[path] = TensorMapping(name, transpose=path[-1] == "kernel")
     return mapping
 
 
-def _normalise_hf_name(name: str) -> str:
+def normalise_hf_name(name: str) -> str:
     """Map the original hub layout onto the transformers 5 layout."""
     if name.startswith("visual."):
         return "model." + name
@@ -105,7 +102,7 @@ def _weight_files(path: Path) -> dict[str, tuple[Path, str]]:
     for file in set(files.values()):
         if not file.exists():
             raise ValueError(f"{path}: weights file {file.name} named in {SAFETENSORS_INDEX} is missing")
-    return {_normalise_hf_name(name): (file, name) for name, file in files.items()}
+    return {normalise_hf_name(name): (file, name) for name, file in files.items()}
 
 
 def load_config(path: str | os.PathLike) -> Qwen2_5_VLConfig:
@@ -124,11 +121,21 @@ def load_pretrained(
     *,
     param_dtype=None,
     attention_impl: str = "auto",
+    mesh=None,
+    rules=None,
 ) -> Qwen2_5_VLForConditionalGeneration:
     """Read a HF Qwen2.5-VL directory (config.json + model.safetensors or a sharded index).
 
     dtype: compute dtype; param_dtype: storage dtype of the parameters (default: dtype).
+    mesh, rules: load directly sharded, each device reading only its slice of each tensor
+    (`pathor1_jax.sharding.qwen_checkpoint`); default: whole arrays on the default device.
     """
+    if mesh is not None:
+        from pathor1_jax.sharding.qwen_checkpoint import load_pretrained_sharded
+
+        return load_pretrained_sharded(
+            path, mesh, rules, dtype, param_dtype=param_dtype, attention_impl=attention_impl
+        )
     path = Path(path)
     config = load_config(path)
     files = _weight_files(path)
