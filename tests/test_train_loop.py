@@ -22,8 +22,8 @@ from pathor1_jax.models.layers import Embed, Linear
 from pathor1_jax.train.checkpoint import Checkpointer
 from pathor1_jax.train.losses import per_token_nll, shifted_targets
 from pathor1_jax.train.metrics import read_metrics
-from pathor1_jax.train.optim import param_labels
-from pathor1_jax.train.step import jit_step
+from pathor1_jax.train.optim import learning_rate_schedule, make_optimizer, param_labels
+from pathor1_jax.train.step import StepSpec, init_state, jit_step
 from pathor1_jax.train.trainer import Stage, Trainer
 
 VOCAB, DIM = 151936, 8
@@ -194,3 +194,39 @@ def test_crash_in_the_middle_of_a_save_leaves_the_previous_checkpoint(tmp_path):
     np.testing.assert_array_equal(state["params"]["w"], np.arange(6.0).reshape(2, 3))
     assert data_state == {"position": 4}
     ckpt.close()
+
+
+def test_gradient_accumulation_gives_the_token_mean_of_the_whole_batch():
+    """2 micro-batches of 2 rows = 1 batch of 4 rows, though the micro-batches hold different numbers
+    of loss tokens (a mean of micro-batch means would differ)."""
+    rng = np.random.default_rng(0)
+    ids = rng.integers(0, 1000, size=(4, 16)).astype(np.int32)
+    labels = ids.copy()
+    labels[:2, :12] = -100  # targets: micro-batch 1 has 2 × 4, micro-batch 2 has 2 × 15
+    micro = {"input_ids": ids, "labels": labels, "segment_ids": np.ones_like(ids)}
+    config = toy_config()
+    tx, _ = make_optimizer(config.optim, 6, ())
+    graphdef, state = init_state(ToyLM(nnx.Rngs(0)), tx, seed=0)
+    spec = StepSpec(graphdef=graphdef, tx=tx)
+    whole = {k: v[None] for k, v in micro.items()}  # [1, 4, T]
+    split = {k: v.reshape(2, 2, -1) for k, v in micro.items()}  # [2, 2, T]
+    copy = lambda: jax.tree.map(jnp.array, state)  # noqa: E731  (the step donates its state)
+    s1, m1 = TOY_STEP(spec, copy(), whole)
+    s2, m2 = TOY_STEP(spec, copy(), split)
+    assert int(m1["loss_tokens"]) == int(m2["loss_tokens"]) == 8 + 30
+    np.testing.assert_allclose(m1["loss"], m2["loss"], rtol=1e-6)
+    np.testing.assert_allclose(m1["grad_norm"], m2["grad_norm"], rtol=1e-5)
+    jax.tree.map(
+        lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-7), s1["params"], s2["params"]
+    )
+
+
+def test_learning_rate_warms_up_linearly_then_decays_by_cosine():
+    schedule = learning_rate_schedule({"lr": 1e-3, "warmup_steps": 4, "min_lr_ratio": 0.1}, 14)
+    assert float(schedule(0)) == 0.0
+    np.testing.assert_allclose(float(schedule(2)), 5e-4, rtol=1e-6)
+    np.testing.assert_allclose(float(schedule(4)), 1e-3, rtol=1e-6)
+    np.testing.assert_allclose(float(schedule(9)), 1e-4 + 0.5 * 9e-4, rtol=1e-5)  # halfway down the cosine
+    np.testing.assert_allclose(float(schedule(14)), 1e-4, rtol=1e-5)
+    with pytest.raises(ValueError, match="warmup_steps=14 must be below train.steps=14"):
+        learning_rate_schedule({"lr": 1e-3, "warmup_steps": 14, "min_lr_ratio": 0.1}, 14)
