@@ -32,6 +32,15 @@ class StageSummary:
     end: float
     steps: int
     metrics_path: Path
+    curve: str | None = None  # the metrics.jsonl key to plot; None: `metric`, else `<metric>/mean`
+
+    def curve_key(self) -> str:
+        if self.curve:
+            return self.curve
+        from pathor1_jax.train.metrics import read_metrics
+
+        records = read_metrics(self.metrics_path)
+        return self.metric if any(self.metric in r for r in records) else f"{self.metric}/mean"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -109,7 +118,11 @@ def run(args: argparse.Namespace) -> int:
         rows.append(stage.run(stage_dir, previous, args.steps))
         seconds.append(time.perf_counter() - t0)
         previous = stage_dir
-    plot = plot_losses([(f"{r.name} ({r.metric})", r.metrics_path) for r in rows], out / "losses.png")
+    plot = plot_losses(
+        [(f"{r.name} ({r.metric})", r.metrics_path) for r in rows],
+        out / "losses.png",
+        keys=[r.curve_key() for r in rows],
+    )
     print()
     print(summary_table(rows, seconds))
     print(f"\ncheckpoints, metrics and plots under {out}/ (curves: {plot})")

@@ -61,20 +61,37 @@ class MetricsWriter:
             self._file = self._tb = None
 
 
-def plot_losses(runs: Sequence[tuple[str, str | Path]], out_png: str | Path, key: str = "loss") -> Path:
-    """One PNG with `key` against step for each `(label, metrics.jsonl)`; written via a temp file."""
+def plot_losses(
+    runs: Sequence[tuple[str, str | Path]],
+    out_png: str | Path,
+    key: str = "loss",
+    keys: Sequence[str] | None = None,
+) -> Path:
+    """One PNG with a panel per `(label, metrics.jsonl)`: `key` (or that run's entry of `keys`) against
+    step; a run without that key gets an empty panel saying so. Written via a temp file."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
+    keys = list(keys) if keys is not None else [key] * len(runs)
     fig, axes = plt.subplots(1, len(runs), figsize=(4.5 * len(runs), 3.5), squeeze=False)
-    for ax, (label, path) in zip(axes[0], runs, strict=True):
-        records = [r for r in read_metrics(path) if key in r]
-        ax.plot([r["step"] for r in records], [r[key] for r in records], lw=1.5)
+    for ax, (label, path), name in zip(axes[0], runs, keys, strict=True):
+        records = [r for r in read_metrics(path) if name in r]
+        if records:
+            ax.plot([r["step"] for r in records], [r[name] for r in records], lw=1.5)
+        else:
+            ax.text(
+                0.5,
+                0.5,
+                f"no {name!r} in {Path(path).name}",
+                ha="center",
+                va="center",
+                transform=ax.transAxes,
+            )
         ax.set_title(label)
         ax.set_xlabel("step")
-        ax.set_ylabel(key)
+        ax.set_ylabel(name)
         ax.grid(alpha=0.3)
     fig.tight_layout()
     out_png = Path(out_png)
