@@ -91,8 +91,8 @@ def train_step(spec: StepSpec, nll_fn: NllFn, state: dict, batch: dict) -> tuple
     metrics = {
         "loss": nll_sum / denom,
         "loss_tokens": count,
-        "grad_norm": optax.global_norm(grads),
-        "param_norm": optax.global_norm(params),
+        "grad_norm": optax.tree.norm(grads),
+        "param_norm": optax.tree.norm(params),
     }
     return new_state, metrics
 

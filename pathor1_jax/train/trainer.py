@@ -40,7 +40,7 @@ from pathor1_jax.train.optim import make_optimizer
 from pathor1_jax.train.step import StepSpec, init_state
 
 # Where the batch dimension sits in each micro-batch field after stacking (`[accum, ...]`); other
-# fields (pixel patches, vision bookkeeping) are replicated.
+# fields (pixel patches, vision bookkeeping) are replicated (single process only).
 BATCH_AXIS = {"input_ids": 1, "labels": 1, "segment_ids": 1, "attention_mask": 1, "position_ids": 2}
 
 
@@ -106,6 +106,12 @@ def put_batch(batch: dict, mesh: Mesh, rules) -> dict:
                     f"{parts} devices of mesh axes {spec[0]!r}"
                 )
             sharding = NamedSharding(mesh, PartitionSpec(*([None] * axis), spec[0]))
+        elif jax.process_count() > 1:
+            raise NotImplementedError(
+                f"batch field {key!r}: each process holds its own rows' {key}, but feeding per-process "
+                "image patches into one global array is not implemented; train on one process (any "
+                "number of local devices) or without this field"
+            )
         else:
             sharding = NamedSharding(mesh, PartitionSpec())
         out[key] = jax.tree.map(
