@@ -129,33 +129,46 @@ def test_freeze_pattern_matching_nothing_is_an_error():
         param_labels(params, [r"^visual\."])
 
 
+class Interrupting:
+    """The trainer's data, with `action()` run instead of (or before) the `at`-th micro-batch."""
+
+    def __init__(self, data, at: int, action):
+        self.data, self.at, self.action, self.calls = data, at, action, 0
+
+    def __next__(self):
+        self.calls += 1
+        if self.calls == self.at:
+            self.action()
+        return next(self.data)
+
+    def get_state(self):
+        return self.data.get_state()
+
+    def set_state(self, state):
+        self.data.set_state(state)
+
+
 def test_sigterm_saves_a_checkpoint_then_stops(tmp_path):
     trainer = make_trainer(tmp_path, "preempt", [], steps=6)
-    data = trainer.data
-
-    class SigtermAtSecondStep:
-        """Delivers SIGTERM to this process while the 2nd step's data is read."""
-
-        def __init__(self):
-            self.calls = 0
-
-        def __next__(self):
-            self.calls += 1
-            if self.calls == 3:  # grad_accum=2: 3rd micro-batch = step 2
-                os.kill(os.getpid(), signal.SIGTERM)
-            return next(data)
-
-        def get_state(self):
-            return data.get_state()
-
-        def set_state(self, state):
-            data.set_state(state)
-
-    trainer.data = SigtermAtSecondStep()
+    # grad_accum=2: the 3rd micro-batch is read during step 2, which still completes
+    trainer.data = Interrupting(trainer.data, 3, lambda: os.kill(os.getpid(), signal.SIGTERM))
     result = trainer.fit()
     assert result.preempted and result.end_step == 2
     assert Checkpointer(tmp_path / "preempt" / "checkpoints").latest_step() == 2
     assert signal.getsignal(signal.SIGTERM) is signal.SIG_DFL  # handler restored
+
+
+def test_exhausted_data_ends_the_run_with_a_checkpoint(tmp_path, capsys):
+    trainer = make_trainer(tmp_path, "finite", [], steps=6)
+
+    def stop():
+        raise StopIteration
+
+    trainer.data = Interrupting(trainer.data, 4, stop)  # step 2 cannot be completed
+    result = trainer.fit()
+    assert (result.end_step, result.preempted) == (1, False)
+    assert Checkpointer(tmp_path / "finite" / "checkpoints").latest_step() == 1
+    assert "toy: data exhausted after step 1" in capsys.readouterr().err
 
 
 def test_crash_in_the_middle_of_a_save_leaves_the_previous_checkpoint(tmp_path):

@@ -18,6 +18,7 @@ from __future__ import annotations
 import dataclasses
 import math
 import signal
+import sys
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -182,9 +183,10 @@ class Trainer:
         return sum(sizes), sum(s for s, lab in zip(sizes, labels, strict=True) if lab != FROZEN)
 
     def _next_batch(self) -> tuple[dict, int]:
+        """`grad_accum` prepared micro-batches stacked, and the non-padding tokens of all processes."""
         micro = [self.stage.prepare(next(self.data)) for _ in range(self.accum)]
-        tokens = sum(int((m["segment_ids"] != 0).sum()) for m in micro)
-        return stack_micro_batches(micro), tokens
+        local = sum(int((m["segment_ids"] != 0).sum()) for m in micro)
+        return stack_micro_batches(micro), local * jax.process_count()
 
     def fit(self) -> FitResult:
         cfg = self.config.train
@@ -203,7 +205,13 @@ class Trainer:
             with _Preemption() as preemption, use_rules(self.mesh, self.rules):
                 while step < self.total_steps:
                     t0 = time.perf_counter()
-                    host_batch, tokens = self._next_batch()
+                    try:
+                        host_batch, tokens = self._next_batch()
+                    except StopIteration:  # a finite data config (data.num_epochs) ran out
+                        print(f"{self.stage.name}: data exhausted after step {step}", file=sys.stderr)
+                        if step > self.start_step:
+                            self.checkpointer.save(step, self.state, self.data.get_state())
+                        break
                     batch = put_batch(host_batch, self.mesh, self.rules)
                     self.state, metrics = self.stage.step(self.spec, self.state, batch)
                     metrics = {k: float(v) for k, v in jax.device_get(metrics).items()}
