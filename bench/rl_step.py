@@ -1,15 +1,20 @@
-"""RL rollout throughput (pathor1_jax `generate`, jitted KV-cache loop, vs Hugging Face `generate`) and
-the wall-time split of one GRPO step (rollout / old+ref log-probs / policy updates).
+"""RL rollout throughput (pathor1_jax `generate`, jitted KV-cache loop, vs Hugging Face `generate`),
+the wall-time split of one GRPO step (rollout / old+ref log-probs / policy updates), and a
+learnability check (mean reward per step of GRPO and DAPO on a task a random policy can learn).
 
 Same tiny Qwen2.5-VL for both (ours loaded from the HF model's checkpoint), same batch: N prompts
 with one 56² image each, G samples per prompt, temperature 1, a fixed number of new tokens (HF with
 `min_new_tokens` so that it never stops early). Compilation is excluded (one warm-up call / step).
-Usage: python bench/rl_step.py [--prompts 4] [--group 4] [--new-tokens 64] [--repeats 3]
+
+Learnability task: the answer letter is 'ABCD'[first sampled token % 4] and the truth is always A;
+sampling is top-k 4, so a policy that moves probability onto its top tokens ≡ 0 (mod 4) wins.
+Usage: python bench/rl_step.py [--prompts 4] [--group 4] [--new-tokens 64] [--repeats 3] [--learn-steps 10]
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import statistics
 import sys
 import tempfile
@@ -20,6 +25,7 @@ import jax
 import numpy as np
 import optax
 import torch
+from flax import nnx
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
 from qwen_reference import image_prompt, random_hf_model, random_pixels  # noqa: E402
@@ -52,12 +58,51 @@ def make_prompts(n: int) -> list[Prompt]:
     return prompts
 
 
+def learn(algo: str, steps: int) -> list[tuple[float, float]]:
+    """(mean reward, accuracy) per step of `steps` RL steps on the learnability task (lr 3e-3)."""
+    config = qwen2_5_vl.tiny_config()
+    model = qwen2_5_vl.Qwen2_5_VLForConditionalGeneration(config, rngs=nnx.Rngs(0))
+    tx = optax.adam(3e-3)
+    graphdef, state = init_state(model, tx, 0)
+    reference = qwen2_5_vl.Qwen2_5_VLForConditionalGeneration(config, rngs=nnx.Rngs(0))
+    prompts = [dataclasses.replace(p, answer="A") for p in make_prompts(16)]
+    cursor = iter(range(10**9))
+
+    def reward(text, answer, num_tokens):
+        if algo == "grpo":
+            return rewards.grpo_reward(text, answer)
+        return rewards.dapo_reward(text, answer, num_tokens, l_max=4, l_cache=2)
+
+    def rollout_fn(policy, ps, seed):
+        return rollout(
+            policy, ps, group_size=8, max_new_tokens=2, decode=first_token_letter, reward_fn=reward,
+            temperature=1.0, top_k=4, seed=seed,
+        )  # fmt: skip
+
+    sampler = RolloutSampler(lambda n: [prompts[next(cursor) % len(prompts)] for _ in range(n)], rollout_fn)
+    cfg = LossConfig(algo=algo, group_size=8)
+    history = []
+    for _ in range(steps):
+        state, metrics = rl_step(
+            StepSpec(graphdef, tx), state, sampler, cfg, batch_groups=4, groups_per_minibatch=2, mu=1,
+            max_rounds=3, max_new_tokens=2, pad_token_id=config.text.eos_token_id, reference=reference,
+        )  # fmt: skip
+        history.append((metrics["reward/mean"], metrics["reward/accuracy"]))
+    return history
+
+
+def first_token_letter(tokens) -> str:
+    """Stands in for the tokenizer: the first sampled token picks the answer letter."""
+    return f"<think>t</think><answer>{'ABCD'[tokens[0] % 4]}</answer>"
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--prompts", type=int, default=4)
     parser.add_argument("--group", type=int, default=4)
     parser.add_argument("--new-tokens", type=int, default=64)
     parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--learn-steps", type=int, default=10, help="0 skips the learnability check")
     args = parser.parse_args()
     config = qwen2_5_vl.tiny_config()
     hf = random_hf_model(config)
@@ -107,13 +152,10 @@ def main() -> None:
         reference = qwen2_5_vl.load_pretrained(tmp)
     cursor = iter(range(10**9))
 
-    def decode(tokens):  # no tokenizer needed: the first token picks the answer letter
-        return f"<think>t</think><answer>{'ABCD'[tokens[0] % 4]}</answer>"
-
     def rollout_fn(policy, ps, seed):
         return rollout(
-            policy, ps, group_size=g, max_new_tokens=new, decode=decode, temperature=1.0, seed=seed,
-            reward_fn=lambda text, answer, n: rewards.grpo_reward(text, answer),
+            policy, ps, group_size=g, max_new_tokens=new, decode=first_token_letter, temperature=1.0,
+            seed=seed, reward_fn=lambda text, answer, n: rewards.grpo_reward(text, answer),
         )  # fmt: skip
 
     sampler = RolloutSampler(lambda n: [prompts[next(cursor) % len(prompts)] for _ in range(n)], rollout_fn)
@@ -142,6 +184,13 @@ def main() -> None:
     for name, sec in zip(("rollout + rewards", "old + ref log-probs", "policy updates"), split, strict=True):
         print(f"{name:<24}{sec:>10.3f}{sec / split.sum():>8.0%}")
     print(f"{'total':<24}{split.sum():>10.3f}")
+    if args.learn_steps:
+        curves = {algo: learn(algo, args.learn_steps) for algo in ("grpo", "dapo")}
+        print()
+        print("Learnability task (truth A = first token ≡ 0 mod 4, top-k 4, 4 prompts × G=8, lr 3e-3)")
+        print(f"{'step':<6}{'GRPO reward':>12}{'GRPO acc':>10}{'DAPO reward':>13}{'DAPO acc':>10}")
+        for step, (g_row, d_row) in enumerate(zip(curves["grpo"], curves["dapo"], strict=True), 1):
+            print(f"{step:<6}{g_row[0]:>12.3f}{g_row[1]:>10.3f}{d_row[0]:>13.3f}{d_row[1]:>10.3f}")
 
 
 if __name__ == "__main__":
