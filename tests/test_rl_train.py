@@ -77,3 +77,17 @@ def test_grpo_run_resumes_prompts_and_sampling_rounds(grpo_run):
     model, _ = load_for_eval(out)
     loaded = nnx.to_pure_dict(nnx.state(model, nnx.Param))
     jax.tree.map(np.testing.assert_array_equal, loaded, jax.device_get(trainer.state["params"]))
+
+
+@pytest.mark.parametrize(
+    "override,message",
+    [
+        ("--config.rl.l_cache=100", "l_cache"),  # the cache zone longer than L_max = max_new_tokens = 64
+        ("--config.rl.groups_per_minibatch=3", "groups_per_minibatch"),
+        ("--config.data.kind=chat", "mcq"),
+    ],
+)
+def test_bad_rl_configs_fail_before_building_anything(tmp_path, override, message):
+    config = load_config("configs/dapo_tiny.py", [override, f"--config.train.out_dir={tmp_path}"])
+    with pytest.raises(ValueError, match=message):
+        RLTrainer(config, tmp_path)

@@ -140,6 +140,11 @@ class RLTrainer(Trainer):
                 f"config.rl.batch_groups={rl.batch_groups} is not a multiple of "
                 f"groups_per_minibatch={rl.groups_per_minibatch}"
             )
+        if rl.algo == "dapo" and not 0 < int(rl.l_cache) <= int(rl.l_max or rl.max_new_tokens):
+            raise ValueError(
+                f"config.rl.l_cache={rl.l_cache} must be in (0, L_max], L_max = "
+                f"{int(rl.l_max or rl.max_new_tokens)} (rl.l_max, or rl.max_new_tokens when 0)"
+            )
         self.rl_steps = int(config.train.steps)
         self.loss_cfg = loss_config(rl)
         cfg = model_config(config.model)
