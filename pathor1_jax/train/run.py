@@ -16,9 +16,14 @@ import jax
 import jax.numpy as jnp
 import ml_collections
 from flax import nnx
+from jax.sharding import Mesh
 
 from pathor1_jax.models import qwen2_5_vl
 from pathor1_jax.models.qwen2_5_vl.presets import preset
+from pathor1_jax.sharding.logical import Rules
+from pathor1_jax.sharding.mesh import make_mesh
+from pathor1_jax.sharding.qwen_checkpoint import load_pretrained_sharded
+from pathor1_jax.sharding.rules import rules_from_config
 from pathor1_jax.train.checkpoint import restore_params
 from pathor1_jax.train.cpt import cpt_step
 from pathor1_jax.train.lm import prepare_batch
@@ -52,8 +57,14 @@ def model_factory(
     )  # fmt: skip
 
 
-def initial_params(model: ml_collections.ConfigDict) -> Callable[[dict], dict] | None:
-    """`like_params -> params` loading `model.init_from`, laid out like `like_params`; None = random."""
+def initial_params(
+    model: ml_collections.ConfigDict, layout: tuple[Mesh, Rules] | None = None
+) -> Callable[[dict], dict] | None:
+    """`like_params -> params` loading `model.init_from`, laid out like `like_params`; None = random.
+
+    layout: the run's `(mesh, rules)`; with it a HF checkpoint is read shard by shard (each device only
+    its slice), without it whole on the host first.
+    """
     source = model.get("init_from") or ""
     if not source:
         return None
@@ -64,9 +75,11 @@ def initial_params(model: ml_collections.ConfigDict) -> Callable[[dict], dict] |
     if (path / "config.json").exists():
 
         def from_hf(like: dict) -> dict:
-            loaded = qwen2_5_vl.load_pretrained(
-                path, jnp.dtype(model.dtype), param_dtype=jnp.dtype(model.param_dtype)
-            )
+            dtype, param_dtype = jnp.dtype(model.dtype), jnp.dtype(model.param_dtype)
+            if layout is None:
+                loaded = qwen2_5_vl.load_pretrained(path, dtype, param_dtype=param_dtype)
+            else:
+                loaded = load_pretrained_sharded(path, *layout, dtype, param_dtype=param_dtype)
             params = nnx.to_pure_dict(nnx.state(loaded, nnx.Param))
             return jax.tree.map(lambda x, ref: jax.device_put(x, ref.sharding), params, like)
 
@@ -98,7 +111,7 @@ def run_stage(config: ml_collections.ConfigDict, out_dir: str | Path | None = No
     (out_dir / "run_config.json").write_text(config.to_json_best_effort(indent=2))
     stage = Stage(name=config.stage, step=STEPS[config.stage], prepare=lambda b: prepare_batch(b, cfg))
     data = batch_iterator_from_config(config.data, cfg)
-    trainer = Trainer(
-        config, stage, model_factory(config.model, cfg), data, out_dir, initial_params(config.model)
-    )
+    layout = (make_mesh(dict(config.mesh)), rules_from_config(config.get("sharding")))
+    init = initial_params(config.model, layout)
+    trainer = Trainer(config, stage, model_factory(config.model, cfg), data, out_dir, init)
     return trainer.fit()
