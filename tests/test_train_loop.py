@@ -32,9 +32,9 @@ VOCAB, DIM = 151936, 8
 class ToyLM(nnx.Module):
     """Tied embedding → `encoder` (tanh Linear) → logits: small enough to compile in seconds."""
 
-    def __init__(self, rngs: nnx.Rngs):
-        self.embed = Embed(VOCAB, DIM, rngs=rngs)
-        self.encoder = Linear(DIM, DIM, use_bias=True, axes=("embed", "mlp"), rngs=rngs)
+    def __init__(self, rngs: nnx.Rngs, dtype=jnp.float32):
+        self.embed = Embed(VOCAB, DIM, rngs=rngs, dtype=dtype)
+        self.encoder = Linear(DIM, DIM, use_bias=True, axes=("embed", "mlp"), rngs=rngs, dtype=dtype)
 
     def hidden(self, ids: jax.Array) -> jax.Array:
         return jnp.tanh(self.encoder(self.embed(ids)))
@@ -243,3 +243,20 @@ def test_learning_rate_warms_up_linearly_then_decays_by_cosine():
     np.testing.assert_allclose(float(schedule(14)), 1e-4, rtol=1e-5)
     with pytest.raises(ValueError, match="warmup_steps=14 must be below train.steps=14"):
         learning_rate_schedule({"lr": 1e-3, "warmup_steps": 14, "min_lr_ratio": 0.1}, 14)
+
+
+def test_bf16_compute_keeps_float32_master_weights():
+    ids = np.random.default_rng(1).integers(0, 1000, size=(1, 2, 16)).astype(np.int32)
+    batch = {"input_ids": ids, "labels": ids, "segment_ids": np.ones_like(ids)}
+    config = toy_config()
+    results = {}
+    for dtype in (jnp.float32, jnp.bfloat16):
+        tx, _ = make_optimizer(config.optim, 6, ())
+        graphdef, state = init_state(ToyLM(nnx.Rngs(0), dtype=dtype), tx, seed=0)
+        results[dtype] = TOY_STEP(StepSpec(graphdef=graphdef, tx=tx), state, batch)
+    (_, m32), (s16, m16) = results[jnp.float32], results[jnp.bfloat16]
+    assert {x.dtype for x in jax.tree.leaves(s16["params"])} == {jnp.dtype(jnp.float32)}
+    assert {x.dtype for x in jax.tree.leaves(s16["opt_state"]) if x.ndim} == {jnp.dtype(jnp.float32)}
+    np.testing.assert_allclose(m16["loss"], m32["loss"], rtol=1e-3)
+    np.testing.assert_allclose(m16["grad_norm"], m32["grad_norm"], rtol=5e-2)  # bf16 matmuls: close,
+    assert float(m16["grad_norm"]) != float(m32["grad_norm"])  # but not the float32 computation
