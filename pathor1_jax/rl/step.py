@@ -42,7 +42,7 @@ class LossConfig:
     beta: float = 0.04  # GRPO's KL coefficient
     eps_low: float = 0.2  # DAPO clip-higher
     eps_high: float = 0.28
-    impl: str = "auto"  # policy-loss kernel: "auto", "pallas" or the jnp "reference"
+    impl: str = "auto"  # policy-loss kernel: "auto", "pallas", "chunked" or the jnp reference "xla"
 
     def __post_init__(self):
         if self.algo not in ("grpo", "dapo"):
