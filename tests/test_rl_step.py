@@ -72,23 +72,25 @@ def test_images_follow_their_samples(tiny):
     assert grids.shape == (5, 3)
 
 
-def test_greedy_rollout_is_scored_by_the_same_forward(tiny):
+@pytest.mark.parametrize("images", [True, False])
+def test_greedy_rollout_is_scored_by_the_same_forward(tiny, images):
     """Greedy responses must be the argmax of the log-prob forward at every response position:
-    positions, images and masks of `sequence_inputs` agree with those `generate` used."""
+    positions (M-RoPE with images, 1D without), images and masks of `sequence_inputs` agree with
+    those `generate` used, with prompts of different lengths (left padding)."""
     config, model = tiny
     prompts = make_prompts(config, 2)
+    if not images:
+        prompts = [
+            Prompt(np.array([151644, 872, 198, 300 + i, 400, 151645, 198] * (1 + i)), "A") for i in range(2)
+        ]
     batch = rollout(
-        model,
-        prompts,
-        group_size=2,
-        max_new_tokens=MAX_NEW,
-        decode=decode_stub,
-        reward_fn=lambda text, answer, n: rewards.grpo_reward(text, answer),
-        temperature=0.0,
-    )
+        model, prompts, group_size=2, max_new_tokens=MAX_NEW, decode=decode_stub,
+        reward_fn=lambda text, answer, n: rewards.grpo_reward(text, answer), temperature=0.0,
+    )  # fmt: skip
     assert batch.responses.shape == (4, MAX_NEW) and batch.rewards.shape == (2, 2)
     np.testing.assert_array_equal(batch.responses[0], batch.responses[1])  # greedy: the group agrees
     inputs = sequence_inputs(config, batch, np.arange(4))
+    assert (inputs["pixel_values"] is None) == (not images)
     logits = model.logits(response_hidden(model, inputs))  # [B, R, V]
     mask = batch.response_mask.astype(bool)
     np.testing.assert_array_equal(np.asarray(logits.argmax(-1))[mask], batch.responses[mask])
