@@ -1,7 +1,8 @@
 """The `pathor1` command line: one subcommand per module in `pathor1_jax.commands`.
 
 Each command module defines `add_arguments(parser)` and `run(args) -> int`; modules are imported
-only when their command runs, so `pathor1 --help` stays fast.
+only when their command runs, so `pathor1 --help` stays fast. A module with `TAKES_OVERRIDES = True`
+receives the arguments its parser does not know (`--config.key=value`) as `args.overrides`.
 """
 
 from __future__ import annotations
@@ -31,7 +32,12 @@ def main(argv: list[str] | None = None) -> int:
     module = importlib.import_module(COMMANDS[name][0])
     cmd_parser = argparse.ArgumentParser(prog=f"pathor1 {name}", description=COMMANDS[name][1])
     module.add_arguments(cmd_parser)
-    return int(module.run(cmd_parser.parse_args(argv[1:])) or 0)
+    if getattr(module, "TAKES_OVERRIDES", False):
+        args, overrides = cmd_parser.parse_known_args(argv[1:])
+        args.overrides = overrides
+    else:
+        args = cmd_parser.parse_args(argv[1:])
+    return int(module.run(args) or 0)
 
 
 if __name__ == "__main__":

@@ -12,19 +12,13 @@ import sys
 
 from pathor1_jax.train.config import ConfigError, load_config
 
+TAKES_OVERRIDES = True  # the --config.<key>=<value> arguments, see pathor1_jax.cli
+
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--config", required=True, help="config file defining get_config() (path.py[:arg])")
     parser.add_argument("--workdir", help="run directory (default: the config's train.out_dir)")
     parser.epilog = "Any --config.<key>=<value> overrides that key of the config."
-    parse_known_args = parser.parse_known_args
-
-    def parse_args(args=None, namespace=None):
-        namespace, rest = parse_known_args(args, namespace)
-        namespace.overrides = rest
-        return namespace
-
-    parser.parse_args = parse_args  # the overrides are the arguments argparse does not know
 
 
 def run(args: argparse.Namespace) -> int:
