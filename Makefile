@@ -9,6 +9,9 @@ $(STAMP): pyproject.toml
 	test -x $(VENV)/bin/python || $(PY) -m venv $(VENV)
 	$(VENV)/bin/python -m pip install -q --upgrade pip
 	$(VENV)/bin/python -m pip install -q -e '.[test]'
+	# open_clip's own tokenizer.py, a test reference (its package needs torchvision: read the file only)
+	$(VENV)/bin/python -m pip download -q --no-deps open-clip-torch==3.3.0 -d $(VENV)/open_clip_ref
+	$(VENV)/bin/python -m zipfile -e $(VENV)/open_clip_ref/open_clip_torch-3.3.0-py3-none-any.whl $(VENV)/open_clip_ref
 	touch $(STAMP)
 
 demo: $(STAMP)
