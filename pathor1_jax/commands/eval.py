@@ -1,0 +1,27 @@
+"""`pathor1 eval TASK ...`: the evaluators, one module per task with `add_arguments` / `run`.
+
+pathor1 eval mcq --model runs/demo/grpo --data demo          # held-out MCQs, greedy
+pathor1 eval clip --model DIR --task zeroshot --data F.jsonl --prompts P.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+
+TASKS: dict[str, tuple[str, str]] = {
+    "mcq": ("pathor1_jax.eval.mcq", "MCQ accuracy and format rate of a Qwen2.5-VL checkpoint or run"),
+    "clip": ("pathor1_jax.eval.clip_tasks", "CLIP zero-shot, retrieval Recall@K or few-shot linear probe"),
+}
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    sub = parser.add_subparsers(dest="task", metavar="TASK", required=True)
+    for name, (module, help_text) in TASKS.items():
+        task_parser = sub.add_parser(name, help=help_text, description=help_text)
+        task_parser.set_defaults(task_module=module)
+        importlib.import_module(module).add_arguments(task_parser)
+
+
+def run(args: argparse.Namespace) -> int:
+    return importlib.import_module(args.task_module).run(args)
