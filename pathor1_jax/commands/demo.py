@@ -20,6 +20,7 @@ from functools import partial
 from pathlib import Path
 
 from pathor1_jax.rl.demo import rl_demo
+from pathor1_jax.train.clip_demo import clip_demo
 
 CONFIGS = Path(__file__).resolve().parents[2] / "configs"
 
@@ -77,6 +78,7 @@ STAGES: list[DemoStage] = [
     lm_stage("sft", "demo_sft.py"),
     DemoStage("grpo", partial(rl_demo, "grpo")),  # each RL stage starts from sft (see pathor1_jax.rl.demo)
     DemoStage("dapo", partial(rl_demo, "dapo")),
+    DemoStage("pathoclip", clip_demo),  # PathoCLIP stage I → II (independent of the stages above)
 ]
 
 
@@ -91,10 +93,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def summary_table(rows: list[StageSummary], seconds: list[float]) -> str:
-    lines = [f"{'stage':<8} {'metric':<8} {'steps':>5} {'start':>9} {'end':>9} {'time':>7}"]
+    lines = [f"{'stage':<10} {'metric':<8} {'steps':>5} {'start':>9} {'end':>9} {'time':>7}"]
     for row, sec in zip(rows, seconds, strict=True):
         lines.append(
-            f"{row.name:<8} {row.metric:<8} {row.steps:>5} {row.start:>9.4f} {row.end:>9.4f} {sec:>6.0f}s"
+            f"{row.name:<10} {row.metric:<8} {row.steps:>5} {row.start:>9.4f} {row.end:>9.4f} {sec:>6.0f}s"
         )
     return "\n".join(lines)
 

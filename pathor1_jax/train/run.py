@@ -98,6 +98,10 @@ def run_stage(config: ml_collections.ConfigDict, out_dir: str | Path | None = No
         from pathor1_jax.rl.train import run_rl
 
         return run_rl(config, out_dir)
+    if config.stage == "clip":  # PathoCLIP: contrastive, its own data and model
+        from pathor1_jax.train.clip_stage import run_clip
+
+        return run_clip(config, out_dir)
     if config.stage not in STEPS:
         raise ValueError(f"config.stage={config.stage!r}: expected one of {sorted(STEPS)}")
     if config.data.kind != DATA_KINDS[config.stage]:

@@ -42,7 +42,9 @@ from pathor1_jax.train.step import StepSpec, init_state
 
 # Where the batch dimension sits in each micro-batch field after stacking (`[accum, ...]`); other
 # fields (pixel patches, vision bookkeeping) are replicated (single process only).
-BATCH_AXIS = {"input_ids": 1, "labels": 1, "segment_ids": 1, "attention_mask": 1, "position_ids": 2}
+BATCH_AXIS = {
+    "input_ids": 1, "labels": 1, "segment_ids": 1, "attention_mask": 1, "position_ids": 2, "images": 1,
+}  # fmt: skip
 
 
 @dataclasses.dataclass(frozen=True)
@@ -183,9 +185,12 @@ class Trainer:
         return sum(sizes), sum(s for s, lab in zip(sizes, labels, strict=True) if lab != FROZEN)
 
     def _next_batch(self) -> tuple[dict, int]:
-        """`grad_accum` prepared micro-batches stacked, and the non-padding tokens of all processes."""
+        """`grad_accum` prepared micro-batches stacked, and the non-padding tokens of all processes
+        (the examples, for batches without `segment_ids`)."""
         micro = [self.stage.prepare(next(self.data)) for _ in range(self.accum)]
-        local = sum(int((m["segment_ids"] != 0).sum()) for m in micro)
+        local = sum(
+            int((m["segment_ids"] != 0).sum()) if "segment_ids" in m else len(m["input_ids"]) for m in micro
+        )
         return stack_micro_batches(micro), local * jax.process_count()
 
     def fit(self) -> FitResult:

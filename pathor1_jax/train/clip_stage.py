@@ -1,0 +1,163 @@
+"""PathoCLIP training (Patho-R1 §3.2): CLIP trained contrastively on image–caption pairs, in two
+progressive stages — stage I on a morphology-focused corpus, stage II on the full mixture starting
+from stage I's weights (`config.model.init_from`).
+
+The run reuses the `Trainer` (checkpoints with the data iterator's state, exact resume, SIGTERM,
+metrics, plots). `contrastive_step` is the jitted step: the symmetric InfoNCE of the global batch
+(`contrastive.sharded_clip_loss` under a mesh, each device scoring its rows against all others).
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from pathlib import Path
+
+import grain
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+import optax
+from flax import nnx
+
+from pathor1_jax.data.images import load_image
+from pathor1_jax.data.records import CaptionRecord
+from pathor1_jax.models import clip
+from pathor1_jax.models.clip.preprocess import preprocess
+from pathor1_jax.models.clip.tokenizer import CLIPTokenizer
+from pathor1_jax.sharding.logical import current_rules, logical_to_spec
+from pathor1_jax.sharding.mesh import make_mesh
+from pathor1_jax.sharding.rules import rules_from_config
+from pathor1_jax.train.checkpoint import restore_params
+from pathor1_jax.train.contrastive import clip_loss, sharded_clip_loss
+from pathor1_jax.train.step import StepSpec, zero_frozen
+from pathor1_jax.train.trainer import FitResult, Stage, Trainer
+
+
+def base_clip_config() -> ml_collections.ConfigDict:
+    """Every key of a PathoCLIP run (configs/pathoclip_*.py change what differs)."""
+    config = ml_collections.ConfigDict()
+    config.stage = "clip"
+    config.model = dict(preset="tiny", path="", open_clip_file="", init_from="", seed=0)
+    config.data = dict(source="demo", split="train", include="", batch_size=16, seed=0)
+    config.optim = dict(
+        lr=5e-4, warmup_steps=5, min_lr_ratio=0.1, b1=0.9, b2=0.98, eps=1e-6, weight_decay=0.1, clip_norm=1.0
+    )
+    config.freeze = ()
+    config.train = dict(
+        steps=40, grad_accum=1, log_every=1, ckpt_every=20, keep=2, seed=0, out_dir="runs/clip"
+    )
+    config.mesh = dict(data=1, fsdp=-1, tensor=1)
+    config.sharding = dict(preset="fsdp", rules=())
+    return config
+
+
+def contrastive_loss(model: clip.CLIPModel, images: jax.Array, input_ids: jax.Array) -> jax.Array:
+    """The global-batch contrastive loss; under `use_rules` it runs sharded over the batch axes."""
+    image_embeds, text_embeds = model.encode_image(images), model.encode_text(input_ids)
+    ctx = current_rules()
+    batch_axes = None if ctx is None else logical_to_spec(("batch",), ctx[1])[0]
+    if batch_axes is None:
+        return clip_loss(image_embeds, text_embeds, model.logit_scale[...])
+    return sharded_clip_loss(image_embeds, text_embeds, model.logit_scale[...], ctx[0], batch_axes)
+
+
+def _contrastive_step(spec: StepSpec, state: dict, batch: dict) -> tuple[dict, dict]:
+    """One AdamW update on the micro-batch `batch[...][0]` (contrastive losses do not accumulate)."""
+    params = state["params"]
+
+    def loss_fn(p):
+        return contrastive_loss(nnx.merge(spec.graphdef, p), batch["images"][0], batch["input_ids"][0])
+
+    loss, grads = jax.value_and_grad(loss_fn)(params)
+    grads = zero_frozen(grads, spec.freeze)
+    updates, opt_state = spec.tx.update(grads, state["opt_state"], params)
+    new_state = {**state, "params": optax.apply_updates(params, updates), "opt_state": opt_state}
+    new_state["step"] = state["step"] + 1
+    metrics = {
+        "loss": loss,
+        "logit_scale": jnp.exp(nnx.merge(spec.graphdef, params).logit_scale[...]),
+        "grad_norm": optax.tree.norm(grads),
+    }
+    return new_state, metrics
+
+
+contrastive_step = jax.jit(_contrastive_step, static_argnums=0, donate_argnums=1)
+
+
+def caption_records(data: ml_collections.ConfigDict) -> list[CaptionRecord]:
+    """`data.source` ("demo" or a caption JSONL), keeping ids matching the `data.include` regex."""
+    from pathor1_jax.data.demo import demo_records
+    from pathor1_jax.data.jsonl import read_jsonl
+
+    records = (
+        demo_records("caption", data.split) if data.source == "demo" else read_jsonl(data.source, "caption")
+    )
+    if data.include:
+        pattern = re.compile(data.include)
+        records = [r for r in records if pattern.search(r.id)]
+    if len(records) < data.batch_size:
+        raise ValueError(f"config.data: {len(records)} records, fewer than batch_size {data.batch_size}")
+    return records
+
+
+def clip_batches(records, config: clip.CLIPConfig, batch_size: int, seed: int) -> grain.DatasetIterator:
+    """Shuffled (a new order each epoch), endless, checkpointable batches of `images [B, H, W, 3]`
+    and `input_ids [B, 77]`."""
+    tokenizer = CLIPTokenizer(config.text.max_position_embeddings)
+    size = config.vision.image_size
+
+    def encode(record: CaptionRecord) -> dict:
+        image = preprocess(load_image(record.image, record_id=record.id), size)
+        return {"images": image, "input_ids": tokenizer(record.caption)[0]}
+
+    ds = grain.MapDataset.source(records).shuffle(seed=seed).repeat(None).map(encode)
+    return iter(ds.batch(batch_size, drop_remainder=True).to_iter_dataset())
+
+
+def model_config(model: ml_collections.ConfigDict) -> clip.CLIPConfig:
+    if model.path:
+        return clip.CLIPConfig.from_hf_dict(json.loads((Path(model.path) / "config.json").read_text()))
+    if model.preset not in clip.config.PRESETS:
+        raise ValueError(
+            f"config.model.preset={model.preset!r}: expected one of {sorted(clip.config.PRESETS)}"
+        )
+    return clip.config.PRESETS[model.preset]()
+
+
+def initial_params(model: ml_collections.ConfigDict):
+    """`like -> params` from `init_from`: a previous run directory (stage II from stage I), a HF
+    CLIPModel directory, or an open_clip checkpoint file (`open_clip_file` + `preset`); None: random."""
+    source = model.init_from or model.open_clip_file
+    if not source:
+        return None
+    path = Path(source)
+    if (path / "checkpoints").is_dir():
+        return lambda like: restore_params(path / "checkpoints", like)
+    if (path / "config.json").exists():
+        loaded = clip.load_pretrained(path)
+    elif path.is_file():
+        loaded = clip.load_open_clip(path, model.preset)
+    else:
+        raise FileNotFoundError(f"config.model.init_from={source!r}: not a run directory, HF folder or file")
+    params = nnx.to_pure_dict(nnx.state(loaded, nnx.Param))
+    return lambda like: jax.tree.map(lambda x, ref: jax.device_put(np.asarray(x), ref.sharding), params, like)
+
+
+def run_clip(config: ml_collections.ConfigDict, out_dir: str | Path | None = None) -> FitResult:
+    if int(config.train.grad_accum) != 1:
+        raise ValueError(
+            "config.train.grad_accum: the contrastive loss of a batch does not split into micro-batches"
+        )
+    cfg = model_config(config.model)
+    out_dir = Path(out_dir or config.train.out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    (out_dir / "run_config.json").write_text(config.to_json_best_effort(indent=2))
+    data = clip_batches(caption_records(config.data), cfg, int(config.data.batch_size), int(config.data.seed))
+    make_mesh(dict(config.mesh)), rules_from_config(config.get("sharding"))  # validate early
+    stage = Stage(name="clip", step=contrastive_step, prepare=lambda b: b)
+    seed = int(config.model.seed)
+    trainer = Trainer(config, stage, lambda: clip.CLIPModel(cfg, rngs=nnx.Rngs(seed)), data, out_dir,
+                      initial_params(config.model))  # fmt: skip
+    return trainer.fit()
