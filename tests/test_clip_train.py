@@ -39,3 +39,12 @@ def test_contrastive_batches_cannot_accumulate(tmp_path, capsys):
                 "--config.train.grad_accum=2",
             ]
         )
+
+
+def test_shardings_table_of_a_clip_config(capsys):
+    assert main(["shardings", "--config", CONFIG, "--devices", "8"]) == 0
+    table = capsys.readouterr().out
+    assert "text_model.token_embedding.embedding" in table and "(vocab, embed)" in table
+    assert (
+        "vision_model.layers.0.self_attn.q_proj.kernel" in table and "(vision_embed, vision_heads)" in table
+    )

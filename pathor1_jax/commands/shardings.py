@@ -51,10 +51,16 @@ def _as_dict(x) -> dict:
 
 
 def model_builder(config: ml_collections.ConfigDict, param_dtype):
-    """`() -> nnx.Module` for the config's `model` block (Qwen2.5-VL)."""
+    """`() -> nnx.Module` for the config's `model` block (Qwen2.5-VL, or CLIP for `stage="clip"`)."""
     from pathor1_jax.models import qwen2_5_vl
     from pathor1_jax.models.qwen2_5_vl import presets
 
+    if config.get("stage") == "clip":
+        from pathor1_jax.models import clip
+        from pathor1_jax.train.clip_stage import model_config
+
+        cfg = model_config(config.model)
+        return lambda: clip.CLIPModel(cfg, rngs=nnx.Rngs(0))
     model = config.get("model")
     if model is None:
         raise ValueError("config has no `model` block")
