@@ -20,7 +20,8 @@ MODEL_INPUTS = ("input_ids", "labels", "segment_ids", "position_ids", "pixel_val
 
 
 def prepare_batch(batch: dict, config: qwen2_5_vl.Qwen2_5_VLConfig) -> dict:
-    """Packed batch (numpy) → the step's inputs: token arrays, pixel patches and `vision_index`."""
+    """Packed batch (numpy) → the step's inputs: token arrays, pixel patches, `vision_index` and
+    `image_feature_index` (the row of the vision output each image-pad token takes, -1 elsewhere)."""
     missing = [k for k in (*MODEL_INPUTS, "image_grid_thw") if k not in batch]
     if missing:
         raise ValueError(f"batch lacks field(s) {missing}; it has {sorted(batch)}")
@@ -29,7 +30,38 @@ def prepare_batch(batch: dict, config: qwen2_5_vl.Qwen2_5_VLConfig) -> dict:
     num_patches = int(np.asarray(batch["pixel_values"]).shape[0])
     out = {k: np.asarray(batch[k]) for k in MODEL_INPUTS}
     out["vision_index"] = qwen2_5_vl.vision_index(grid, config.vision, num_patches)
+    is_image = out["input_ids"] == config.image_token_id
+    order = np.cumsum(is_image.reshape(-1)).reshape(is_image.shape) - 1
+    out["image_feature_index"] = np.where(is_image, order, -1).astype(np.int32)
     return out
+
+
+def offset_to_block(micro: dict, block: int, merge_unit: int) -> dict:
+    """A process's prepared micro-batch numbered as block `block` of the global batch.
+
+    Across processes the pixel patches of the global batch are the processes' blocks in order, so
+    this process's merge groups, segment ids and feature rows shift by `block` blocks; segment id 0
+    (padding) stays 0.
+    """
+    num_patches = micro["pixel_values"].shape[-2]
+    index = micro["vision_index"]
+
+    def shift_segments(ids):
+        return np.where(ids > 0, ids + block * num_patches, 0).astype(ids.dtype)
+
+    groups = block * (num_patches // merge_unit)
+    return {
+        **micro,
+        "vision_index": qwen2_5_vl.VisionIndex(
+            window_index=index.window_index + groups,
+            window_segment_ids=shift_segments(index.window_segment_ids),
+            frame_segment_ids=shift_segments(index.frame_segment_ids),
+            rotary_pos_ids=index.rotary_pos_ids,
+        ),
+        "image_feature_index": np.where(
+            micro["image_feature_index"] >= 0, micro["image_feature_index"] + groups, -1
+        ).astype(np.int32),
+    }
 
 
 def lm_nll(
@@ -42,6 +74,7 @@ def lm_nll(
         position_ids=micro["position_ids"],
         segment_ids=micro["segment_ids"],
         vision_index=micro["vision_index"],
+        image_feature_index=micro["image_feature_index"],
     )  # [B, T, D]
     targets, valid = shifted_targets(micro["labels"], micro["segment_ids"])
     return per_token_nll(hidden, model.logits, targets, chunk), valid

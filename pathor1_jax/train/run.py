@@ -26,7 +26,7 @@ from pathor1_jax.sharding.qwen_checkpoint import load_pretrained_sharded
 from pathor1_jax.sharding.rules import rules_from_config
 from pathor1_jax.train.checkpoint import restore_params
 from pathor1_jax.train.cpt import cpt_step
-from pathor1_jax.train.lm import prepare_batch
+from pathor1_jax.train.lm import offset_to_block, prepare_batch
 from pathor1_jax.train.sft import sft_step
 from pathor1_jax.train.trainer import FitResult, Stage, Trainer
 
@@ -113,7 +113,13 @@ def run_stage(config: ml_collections.ConfigDict, out_dir: str | Path | None = No
     out_dir = Path(out_dir or config.train.out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     (out_dir / "run_config.json").write_text(config.to_json_best_effort(indent=2))
-    stage = Stage(name=config.stage, step=STEPS[config.stage], prepare=lambda b: prepare_batch(b, cfg))
+    unit = cfg.vision.spatial_merge_size**2
+    stage = Stage(
+        name=config.stage,
+        step=STEPS[config.stage],
+        prepare=lambda b: prepare_batch(b, cfg),
+        globalize=lambda b, block: offset_to_block(b, block, unit),
+    )
     data = batch_iterator_from_config(config.data, cfg)
     layout = (make_mesh(dict(config.mesh)), rules_from_config(config.get("sharding")))
     init = initial_params(config.model, layout)

@@ -44,7 +44,11 @@ from pathor1_jax.train.step import StepSpec, init_state
 # fields (pixel patches, vision bookkeeping) are replicated (single process only).
 BATCH_AXIS = {
     "input_ids": 1, "labels": 1, "segment_ids": 1, "attention_mask": 1, "position_ids": 2, "images": 1,
+    "image_feature_index": 1,
 }  # fmt: skip
+# Fields whose axis 1 (after stacking) holds each process's own pixel patches: replicated on one
+# process; across processes, the processes' blocks in order along the batch axes (see `Stage.globalize`).
+PATCH_AXIS = {"pixel_values": 1, "vision_index": 1}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -54,6 +58,9 @@ class Stage:
     name: str
     step: Callable[[StepSpec, dict, dict], tuple[dict, dict]]
     prepare: Callable[[dict], dict]
+    # (stacked host batch, this process's block index along the batch axes) → the batch numbered as
+    # that block of the global batch; needed only across processes (e.g. image patches).
+    globalize: Callable[[dict, int], dict] | None = None
 
 
 @dataclasses.dataclass
@@ -109,18 +116,24 @@ def put_batch(batch: dict, mesh: Mesh, rules) -> dict:
                     f"{parts} devices of mesh axes {spec[0]!r}"
                 )
             sharding = NamedSharding(mesh, PartitionSpec(*([None] * axis), spec[0]))
+        elif jax.process_count() > 1 and key in PATCH_AXIS:
+            sharding = NamedSharding(mesh, PartitionSpec(*([None] * PATCH_AXIS[key]), spec[0]))
         elif jax.process_count() > 1:
-            raise NotImplementedError(
-                f"batch field {key!r}: each process holds its own rows' {key}, but feeding per-process "
-                "image patches into one global array is not implemented; train on one process (any "
-                "number of local devices) or without this field"
-            )
+            raise NotImplementedError(f"batch field {key!r}: no known batch axis to feed it per process")
         else:
             sharding = NamedSharding(mesh, PartitionSpec())
         out[key] = jax.tree.map(
             lambda x, s=sharding: jax.make_array_from_process_local_data(s, np.asarray(x)), value
         )
     return out
+
+
+def process_block(mesh: Mesh, rules, local_rows: int) -> int:
+    """This process's block index along the batch axes: which slice of the global batch (every
+    process feeding `local_rows` rows) its rows, and so its image patches, become."""
+    sharding = NamedSharding(mesh, PartitionSpec(batch_spec(rules)[0]))
+    indices = sharding.addressable_devices_indices_map((local_rows * jax.process_count(),)).values()
+    return min(idx[0].start or 0 for idx in indices) // local_rows
 
 
 def on_mesh(tree, mesh: Mesh):
@@ -217,6 +230,11 @@ class Trainer:
                         if step > self.start_step:
                             self.checkpointer.save(step, self.state, self.data.get_state())
                         break
+                    if jax.process_count() > 1 and self.stage.globalize is not None:
+                        rows = host_batch["input_ids"].shape[1]
+                        host_batch = self.stage.globalize(
+                            host_batch, process_block(self.mesh, self.rules, rows)
+                        )
                     batch = put_batch(host_batch, self.mesh, self.rules)
                     self.state, metrics = self.stage.step(self.spec, self.state, batch)
                     metrics = {k: float(v) for k, v in jax.device_get(metrics).items()}

@@ -364,16 +364,27 @@ class Qwen2_5_VLForConditionalGeneration(nnx.Module):
         )
 
     def embed(
-        self, input_ids: jax.Array, pixel_values=None, vision_index: VisionIndex | None = None
+        self,
+        input_ids: jax.Array,
+        pixel_values=None,
+        vision_index: VisionIndex | None = None,
+        image_feature_index=None,
     ) -> jax.Array:
-        """Token embeddings `[B, T, D]` with image features placed at the image-pad tokens, in order."""
+        """Token embeddings `[B, T, D]` with image features placed at the image-pad tokens.
+
+        image_feature_index `[B, T]`: the row of the vision tower's output each image-pad token takes
+        (-1 elsewhere); default: the image-pad tokens of the flattened batch take the rows in order.
+        """
         embeds = self.model.language_model.embed_tokens(input_ids)
         if pixel_values is None:
             return embeds
         features = self.model.visual(jnp.asarray(pixel_values, self.dtype), vision_index)  # [F, D]
         is_image = input_ids == self.config.image_token_id  # [B, T]
-        order = jnp.cumsum(is_image.reshape(-1)) - 1
-        gathered = features[jnp.clip(order, 0, features.shape[0] - 1)].reshape(embeds.shape)
+        if image_feature_index is None:
+            order = (jnp.cumsum(is_image.reshape(-1)) - 1).reshape(is_image.shape)
+        else:
+            order = jnp.asarray(image_feature_index)
+        gathered = features[jnp.clip(order, 0, features.shape[0] - 1)]  # [B, T, D]
         return jnp.where(is_image[..., None], gathered.astype(embeds.dtype), embeds)
 
     def hidden_states(
@@ -386,8 +397,9 @@ class Qwen2_5_VLForConditionalGeneration(nnx.Module):
         position_ids=None,
         segment_ids=None,
         vision_index: VisionIndex | None = None,
+        image_feature_index=None,
     ) -> jax.Array:
-        """Final (normed) hidden states `[B, T, D]`."""
+        """Final (normed) hidden states `[B, T, D]` (see `embed` for `image_feature_index`)."""
         if position_ids is None or (pixel_values is not None and vision_index is None):
             num_patches = None if pixel_values is None else pixel_values.shape[0]
             prepared = prepare_inputs(
@@ -398,7 +410,7 @@ class Qwen2_5_VLForConditionalGeneration(nnx.Module):
         input_ids = jnp.asarray(input_ids)
         if segment_ids is None:
             segment_ids = jnp.ones_like(input_ids) if attention_mask is None else jnp.asarray(attention_mask)
-        embeds = self.embed(input_ids, pixel_values, vision_index)
+        embeds = self.embed(input_ids, pixel_values, vision_index, image_feature_index)
         hidden, _ = self.model.language_model(
             embeds, jnp.asarray(position_ids), jnp.asarray(segment_ids, jnp.int32)
         )
@@ -427,6 +439,7 @@ class Qwen2_5_VLForConditionalGeneration(nnx.Module):
         position_ids=None,
         segment_ids=None,
         vision_index: VisionIndex | None = None,
+        image_feature_index=None,
     ) -> jax.Array:
         return self.logits(
             self.hidden_states(
@@ -438,6 +451,7 @@ class Qwen2_5_VLForConditionalGeneration(nnx.Module):
                 position_ids,
                 segment_ids,
                 vision_index,
+                image_feature_index,
             )
         )
 
