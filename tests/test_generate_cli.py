@@ -12,7 +12,6 @@ from PIL import Image
 from qwen_reference import random_hf_model
 
 from pathor1_jax.cli import main
-from pathor1_jax.commands.generate import expand_image_pads
 from pathor1_jax.data.processing import load_image_processor, load_tokenizer
 from pathor1_jax.models import qwen2_5_vl
 
@@ -64,7 +63,10 @@ def test_generate_prints_the_decoded_greedy_tokens(checkpoint, capsys):
             Path(__file__).parents[1] / "pathor1_jax/data/templates/qwen2_5_vl_chat_template.jinja"
         ).read_text(),
     )
-    ids = expand_image_pads(np.asarray(tokenizer(prompt)["input_ids"]), grid, model.config.image_token_id, 2)
+    ids = np.asarray(tokenizer(prompt)["input_ids"])
+    ids = np.repeat(
+        ids, np.where(ids == model.config.image_token_id, grid.prod() // 4, 1)
+    )  # expand the image pads
     tokens = qwen2_5_vl.generate(model, ids[None], None, processed["pixel_values"], grid, max_new_tokens=5)
     assert printed == tokenizer.decode(np.asarray(tokens[0]).tolist(), skip_special_tokens=True) + "\n"
 

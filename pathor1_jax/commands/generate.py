@@ -24,24 +24,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--seed", type=int, default=0)
 
 
-def expand_image_pads(
-    ids: np.ndarray, image_grid_thw: np.ndarray, image_token_id: int, merge: int
-) -> np.ndarray:
-    """Repeat each `<|image_pad|>` of a 1D id sequence to its image's `prod(grid) / merge²` tokens."""
-    counts = np.asarray(image_grid_thw).reshape(-1, 3).prod(-1) // merge**2
-    is_pad = ids == image_token_id
-    if int(is_pad.sum()) != len(counts):
-        raise ValueError(f"prompt has {int(is_pad.sum())} image placeholders for {len(counts)} image(s)")
-    repeats = np.ones(ids.shape, dtype=np.int64)
-    repeats[is_pad] = counts
-    return np.repeat(ids, repeats)
-
-
 def run(args: argparse.Namespace) -> int:
     from PIL import Image, UnidentifiedImageError
 
-    from pathor1_jax.data.chat_template import render_messages
-    from pathor1_jax.data.processing import load_image_processor, load_tokenizer
+    from pathor1_jax.data.processing import QwenVLProcessor
+    from pathor1_jax.data.records import ChatRecord, ImagePart, ImageRef, Message, TextPart
     from pathor1_jax.models import qwen2_5_vl
 
     model_dir, image_file = Path(args.model), Path(args.image)
@@ -51,25 +38,21 @@ def run(args: argparse.Namespace) -> int:
     except (ValueError, OSError, UnidentifiedImageError) as e:
         print(f"pathor1 generate: error: {e}", file=sys.stderr)
         return 2
-    tokenizer = load_tokenizer(model_dir)
-    processor = load_image_processor(model_dir)
-    messages = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": args.prompt}]}]
-    text = render_messages(messages, add_generation_prompt=True)
-    processed = processor(images=[image], return_tensors="np")
-    grid = np.asarray(processed["image_grid_thw"]).reshape(-1, 3)
-    ids = np.asarray(tokenizer(text, add_special_tokens=False)["input_ids"])
-    ids = expand_image_pads(ids, grid, model.config.image_token_id, model.config.vision.spatial_merge_size)
+    processor = QwenVLProcessor(model_dir, model_dir, rope_config=model.config)
+    user = Message("user", (ImagePart(), TextPart(args.prompt)))
+    chat = ChatRecord(id=str(image_file), messages=(user,), images=(ImageRef(path=str(image_file)),))
+    prompt = processor.encode_prompt(chat, images=[image])
     tokens = qwen2_5_vl.generate(
         model,
-        ids[None],
+        prompt["input_ids"][None],
         None,
-        np.asarray(processed["pixel_values"], np.float32),
-        grid,
+        prompt["pixel_values"],
+        prompt["image_grid_thw"],
         max_new_tokens=args.max_new_tokens,
         temperature=args.temperature,
         top_p=args.top_p,
         top_k=args.top_k,
         seed=args.seed,
     )
-    print(tokenizer.decode(np.asarray(tokens[0]).tolist(), skip_special_tokens=True))
+    print(processor.tokenizer.decode(np.asarray(tokens[0]).tolist(), skip_special_tokens=True))
     return 0
