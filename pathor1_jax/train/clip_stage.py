@@ -27,8 +27,6 @@ from pathor1_jax.models import clip
 from pathor1_jax.models.clip.preprocess import preprocess
 from pathor1_jax.models.clip.tokenizer import CLIPTokenizer
 from pathor1_jax.sharding.logical import current_rules, logical_to_spec
-from pathor1_jax.sharding.mesh import make_mesh
-from pathor1_jax.sharding.rules import rules_from_config
 from pathor1_jax.train.checkpoint import restore_params
 from pathor1_jax.train.contrastive import clip_loss, sharded_clip_loss
 from pathor1_jax.train.step import StepSpec, zero_frozen
@@ -155,7 +153,6 @@ def run_clip(config: ml_collections.ConfigDict, out_dir: str | Path | None = Non
     out_dir.mkdir(parents=True, exist_ok=True)
     (out_dir / "run_config.json").write_text(config.to_json_best_effort(indent=2))
     data = clip_batches(caption_records(config.data), cfg, int(config.data.batch_size), int(config.data.seed))
-    make_mesh(dict(config.mesh)), rules_from_config(config.get("sharding"))  # validate early
     stage = Stage(name="clip", step=contrastive_step, prepare=lambda b: b)
     seed = int(config.model.seed)
     trainer = Trainer(config, stage, lambda: clip.CLIPModel(cfg, rngs=nnx.Rngs(seed)), data, out_dir,

@@ -22,7 +22,6 @@ from pathor1_jax.models import qwen2_5_vl
 from pathor1_jax.models.qwen2_5_vl.presets import preset
 from pathor1_jax.sharding.logical import Rules
 from pathor1_jax.sharding.mesh import make_mesh
-from pathor1_jax.sharding.qwen_checkpoint import load_pretrained_sharded
 from pathor1_jax.sharding.rules import rules_from_config
 from pathor1_jax.train.checkpoint import restore_params
 from pathor1_jax.train.cpt import cpt_step
@@ -76,10 +75,8 @@ def initial_params(
 
         def from_hf(like: dict) -> dict:
             dtype, param_dtype = jnp.dtype(model.dtype), jnp.dtype(model.param_dtype)
-            if layout is None:
-                loaded = qwen2_5_vl.load_pretrained(path, dtype, param_dtype=param_dtype)
-            else:
-                loaded = load_pretrained_sharded(path, *layout, dtype, param_dtype=param_dtype)
+            mesh, rules = layout if layout is not None else (None, None)
+            loaded = qwen2_5_vl.load_pretrained(path, dtype, param_dtype=param_dtype, mesh=mesh, rules=rules)
             params = nnx.to_pure_dict(nnx.state(loaded, nnx.Param))
             return jax.tree.map(lambda x, ref: jax.device_put(x, ref.sharding), params, like)
 
