@@ -13,7 +13,7 @@ def get_config() -> ml_collections.ConfigDict:
     config.rl.batch_groups = 4
     config.rl.groups_per_minibatch = 2
     config.rl.max_new_tokens = 64
-    config.rl.prompt_len = 112  # the longest demo MCQ prompt is 109 tokens
+    config.rl.prompt_len = 128  # the longest demo MCQ prompt (patho_r1 style) is 125 tokens
     config.rl.l_cache = 16
     config.rl.dapo_reward = "soft"  # the literal Eq. 4 is binary; see pathor1_jax.rl.rewards
     config.rl.max_rounds = 3

@@ -13,7 +13,7 @@ def get_config() -> ml_collections.ConfigDict:
     config.rl.batch_groups = 4
     config.rl.groups_per_minibatch = 2
     config.rl.max_new_tokens = 64
-    config.rl.prompt_len = 112  # the longest demo MCQ prompt is 109 tokens
+    config.rl.prompt_len = 128  # the longest demo MCQ prompt (patho_r1 style) is 125 tokens
     config.rl.beta = 0.04
     config.optim.lr = 1e-4
     config.train.steps = 10

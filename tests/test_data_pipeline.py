@@ -334,6 +334,6 @@ def test_mcq_prompt_ends_with_the_generation_prompt(proc):
     mcq = demo_records("mcq", "test")[0]
     ex = proc.encode_prompt(mcq)
     text = proc.tokenizer.decode(ex["input_ids"])
-    assert text.startswith("<|im_start|>system\nYou are a helpful assistant.<|im_end|>\n<|im_start|>user\n")
-    assert text.endswith("<|im_end|>\n<|im_start|>assistant\n") and "\nA. " in text
+    assert text.startswith("<|im_start|>system\nYou are a pathology expert, your task is to answer question")
+    assert text.endswith("<|im_end|>\n<|im_start|>assistant\n") and " /n A. " in text
     assert (ex["labels"] == IGNORE_INDEX).all() and ex["mm_token_type_ids"].sum() == 4

@@ -33,7 +33,7 @@ import numpy as np
 from PIL import Image
 
 from .jsonl import write_jsonl
-from .prompts import MCQ_INSTRUCTION, mcq_question_text
+from .prompts import mcq_question_text
 from .records import CaptionRecord, ChatRecord, ImagePart, ImageRef, MCQRecord, Message, TextPart
 
 TILE = 56
@@ -213,7 +213,7 @@ def _rationale(src: dict, qtype: str, facts: dict) -> str:
 def _chat(tid: str, ref: ImageRef, src: dict, mcq: MCQRecord, qtype: str, facts: dict) -> ChatRecord:
     """A CoT chat: an MCQ (hard: density / DAB) or a short description (easy: stain and tissue)."""
     if qtype in ("density", "dab"):
-        question = mcq_question_text(mcq, MCQ_INSTRUCTION)
+        question = mcq_question_text(mcq, "plain")
         answer = f"<think>{_rationale(src, qtype, facts)}</think><answer>{mcq.answer}</answer>"
         task, difficulty = "MCQ", "hard"
     else:
