@@ -12,6 +12,7 @@ import importlib
 TASKS: dict[str, tuple[str, str]] = {
     "mcq": ("pathor1_jax.eval.mcq", "MCQ accuracy and format rate of a Qwen2.5-VL checkpoint or run"),
     "clip": ("pathor1_jax.eval.clip_tasks", "CLIP zero-shot, retrieval Recall@K or few-shot linear probe"),
+    "import-tsv": ("pathor1_jax.eval.import_tsv", "VLMEvalKit benchmark TSV files -> mcq / vqa JSONL"),
 }
 
 

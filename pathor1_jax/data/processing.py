@@ -22,7 +22,7 @@ import numpy as np
 from .chat_template import render_messages, render_with_spans
 from .images import load_image
 from .prompts import CAPTION_PROMPT, caption_to_chat, mcq_prompt_messages
-from .records import CaptionRecord, ChatRecord, MCQRecord, Record
+from .records import CaptionRecord, ChatRecord, MCQRecord, Record, VQARecord
 
 IGNORE_INDEX = -100
 IMAGE_PAD = "<|image_pad|>"
@@ -100,9 +100,10 @@ class QwenVLProcessor:
     def as_chat(self, record: Record) -> ChatRecord:
         if isinstance(record, CaptionRecord):
             return caption_to_chat(record, self.caption_prompt)
-        if isinstance(record, MCQRecord):
+        if isinstance(record, (MCQRecord, VQARecord)):
             raise TypeError(
-                f"record {record.id!r}: MCQ records are prompts; convert with prompts.mcq_to_chat"
+                f"record {record.id!r}: MCQ and VQA records are prompts; convert with prompts.mcq_to_chat "
+                "or prompts.question_messages"
             )
         return record
 

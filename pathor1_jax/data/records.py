@@ -11,8 +11,15 @@ One JSON object per record (JSONL line, or the `record` text of an ArrayRecord e
   chat are its inline images and its `images` list in placeholder order; their number must equal the
   number of image placeholders.
 - **mcq** (RL and evaluation): `{"id": str, "image"|"images": IMAGE | [IMAGE, ...], "question": str,
-  "options": {"A": str, "B": str, ...}, "answer": "A".."F", "subfield"?: str}`; options are
-  contiguous letters from A (2 to 6 of them) and the answer is one of them.
+  "options": {"A": str, "B": str, ...}, "answer": "A".."F", "subfield"?: str, "benchmark"?: str,
+  "category"?: str, "l2_category"?: str, "split"?: str}`; options are contiguous letters from A (2 to
+  6 of them) and the answer is one of them. `benchmark` / `category` / `split` group the scores of
+  `pathor1 eval vlm` (e.g. PathMMU, its sources Atlas … SocialPath, test_tiny / test / val).
+- **vqa** (evaluation): `{"id": str, "image"|"images": ..., "question": str, "answer": str,
+  "answer_type": "yes_no" | "open", "reasoning"?: str, "benchmark"?: str, "category"?: str,
+  "l2_category"?: str, "split"?: str}`; a yes/no answer is "yes" or "no" (any case, stored
+  lower-case); `reasoning` is an optional reference reasoning chain the open-ended judge may compare
+  the model's steps with.
 
 An IMAGE is a path string (relative paths resolve against the file the record came from),
 `{"path": str}`, or `{"bytes_b64": str}` (base64 of an encoded PNG/JPEG). Inside ArrayRecord files
@@ -30,8 +37,9 @@ from collections.abc import Callable
 from dataclasses import dataclass, replace
 from typing import Any, Literal
 
-RecordKind = Literal["caption", "chat", "mcq"]
-KINDS: tuple[str, ...] = ("caption", "chat", "mcq")
+RecordKind = Literal["caption", "chat", "mcq", "vqa"]
+KINDS: tuple[str, ...] = ("caption", "chat", "mcq", "vqa")
+ANSWER_TYPES: tuple[str, ...] = ("yes_no", "open")
 ROLES: tuple[str, ...] = ("system", "user", "assistant")
 OPTION_LETTERS: str = "ABCDEF"
 
@@ -130,9 +138,28 @@ class MCQRecord:
     options: dict[str, str]  # contiguous letters from "A"
     answer: str  # one of the option letters
     subfield: str = ""
+    benchmark: str = ""
+    category: str = ""
+    l2_category: str = ""
+    split: str = ""
 
 
-Record = CaptionRecord | ChatRecord | MCQRecord
+@dataclass(frozen=True)
+class VQARecord:
+    id: str
+    images: tuple[ImageRef, ...]
+    question: str
+    answer: str  # "yes" | "no" when answer_type == "yes_no"
+    answer_type: str  # one of ANSWER_TYPES
+    reasoning: str = ""  # reference reasoning, when the benchmark has one
+    benchmark: str = ""
+    category: str = ""
+    l2_category: str = ""
+    split: str = ""
+
+
+Record = CaptionRecord | ChatRecord | MCQRecord | VQARecord
+GROUP_FIELDS: tuple[str, ...] = ("benchmark", "category", "l2_category", "split")
 
 
 def _fail(where: str, rid: Any, msg: str) -> RecordError:
@@ -254,10 +281,38 @@ def parse_mcq(obj: dict, where: str) -> MCQRecord:
         options={k: options[k] for k in letters},
         answer=answer,
         subfield=_string(obj, "subfield", where, rid, required=False, empty=True),
+        **_groups(obj, where, rid),
     )
 
 
-_PARSERS = {"caption": parse_caption, "chat": parse_chat, "mcq": parse_mcq}
+def _groups(obj: dict, where: str, rid: Any) -> dict[str, str]:
+    return {k: _string(obj, k, where, rid, required=False, empty=True) for k in GROUP_FIELDS}
+
+
+def parse_vqa(obj: dict, where: str) -> VQARecord:
+    rid = obj.get("id")
+    answer_type = obj.get("answer_type")
+    if answer_type not in ANSWER_TYPES:
+        raise _fail(where, rid, f"field 'answer_type' must be one of {ANSWER_TYPES}, got {answer_type!r}")
+    answer = _string(obj, "answer", where, rid).strip()
+    if answer_type == "yes_no":
+        answer = answer.lower()
+        if answer not in ("yes", "no"):
+            raise _fail(
+                where, rid, f"field 'answer' of a yes_no question must be 'yes' or 'no', got {answer!r}"
+            )
+    return VQARecord(
+        id=_string(obj, "id", where, rid),
+        images=_parse_images(obj, where, rid),
+        question=_string(obj, "question", where, rid),
+        answer=answer,
+        answer_type=answer_type,
+        reasoning=_string(obj, "reasoning", where, rid, required=False, empty=True),
+        **_groups(obj, where, rid),
+    )
+
+
+_PARSERS = {"caption": parse_caption, "chat": parse_chat, "mcq": parse_mcq, "vqa": parse_vqa}
 
 
 def parse_record(kind: str, obj: Any, where: str) -> Record:
@@ -296,7 +351,7 @@ def record_to_json(record: Record) -> dict:
         if record.images:
             out["images"] = [i.to_json() for i in record.images]
         extra = {"subfield": record.subfield, "difficulty": record.difficulty, "task": record.task}
-    else:
+    elif isinstance(record, MCQRecord):
         out = {
             "id": record.id,
             "images": [i.to_json() for i in record.images],
@@ -304,20 +359,29 @@ def record_to_json(record: Record) -> dict:
             "options": dict(record.options),
             "answer": record.answer,
         }
-        extra = {"subfield": record.subfield}
+        extra = {"subfield": record.subfield, **{k: getattr(record, k) for k in GROUP_FIELDS}}
+    else:
+        out = {
+            "id": record.id,
+            "images": [i.to_json() for i in record.images],
+            "question": record.question,
+            "answer": record.answer,
+            "answer_type": record.answer_type,
+        }
+        extra = {"reasoning": record.reasoning, **{k: getattr(record, k) for k in GROUP_FIELDS}}
     out.update({k: v for k, v in extra.items() if v})
     return out
 
 
 def kind_of(record: Record) -> str:
-    return {CaptionRecord: "caption", ChatRecord: "chat", MCQRecord: "mcq"}[type(record)]
+    return {CaptionRecord: "caption", ChatRecord: "chat", MCQRecord: "mcq", VQARecord: "vqa"}[type(record)]
 
 
 def map_images(record: Record, fn: Callable[[ImageRef], ImageRef]) -> Record:
     """A copy of `record` with `fn` applied to every image reference (inline ones included)."""
     if isinstance(record, CaptionRecord):
         return replace(record, image=fn(record.image))
-    if isinstance(record, MCQRecord):
+    if isinstance(record, (MCQRecord, VQARecord)):
         return replace(record, images=tuple(fn(i) for i in record.images))
     messages = tuple(
         m
