@@ -10,6 +10,8 @@
 #   PROCESS_ID           this host's rank, 0-based (or NODE_RANK / RANK)
 # --gpus N restricts the run to GPUs 0..N-1 (CUDA_VISIBLE_DEVICES); --install installs this
 # checkout with jax[cuda12] first. --dry-run prints the exact commands instead of running them.
+# Exit status: that of `pathor1 train`; 143 = preempted (SIGTERM) after saving a checkpoint: rerun
+# the same command to resume (a scheduler should requeue the job on 143, e.g. SLURM's --requeue).
 set -euo pipefail
 
 usage() { awk 'NR > 1 && /^#/ { sub(/^# ?/, ""); print; next } NR > 1 { exit }' "$0"; exit "${1:-0}"; }
@@ -65,4 +67,10 @@ if [[ "$INSTALL" == 1 ]]; then
   run python3 -m pip install -q -e "$REPO"
 fi
 TRAIN=(python3 -m pathor1_jax.cli train --config "$CONFIG" "${EXTRA[@]+"${EXTRA[@]}"}")
-if [[ ${#ENV[@]} -gt 0 ]]; then run env "${ENV[@]}" "${TRAIN[@]}"; else run "${TRAIN[@]}"; fi
+if [[ ${#ENV[@]} -gt 0 ]]; then TRAIN=(env "${ENV[@]}" "${TRAIN[@]}"); fi
+status=0
+run "${TRAIN[@]}" || status=$?
+if [[ "$status" == 143 ]]; then
+  echo "gpu.sh: preempted; the checkpoint is saved: rerun the same command to resume" >&2
+fi
+exit "$status"

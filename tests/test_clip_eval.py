@@ -47,6 +47,9 @@ def test_classification_metrics_hand_computed():
         ({"classnames": {"a": ["a"]}}, "no 'templates'"),
         ({"templates": ["CLASSNAME"]}, "no 'classnames'"),
         ({"classnames": {"a": []}, "templates": ["CLASSNAME"]}, "class 'a' has no synonyms"),
+        # F13: a lone string was split into one-letter synonyms
+        ({"classnames": {"a": "tumor"}, "templates": ["CLASSNAME"]}, "class 'a': synonyms must be a list"),
+        ({"classnames": {"a": ["a"]}, "templates": "a CLASSNAME"}, "must be a non-empty list of strings"),
         ({"classnames": {"a": ["a"]}, "templates": ["no placeholder"]}, "each contain CLASSNAME"),
     ],
 )

@@ -101,3 +101,14 @@ def test_gpu_errors():
 def test_gpu_plain_single_process():
     out = launch("gpu.sh", "--config", CONFIG, "--dry-run")
     assert out.stdout.strip().splitlines() == [f"python3 -m pathor1_jax.cli train --config {CONFIG}"]
+
+
+@pytest.mark.parametrize("code", [0, 143, 2])
+def test_gpu_passes_the_exit_status_on_and_reads_143_as_resume(tmp_path, code):
+    """Preemption (143) reaches the scheduler distinct from success, with a 'rerun to resume' line."""
+    fake = tmp_path / "python3"
+    fake.write_text(f"#!/bin/sh\nexit {code}\n")
+    fake.chmod(0o755)
+    out = launch("gpu.sh", "--config", CONFIG, env={"PATH": f"{tmp_path}:{os.environ['PATH']}"})
+    assert out.returncode == code
+    assert ("rerun the same command to resume" in out.stderr) == (code == 143)

@@ -19,6 +19,7 @@ from collections.abc import Callable
 from functools import partial
 from pathlib import Path
 
+from pathor1_jax.errors import UserError
 from pathor1_jax.rl.demo import rl_demo
 from pathor1_jax.train.clip_demo import clip_demo
 
@@ -108,7 +109,7 @@ def run(args: argparse.Namespace) -> int:
     chosen = args.stages.split(",") if args.stages else names
     unknown = sorted(set(chosen) - set(names))
     if unknown:
-        raise SystemExit(f"pathor1 demo: unknown stage(s) {unknown}; stages are {names}")
+        raise UserError(f"--stages: unknown stage(s) {unknown}; stages are {names}")
     out = Path(args.out)
     rows, seconds, previous = [], [], None
     for stage in STAGES:

@@ -9,9 +9,7 @@ parameters the config's `freeze` regexes match).
 from __future__ import annotations
 
 import argparse
-import importlib.util
 import json
-import sys
 from pathlib import Path
 
 import jax
@@ -19,31 +17,24 @@ import jax.numpy as jnp
 import ml_collections
 from flax import nnx
 
+from pathor1_jax.errors import ConfigError
+from pathor1_jax.flags import positive_int
 from pathor1_jax.sharding.mesh import abstract_mesh, parse_mesh_arg
 from pathor1_jax.sharding.report import layout_table
 from pathor1_jax.sharding.rules import PRESETS, preset, rules_from_config
+from pathor1_jax.train.config import load_config_file
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--config", required=True, help="Python config file defining get_config()")
+    parser.add_argument("--config", required=True, help="config file defining get_config() (path.py[:arg])")
     parser.add_argument("--mesh", help="mesh sizes, e.g. data=2,fsdp=4,tensor=1 (default: the config's)")
-    parser.add_argument("--devices", type=int, help="hypothetical device count (default: this machine's)")
+    parser.add_argument(
+        "--devices", type=positive_int, help="hypothetical device count (default: this machine's)"
+    )
     parser.add_argument("--preset", choices=sorted(PRESETS), help="rules preset (default: the config's)")
     parser.add_argument(
         "--param-dtype", help="parameter storage dtype, e.g. bfloat16 (default: the config's, else float32)"
     )
-
-
-def load_config_file(path: str) -> ml_collections.ConfigDict:
-    file = Path(path)
-    if not file.exists():
-        raise FileNotFoundError(f"--config {path}: no such file")
-    spec = importlib.util.spec_from_file_location(f"pathor1_config_{file.stem}", file)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    if not hasattr(module, "get_config"):
-        raise ValueError(f"--config {path}: defines no get_config()")
-    return module.get_config()
 
 
 def _as_dict(x) -> dict:
@@ -63,7 +54,7 @@ def model_builder(config: ml_collections.ConfigDict, param_dtype):
         return lambda: clip.CLIPModel(cfg, rngs=nnx.Rngs(0))
     model = config.get("model")
     if model is None:
-        raise ValueError("config has no `model` block")
+        raise ConfigError("config has no `model` block")
     model = _as_dict(model)
     if model.get("hf_config"):
         cfg = qwen2_5_vl.Qwen2_5_VLConfig.from_hf_dict(_as_dict(model["hf_config"]))
@@ -72,12 +63,12 @@ def model_builder(config: ml_collections.ConfigDict, param_dtype):
     elif model.get("path"):
         config_json = Path(model["path"]) / "config.json"
         if not config_json.exists():
-            raise FileNotFoundError(f"config.model.path: {config_json} does not exist")
+            raise ConfigError(f"config.model.path: {config_json} does not exist")
         cfg = qwen2_5_vl.Qwen2_5_VLConfig.from_hf_dict(json.loads(config_json.read_text()))
     elif model.get("preset"):
         cfg = presets.preset(model["preset"])
     else:
-        raise ValueError(
+        raise ConfigError(
             "config.model: expected `hf_config` (a HF config.json dict), HF fields with `model_type`, "
             "`path` to a checkpoint folder, or `preset` (tiny, 3b, 7b)"
         )
@@ -87,14 +78,6 @@ def model_builder(config: ml_collections.ConfigDict, param_dtype):
 
 
 def run(args: argparse.Namespace) -> int:
-    try:
-        return _run(args)
-    except (ValueError, FileNotFoundError) as e:
-        print(f"pathor1 shardings: error: {e}", file=sys.stderr)
-        return 2
-
-
-def _run(args: argparse.Namespace) -> int:
     config = load_config_file(args.config)
     mesh_config = parse_mesh_arg(args.mesh) if args.mesh else _as_dict(config.get("mesh") or {"fsdp": -1})
     rules = preset(args.preset) if args.preset else rules_from_config(config.get("sharding"))

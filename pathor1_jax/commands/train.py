@@ -3,14 +3,16 @@
 Overrides address any key of the config (`--config.optim.lr=1e-5`, `--config.train.steps 100`); a key
 the config does not define is an error naming it. Rerunning the same command on the same work
 directory resumes from its latest checkpoint (exactly: weights, optimizer, step, RNG, data order).
+A run stopped by SIGTERM (preemption) saves a checkpoint and exits 143 (`errors.EXIT_PREEMPTED`):
+rerun the same command to resume.
 """
 
 from __future__ import annotations
 
 import argparse
-import sys
 
-from pathor1_jax.train.config import ConfigError, load_config
+from pathor1_jax.errors import EXIT_OK, EXIT_PREEMPTED
+from pathor1_jax.train.config import load_config
 
 TAKES_OVERRIDES = True  # the --config.<key>=<value> arguments, see pathor1_jax.cli
 
@@ -25,11 +27,7 @@ def run(args: argparse.Namespace) -> int:
     from pathor1_jax.sharding.multihost import is_main_process, maybe_initialize_distributed
 
     maybe_initialize_distributed()
-    try:
-        config = load_config(args.config, args.overrides)
-    except ConfigError as e:
-        print(f"pathor1 train: error: {e}", file=sys.stderr)
-        return 2
+    config = load_config(args.config, args.overrides)
     from pathor1_jax.train.run import run_stage
 
     result = run_stage(config, args.workdir)
@@ -39,4 +37,4 @@ def run(args: argparse.Namespace) -> int:
             f"{config.stage}: steps {result.start_step}->{result.end_step}, loss {result.first_loss} -> "
             f"{result.last_loss}; {state}; run directory {result.out_dir}"
         )
-    return 0
+    return EXIT_PREEMPTED if result.preempted else EXIT_OK

@@ -6,10 +6,12 @@ import io
 
 from PIL import Image
 
+from pathor1_jax.errors import UserError
+
 from .records import ImageRef
 
 
-class ImageDecodeError(ValueError):
+class ImageDecodeError(UserError):
     """An image that cannot be read or decoded; the message names the record and the image."""
 
 

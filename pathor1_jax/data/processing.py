@@ -19,6 +19,8 @@ from typing import Any
 
 import numpy as np
 
+from pathor1_jax.errors import UserError
+
 from .chat_template import render_messages, render_with_spans
 from .images import load_image
 from .prompts import CAPTION_PROMPT, caption_to_chat, mcq_prompt_messages
@@ -29,7 +31,7 @@ IMAGE_PAD = "<|image_pad|>"
 PATCH_DIM = 3 * 2 * 14 * 14  # channels · temporal_patch_size · patch_size²
 
 
-class ImageCountError(ValueError):
+class ImageCountError(UserError):
     """A record whose number of images differs from its number of image placeholders."""
 
 

@@ -37,6 +37,8 @@ from collections.abc import Callable
 from dataclasses import dataclass, replace
 from typing import Any, Literal
 
+from pathor1_jax.errors import UserError
+
 RecordKind = Literal["caption", "chat", "mcq", "vqa"]
 KINDS: tuple[str, ...] = ("caption", "chat", "mcq", "vqa")
 ANSWER_TYPES: tuple[str, ...] = ("yes_no", "open")
@@ -44,7 +46,7 @@ ROLES: tuple[str, ...] = ("system", "user", "assistant")
 OPTION_LETTERS: str = "ABCDEF"
 
 
-class RecordError(ValueError):
+class RecordError(UserError):
     """A record that does not follow its schema; the message names where it came from."""
 
 

@@ -11,13 +11,14 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import sys
 from pathlib import Path
 
 import numpy as np
 
 from pathor1_jax.data.images import load_image
 from pathor1_jax.data.records import ImageRef
+from pathor1_jax.errors import UserError
+from pathor1_jax.flags import positive_int
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -30,7 +31,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--test-data", help="fewshot: held-out JSONL (default: --data)")
     parser.add_argument("--prompts", help="zeroshot/fewshot: CONCH-format prompt file")
     parser.add_argument("--out", default="", help="fewshot: box-plot PNG path")
-    parser.add_argument("--batch-size", type=int, default=64)
+    parser.add_argument("--batch-size", type=positive_int, default=64)
 
 
 def read_rows(path: str | os.PathLike, field: str) -> list[tuple[ImageRef, str]]:
@@ -44,12 +45,12 @@ def read_rows(path: str | os.PathLike, field: str) -> list[tuple[ImageRef, str]]
                 obj = json.loads(line)
                 image, value = obj["image"], obj[field]
             except (json.JSONDecodeError, KeyError, TypeError) as e:
-                raise ValueError(
+                raise UserError(
                     f"{path}:{line_no}: expected a JSON object with 'image' and {field!r}: {e}"
                 ) from e
             rows.append((ImageRef(path=str(base / image)), str(value)))
     if not rows:
-        raise ValueError(f"{path}: no records")
+        raise UserError(f"{path}: no records")
     return rows
 
 
@@ -64,60 +65,59 @@ def run(args: argparse.Namespace) -> int:
     from pathor1_jax.models import clip
     from pathor1_jax.models.clip.preprocess import preprocess
     from pathor1_jax.models.clip.tokenizer import CLIPTokenizer
+    from pathor1_jax.outputs import check_writable_file
 
-    try:
-        if args.open_clip_model:
-            model = clip.load_open_clip(args.model, args.open_clip_model)
-        else:
-            model = clip.load_pretrained(args.model)
-        field = "caption" if args.task == "retrieval" else "label"
-        rows = read_rows(args.data, field)
-        size = model.config.vision.image_size
-        tokenizer = CLIPTokenizer(model.config.text.max_position_embeddings)
+    if args.out:
+        check_writable_file(args.out, "--out")
+    if args.task != "retrieval" and not args.prompts:
+        raise UserError(f"--task {args.task} needs --prompts")
+    field = "caption" if args.task == "retrieval" else "label"
+    rows = read_rows(args.data, field)
+    if args.task != "retrieval":
+        classnames, templates = zeroshot.load_prompts(args.prompts)
+    if args.open_clip_model:
+        model = clip.load_open_clip(args.model, args.open_clip_model)
+    else:
+        model = clip.load_pretrained(args.model)
+    size = model.config.vision.image_size
+    tokenizer = CLIPTokenizer(model.config.text.max_position_embeddings)
 
-        def images_of(rows):
-            pixels = [
-                preprocess(load_image(ref, record_id=f"{args.data}#{i}"), size)
-                for i, (ref, _) in enumerate(rows)
-            ]
-            return _batched(lambda b: model.encode_image(np.stack(b)), pixels, args.batch_size)
+    def images_of(rows):
+        pixels = [
+            preprocess(load_image(ref, record_id=f"{args.data}#{i}"), size) for i, (ref, _) in enumerate(rows)
+        ]
+        return _batched(lambda b: model.encode_image(np.stack(b)), pixels, args.batch_size)
 
-        def encode_text(texts):
-            return _batched(lambda b: model.encode_text(tokenizer(b)), list(texts), args.batch_size)
+    def encode_text(texts):
+        return _batched(lambda b: model.encode_text(tokenizer(b)), list(texts), args.batch_size)
 
-        if args.task == "retrieval":
-            result = retrieval.recall_at_k(images_of(rows), encode_text([c for _, c in rows]))
-        else:
-            if not args.prompts:
-                raise ValueError(f"--task {args.task} needs --prompts")
-            classnames, templates = zeroshot.load_prompts(args.prompts)
-            index = {name: i for i, name in enumerate(classnames)}
+    if args.task == "retrieval":
+        result = retrieval.recall_at_k(images_of(rows), encode_text([c for _, c in rows]))
+    else:
+        index = {name: i for i, name in enumerate(classnames)}
 
-            def labels_of(rows, path):
-                unknown = sorted({label for _, label in rows} - set(index))
-                if unknown:
-                    raise ValueError(f"{path}: labels {unknown} are not classes of {args.prompts}")
-                return np.array([index[label] for _, label in rows])
+        def labels_of(rows, path):
+            unknown = sorted({label for _, label in rows} - set(index))
+            if unknown:
+                raise UserError(f"{path}: labels {unknown} are not classes of {args.prompts}")
+            return np.array([index[label] for _, label in rows])
 
-            class_embeds = zeroshot.class_embeddings(encode_text, classnames, templates)
-            image_embeds, labels = images_of(rows), labels_of(rows, args.data)
-            result = zeroshot.zero_shot(image_embeds, class_embeds, labels)
-            if args.task == "fewshot":
-                test_rows = read_rows(args.test_data, "label") if args.test_data else rows
-                test_embeds = images_of(test_rows) if args.test_data else image_embeds
-                test_labels = labels_of(test_rows, args.test_data or args.data)
-                shots = fewshot.few_shot(image_embeds, labels, test_embeds, test_labels)
-                result = {
-                    "zero_shot_accuracy": result["accuracy"],
-                    **{
-                        f"{s}-shot": {"mean": float(np.mean(a)), "std": float(np.std(a))}
-                        for s, a in shots.items()
-                    },
-                }
-                if args.out:
-                    fewshot.plot_few_shot(shots, args.out, zero_shot=result["zero_shot_accuracy"])
-    except ValueError as e:
-        print(f"pathor1 eval clip: error: {e}", file=sys.stderr)
-        return 2
+        class_embeds = zeroshot.class_embeddings(encode_text, classnames, templates)
+        image_embeds, labels = images_of(rows), labels_of(rows, args.data)
+        result = zeroshot.zero_shot(image_embeds, class_embeds, labels)
+        if args.task == "fewshot":
+            test_rows = read_rows(args.test_data, "label") if args.test_data else rows
+            test_embeds = images_of(test_rows) if args.test_data else image_embeds
+            test_labels = labels_of(test_rows, args.test_data or args.data)
+            shots = fewshot.few_shot(image_embeds, labels, test_embeds, test_labels)
+            result = {
+                "zero_shot_accuracy": result["accuracy"],
+                **{
+                    f"{s}-shot": {"mean": float(np.mean(a)), "std": float(np.std(a))}
+                    for s, a in shots.items()
+                },
+            }
+            if args.out:
+                fewshot.plot_few_shot(shots, args.out, zero_shot=result["zero_shot_accuracy"])
     print(json.dumps(result, indent=2))
     return 0

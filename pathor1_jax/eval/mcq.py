@@ -12,7 +12,6 @@ import argparse
 import dataclasses
 import json
 import os
-import sys
 from collections.abc import Sequence
 from functools import partial
 from pathlib import Path
@@ -24,6 +23,8 @@ from tqdm import tqdm
 
 from pathor1_jax.data.processing import QwenVLProcessor
 from pathor1_jax.data.records import MCQRecord
+from pathor1_jax.errors import UserError
+from pathor1_jax.flags import non_negative_int, positive_int
 from pathor1_jax.models import qwen2_5_vl
 from pathor1_jax.rl.prompts import decode_response, mcq_prompt
 from pathor1_jax.rl.rollout import rollout
@@ -54,7 +55,7 @@ def evaluate_mcq(
     """Greedy answers to `records`, in batches of `batch_size` (the last one padded by repeating
     records, whose extra answers are dropped, so every batch has one compiled shape)."""
     if not records:
-        raise ValueError("evaluate_mcq: no MCQ records to evaluate")
+        raise UserError("evaluate_mcq: no MCQ records to evaluate")
     predictions = []
     decode = partial(decode_response, processor)
     for start in tqdm(range(0, len(records), batch_size), desc="eval mcq", disable=not progress):
@@ -105,7 +106,7 @@ def load_for_eval(
         model = qwen2_5_vl.load_pretrained(path)
         return model, QwenVLProcessor(path, path, rope_config=model.config)
     else:
-        raise FileNotFoundError(
+        raise UserError(
             f"--model {model_dir}: neither an HF checkpoint (config.json) nor a run directory "
             f"({RUN_CONFIG} + checkpoints/)"
         )
@@ -127,9 +128,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--model", required=True, help="HF checkpoint folder or training run directory")
     parser.add_argument("--data", required=True, help='MCQ JSONL file(s), comma-separated, or "demo"')
     parser.add_argument("--split", default="test", help="split of the embedded demo MCQs (with --data demo)")
-    parser.add_argument("--batch-size", type=int, default=8)
-    parser.add_argument("--max-new-tokens", type=int, default=256)
-    parser.add_argument("--limit", type=int, default=0, help="evaluate the first N records only (0 = all)")
+    parser.add_argument("--batch-size", type=positive_int, default=8)
+    parser.add_argument("--max-new-tokens", type=positive_int, default=256)
+    parser.add_argument(
+        "--limit", type=non_negative_int, default=0, help="evaluate the first N records only (0 = all)"
+    )
     parser.add_argument("--out", default="", help="write per-record predictions to this JSONL file")
 
 
@@ -137,18 +140,19 @@ def run(args: argparse.Namespace) -> int:
     """`pathor1 eval mcq`: print accuracy and format rate as JSON; optionally write the predictions."""
     from pathor1_jax.data.demo import demo_records
     from pathor1_jax.data.jsonl import read_jsonl_files
+    from pathor1_jax.outputs import check_writable_file
 
-    try:
-        records = (
-            demo_records("mcq", args.split)
-            if args.data == "demo"
-            else read_jsonl_files(args.data.split(","), "mcq")
-        )
-        model, processor = load_for_eval(args.model)
-    except (ValueError, OSError) as e:
-        print(f"pathor1 eval mcq: error: {e}", file=sys.stderr)
-        return 2
+    if args.out:
+        check_writable_file(args.out, "--out")
+    records = (
+        demo_records("mcq", args.split)
+        if args.data == "demo"
+        else read_jsonl_files(args.data.split(","), "mcq")
+    )
+    if not records:
+        raise UserError(f"--data {args.data}: no MCQ records")
     records = records[: args.limit] if args.limit else records
+    model, processor = load_for_eval(args.model)
     result = evaluate_mcq(
         model, processor, records, batch_size=args.batch_size, max_new_tokens=args.max_new_tokens
     )

@@ -13,28 +13,42 @@ from collections.abc import Callable, Sequence
 
 import numpy as np
 
+from pathor1_jax.errors import UserError
+
 
 def load_prompts(path: str | os.PathLike) -> tuple[dict[str, list[str]], list[str]]:
     """`(classnames: {class: synonyms}, templates)` from a CONCH-format prompt file."""
     try:
-        data = json.loads(open(path, encoding="utf-8").read())
-    except (OSError, json.JSONDecodeError) as e:
-        raise ValueError(f"{path}: cannot read prompt file: {e}") from e
-    if not isinstance(data, dict) or not data:
-        raise ValueError(f'{path}: expected {{"0": {{"classnames": ..., "templates": ...}}}}')
-    entry = next(iter(data.values()))
+        with open(path, encoding="utf-8") as f:
+            data = json.load(f)
+    except (OSError, ValueError) as e:  # ValueError: bad JSON or bad UTF-8
+        raise UserError(f"{path}: cannot read prompt file: {e}") from e
+    entry = next(iter(data.values()), None) if isinstance(data, dict) else None
+    if not isinstance(entry, dict):
+        raise UserError(f'{path}: expected {{"0": {{"classnames": ..., "templates": ...}}}}')
     for key in ("classnames", "templates"):
         if key not in entry:
-            raise ValueError(f"{path}: prompt file has no {key!r}")
+            raise UserError(f"{path}: prompt file has no {key!r}")
     classnames, templates = entry["classnames"], entry["templates"]
-    if not templates or any("CLASSNAME" not in t for t in templates):
-        raise ValueError(f"{path}: 'templates' must be non-empty and each contain CLASSNAME")
-    if not classnames:
-        raise ValueError(f"{path}: 'classnames' is empty")
+    if not _strings(templates) or any("CLASSNAME" not in t for t in templates):
+        raise UserError(
+            f"{path}: 'templates' must be a non-empty list of strings that each contain CLASSNAME"
+        )
+    if not isinstance(classnames, dict) or not classnames:
+        raise UserError(f"{path}: 'classnames' must be a non-empty object of class -> [synonym, ...]")
     for name, synonyms in classnames.items():
         if not synonyms:
-            raise ValueError(f"{path}: class {name!r} has no synonyms")
+            raise UserError(f"{path}: class {name!r} has no synonyms")
+        if not _strings(synonyms):
+            raise UserError(
+                f"{path}: class {name!r}: synonyms must be a list of strings, got {synonyms!r:.60}"
+            )
     return {k: list(v) for k, v in classnames.items()}, list(templates)
+
+
+def _strings(value) -> bool:
+    """A non-empty list of non-empty strings (a lone string is not: it would iterate as letters)."""
+    return isinstance(value, list) and bool(value) and all(isinstance(v, str) and v for v in value)
 
 
 def normalize(x: np.ndarray) -> np.ndarray:

@@ -19,6 +19,8 @@ import numpy as np
 from jax.experimental import mesh_utils
 from jax.sharding import AbstractMesh, AxisType, Mesh
 
+from pathor1_jax.errors import ConfigError
+
 AXES: tuple[str, ...] = ("data", "fsdp", "tensor")
 
 
@@ -26,20 +28,20 @@ def _sizes(block: Mapping[str, int], n: int, where: str) -> tuple[int, ...]:
     """Axis sizes in `AXES` order with one `-1` resolved so that they multiply to `n`."""
     unknown = sorted(set(block) - set(AXES))
     if unknown:
-        raise ValueError(f"{where}: unknown mesh axis {unknown}; mesh axes are {list(AXES)}")
+        raise ConfigError(f"{where}: unknown mesh axis {unknown}; mesh axes are {list(AXES)}")
     sizes = [int(block.get(a, 1)) for a in AXES]
     shown = dict(zip(AXES, sizes, strict=True))
     if any(s == 0 or s < -1 for s in sizes):
-        raise ValueError(f"{where}: axis sizes must be positive or -1, got {shown}")
+        raise ConfigError(f"{where}: axis sizes must be positive or -1, got {shown}")
     if sizes.count(-1) > 1:
-        raise ValueError(f"{where}: at most one axis may be -1, got {shown}")
+        raise ConfigError(f"{where}: at most one axis may be -1, got {shown}")
     known = math.prod(s for s in sizes if s != -1)
     if -1 in sizes:
         if n % known:
-            raise ValueError(f"{where}: {shown} cannot fill {n} devices ({n} is not a multiple of {known})")
+            raise ConfigError(f"{where}: {shown} cannot fill {n} devices ({n} is not a multiple of {known})")
         sizes[sizes.index(-1)] = n // known
     if math.prod(sizes) != n:
-        raise ValueError(
+        raise ConfigError(
             f"{where}: axis sizes {dict(zip(AXES, sizes, strict=True))} multiply to {math.prod(sizes)}, "
             f"but there are {n} devices"
         )
@@ -51,11 +53,11 @@ def mesh_shape(config: Mapping, num_devices: int) -> tuple[tuple[int, ...], tupl
     config = dict(config)
     dcn_block = dict(config.pop("dcn", None) or {})
     if any(int(v) == -1 for v in dcn_block.values()):
-        raise ValueError("mesh.dcn: sizes across slices must be given explicitly (no -1)")
+        raise ConfigError("mesh.dcn: sizes across slices must be given explicitly (no -1)")
     dcn = _sizes(dcn_block, math.prod(int(dcn_block.get(a, 1)) for a in AXES), "mesh.dcn")
     slices = math.prod(dcn)
     if num_devices % slices:
-        raise ValueError(f"mesh.dcn: {slices} slices do not divide {num_devices} devices")
+        raise ConfigError(f"mesh.dcn: {slices} slices do not divide {num_devices} devices")
     ici = _sizes(config, num_devices // slices, "mesh")
     return ici, dcn
 
@@ -67,7 +69,7 @@ def parse_mesh_arg(text: str) -> dict:
     for item in filter(None, (s.strip() for s in text.split(","))):
         name, sep, value = item.partition("=")
         if not sep:
-            raise ValueError(f"--mesh: expected axis=size, got {item!r}")
+            raise ConfigError(f"--mesh: expected axis=size, got {item!r}")
         name = name.strip()
         if name.startswith("dcn."):
             out.setdefault("dcn", {})[name[len("dcn.") :]] = int(value)

@@ -16,6 +16,7 @@ import numpy as np
 from flax import nnx
 from jax.sharding import AbstractMesh, Mesh, NamedSharding, PartitionSpec
 
+from pathor1_jax.errors import ConfigError
 from pathor1_jax.sharding.logical import Rules, use_rules
 from pathor1_jax.sharding.rules import mesh_axis_size, spec_for
 
@@ -87,7 +88,7 @@ def layouts(state: nnx.State, mesh: Mesh | AbstractMesh, rules: Rules) -> list[P
         )
     if errors:
         more = f"\n... and {len(errors) - 10} more" if len(errors) > 10 else ""
-        raise ValueError("\n".join(errors[:10]) + more)
+        raise ConfigError("\n".join(errors[:10]) + more)
     return out
 
 

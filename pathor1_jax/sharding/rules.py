@@ -14,6 +14,7 @@ from collections.abc import Mapping, Sequence
 
 from jax.sharding import PartitionSpec
 
+from pathor1_jax.errors import ConfigError
 from pathor1_jax.sharding.logical import Rules, logical_to_spec
 from pathor1_jax.sharding.mesh import AXES
 
@@ -62,7 +63,7 @@ PRESETS = {"dp": dp, "fsdp": fsdp, "fsdp_tp": fsdp_tp}
 
 def preset(name: str) -> list[tuple[str, str | tuple[str, ...] | None]]:
     if name not in PRESETS:
-        raise ValueError(f"unknown sharding preset {name!r}; presets are {sorted(PRESETS)}")
+        raise ConfigError(f"unknown sharding preset {name!r}; presets are {sorted(PRESETS)}")
     return PRESETS[name]()
 
 
@@ -71,14 +72,14 @@ def normalize_rules(rules: Sequence) -> tuple[tuple[str, str | tuple[str, ...] |
     out = []
     for i, rule in enumerate(rules):
         if len(rule) != 2 or not isinstance(rule[0], str):
-            raise ValueError(f"sharding rule {i}: expected (logical_axis, mesh_axes), got {rule!r}")
+            raise ConfigError(f"sharding rule {i}: expected (logical_axis, mesh_axes), got {rule!r}")
         logical, target = rule
         if target is not None and not isinstance(target, str):
             target = tuple(target)
         names = () if target is None else (target,) if isinstance(target, str) else target
         unknown = [a for a in names if a not in AXES]
         if unknown:
-            raise ValueError(
+            raise ConfigError(
                 f"sharding rule {i} ({logical!r} -> {target!r}) names unknown mesh axis "
                 f"{unknown[0]!r}; mesh axes are {list(AXES)}"
             )
@@ -114,7 +115,7 @@ def check_divisible(
     ):
         parts = mesh_axis_size(mesh_shape, entry)
         if size % parts:
-            raise ValueError(
+            raise ConfigError(
                 f"parameter {path}: dimension {dim} (logical axis {logical!r}, size {size}) is not "
                 f"divisible by mesh axes {entry!r} of size {parts}; "
                 f"change the mesh or the rule for {logical!r}"
@@ -132,7 +133,7 @@ def spec_for(
     if axes is None:
         return PartitionSpec()
     if len(axes) != len(shape):
-        raise ValueError(
+        raise ConfigError(
             f"parameter {path}: logical axes {tuple(axes)} do not match its shape {tuple(shape)}"
         )
     spec = logical_to_spec(axes, rules)

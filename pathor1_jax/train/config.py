@@ -18,11 +18,11 @@ from pathlib import Path
 
 import ml_collections
 
+from pathor1_jax.errors import ConfigError
+
+__all__ = ["ConfigError", "apply_override", "load_config", "load_config_file", "parse_overrides"]
+
 OVERRIDE_PREFIX = "--config."
-
-
-class ConfigError(ValueError):
-    """A config file or an override that cannot be applied; the message names the key or file."""
 
 
 def load_config_file(spec: str) -> ml_collections.ConfigDict:
@@ -33,11 +33,20 @@ def load_config_file(spec: str) -> ml_collections.ConfigDict:
         raise ConfigError(f"config file {path}: no such file")
     module_spec = importlib.util.spec_from_file_location(f"pathor1_config_{file.stem}", file)
     module = importlib.util.module_from_spec(module_spec)
-    module_spec.loader.exec_module(module)
+    try:
+        module_spec.loader.exec_module(module)
+    except SyntaxError as e:
+        raise ConfigError(f"config file {path}:{e.lineno}: syntax error: {e.msg}") from e
+    except Exception as e:  # the file is user code: report, with --debug its traceback
+        raise ConfigError(f"config file {path}: {type(e).__name__}: {e}") from e
     get_config = getattr(module, "get_config", None)
     if get_config is None:
         raise ConfigError(f"config file {path}: defines no get_config()")
-    config = get_config(arg) if arg else get_config()
+    try:
+        config = get_config(arg) if arg else get_config()
+    except Exception as e:
+        what = f"get_config({arg!r})" if arg else "get_config()"
+        raise ConfigError(f"config file {path}: {what} failed: {type(e).__name__}: {e}") from e
     if not isinstance(config, ml_collections.ConfigDict):
         raise ConfigError(
             f"config file {path}: get_config() returned {type(config).__name__}, not ConfigDict"
