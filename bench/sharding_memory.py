@@ -4,8 +4,9 @@
    `memory_analysis()` per device (arguments = params + AdamW state + batch; temporaries), beside
    the abstract estimate of params + AdamW state that `pathor1 shardings` prints. Compiled only,
    from abstract inputs: nothing is allocated or run.
-2. The same estimate for Qwen2.5-VL-3B / 7B (bfloat16 parameters + float32 master + 2 float32
-   moments) on v5e-16, v5p-64 and 8xH100, under each preset.
+2. The same estimate for Qwen2.5-VL-3B / 7B (float32 parameters as the shipped configs keep them,
+   + the trainer's AdamW state, laid out as the trainer lays it out) on v5e-16, v5p-64 and 8xH100,
+   under each preset.
 
     python bench/sharding_memory.py
 """
@@ -32,9 +33,11 @@ from pathor1_jax.models.qwen2_5_vl.presets import qwen2_5_vl_3b, qwen2_5_vl_7b  
 from pathor1_jax.sharding.logical import use_rules  # noqa: E402
 from pathor1_jax.sharding.mesh import abstract_mesh, make_mesh  # noqa: E402
 from pathor1_jax.sharding.multihost import batch_spec  # noqa: E402
-from pathor1_jax.sharding.params import layouts, state_shardings  # noqa: E402
+from pathor1_jax.sharding.params import state_shardings  # noqa: E402
 from pathor1_jax.sharding.report import totals  # noqa: E402
 from pathor1_jax.sharding.rules import preset  # noqa: E402
+from pathor1_jax.train.defaults import base_config  # noqa: E402
+from pathor1_jax.train.optim import make_optimizer  # noqa: E402
 
 MIB, GB = 1024**2, 1e9
 TINY_MESHES = {"dp": {"data": 8}, "fsdp": {"fsdp": 8}, "fsdp_tp": {"data": 2, "fsdp": 2, "tensor": 2}}
@@ -108,7 +111,7 @@ def tiny_rows() -> list[tuple]:
                 .compile()
             )
         mem = compiled.memory_analysis()
-        t = totals(layouts(state, mesh, rules), dict(mesh.shape))
+        t = totals(nnx.state(model), mesh, rules, optax.adamw(1e-3))
         rows.append(
             (
                 name,
@@ -124,12 +127,11 @@ def tiny_rows() -> list[tuple]:
 
 
 def big_rows() -> list[tuple]:
+    tx, _ = make_optimizer(base_config("sft").optim, 100, ())
     rows = []
     for model_name, make_cfg in (("Qwen2.5-VL-3B", qwen2_5_vl_3b), ("Qwen2.5-VL-7B", qwen2_5_vl_7b)):
         cfg = make_cfg()
-        abstract = nnx.eval_shape(
-            lambda cfg=cfg: qwen2_5_vl.Qwen2_5_VLForConditionalGeneration(cfg, param_dtype=jnp.bfloat16)
-        )
+        abstract = nnx.eval_shape(lambda cfg=cfg: qwen2_5_vl.Qwen2_5_VLForConditionalGeneration(cfg))
         state = nnx.state(abstract)
         for hw, devices, hbm in HARDWARE:
             for name in ("dp", "fsdp", "fsdp_tp"):
@@ -137,7 +139,7 @@ def big_rows() -> list[tuple]:
                 if name == "fsdp_tp":
                     mesh_cfg["tensor"] = TENSOR
                 mesh = abstract_mesh(mesh_cfg, devices)
-                t = totals(layouts(state, mesh, preset(name)), dict(mesh.shape))
+                t = totals(state, mesh, preset(name), tx)
                 rows.append(
                     (
                         model_name,
@@ -145,7 +147,7 @@ def big_rows() -> list[tuple]:
                         name,
                         ",".join(f"{k}={v}" for k, v in mesh.shape.items()),
                         t.param_bytes / GB,
-                        (t.master_bytes + t.moment_bytes) / GB,
+                        t.opt_state_bytes / GB,
                         t.total_bytes / GB,
                         100 * t.total_bytes / hbm,
                     )
@@ -172,10 +174,10 @@ def main() -> None:
               "XLA temporaries")  # fmt: skip
     print(table(header, tiny_rows(), ".2f"))
     print(
-        "\nEstimate per device: bfloat16 params + float32 master + 2 float32 AdamW moments, GB (1e9 B);"
+        "\nEstimate per device: float32 params + the trainer's AdamW state, GB (1e9 B);"
         f" fsdp_tp uses tensor={TENSOR}"
     )
-    header = ("model", "hardware", "preset", "mesh", "params", "master+moments", "total", "% of HBM")
+    header = ("model", "hardware", "preset", "mesh", "params", "optimizer state", "total", "% of HBM")
     print(table(header, big_rows(), ".2f"))
 
 

@@ -7,6 +7,7 @@ from pathlib import Path
 
 import jax
 import jax.numpy as jnp
+import optax
 import pytest
 from flax import nnx
 from jax.sharding import PartitionSpec as P
@@ -16,9 +17,19 @@ from pathor1_jax.models.layers import Embed, Linear, RMSNorm
 from pathor1_jax.sharding.logical import logical_to_spec
 from pathor1_jax.sharding.mesh import abstract_mesh, mesh_shape, parse_mesh_arg
 from pathor1_jax.sharding.multihost import batch_spec, multi_process_env
-from pathor1_jax.sharding.params import layouts, logical_axes, state_shardings
+from pathor1_jax.sharding.params import (
+    abstract_params,
+    layouts,
+    logical_axes,
+    optimizer_shardings,
+    state_shardings,
+)
 from pathor1_jax.sharding.report import totals
 from pathor1_jax.sharding.rules import LOGICAL_AXES, dp, fsdp, fsdp_tp, normalize_rules, rules_from_config
+from pathor1_jax.train.optim import make_optimizer
+
+OPTIM = dict(lr=1e-3, warmup_steps=1, min_lr_ratio=0.1, b1=0.9, b2=0.999, eps=1e-8, weight_decay=0.1,
+             clip_norm=1.0)  # fmt: skip
 
 
 class Toy(nnx.Module):
@@ -132,21 +143,41 @@ def test_every_variable_gets_the_rules_sharding():
     }
 
 
-def test_totals_count_shards_and_adamw_state():
+def test_totals_count_shards_and_the_optimizer_state():
     mesh = abstract_mesh({"data": 2, "fsdp": 2, "tensor": 2}, 8)
-    rows = layouts(toy_state(), mesh, fsdp_tp())
     # embedding 64x16 /4, up 16x32 /4 + bias 32 /2, down 32x16 /4, norm 16 /2
     per_device = 64 * 16 // 4 + 16 * 32 // 4 + 32 // 2 + 32 * 16 // 4 + 16 // 2
-    t = totals(rows, dict(mesh.shape))
+    tx = optax.adamw(1e-3)
+    t = totals(toy_state(), mesh, fsdp_tp(), tx)
     assert (t.num_params, t.params_per_device) == (64 * 16 + 16 * 32 + 32 + 32 * 16 + 16, per_device)
-    assert (t.param_bytes, t.moment_bytes, t.master_bytes) == (4 * per_device, 8 * per_device, 0)
-    # frozen parameters keep no AdamW state; bfloat16 parameters get a float32 master copy
-    frozen = totals(rows, dict(mesh.shape), freeze=(r"^embed\.",))
-    assert frozen.trainable_per_device == per_device - 64 * 16 // 4
-    assert frozen.moment_bytes == 8 * (per_device - 64 * 16 // 4)
-    bf16 = nnx.state(nnx.eval_shape(lambda: Toy(nnx.Rngs(0), param_dtype=jnp.bfloat16)))
-    t = totals(layouts(bf16, mesh, fsdp_tp()), dict(mesh.shape))
-    assert (t.param_bytes, t.master_bytes, t.moment_bytes) == (2 * per_device, 4 * per_device, 8 * per_device)
+    # AdamW: mu and nu laid out like their parameters, plus a replicated int32 step count
+    assert (t.param_bytes, t.opt_state_bytes) == (4 * per_device, 8 * per_device + 4)
+    # frozen parameters keep no optimizer state (the trainer's optimizer: + a schedule step count)
+    frozen, _ = make_optimizer(OPTIM, 10, freeze=(r"^embed\.",))
+    assert totals(toy_state(), mesh, fsdp_tp(), frozen).opt_state_bytes == 8 * (per_device - 64 * 16 // 4) + 8
+    # bfloat16 parameters: optax keeps the moments in the parameters' dtype
+    t = totals(toy_state(param_dtype=jnp.bfloat16), mesh, fsdp_tp(), tx)
+    assert (t.param_bytes, t.opt_state_bytes) == (2 * per_device, 4 * per_device + 4)
+
+
+def test_optimizer_state_laid_out_like_its_parameters():
+    mesh = abstract_mesh({"data": 2, "fsdp": 2, "tensor": 2}, 8)
+    params = abstract_params(toy_state(), mesh, fsdp_tp())
+    tx, _ = make_optimizer(OPTIM, 10, freeze=(r"^norm\.",))
+    opt_state = jax.eval_shape(tx.init, params)
+    shardings = optimizer_shardings(opt_state, params, mesh)
+    want = {".".join(k): x.sharding.spec for k, x in _flat(params)}
+    got = {".".join(k): s.spec for k, s in _flat(shardings)}
+    moments = {k: v for k, v in got.items() if ".mu." in k or ".nu." in k}
+    assert len(moments) == 2 * (len(want) - 1)  # the frozen norm has none
+    for key, spec in moments.items():
+        assert spec == want[key.split(".mu.")[-1].split(".nu.")[-1]], key
+    assert all(spec == P() for key, spec in got.items() if key not in moments), got
+
+
+def _flat(tree) -> list[tuple[tuple[str, ...], object]]:
+    return [(tuple(str(getattr(k, "key", getattr(k, "idx", k))) for k in p), x)
+            for p, x in jax.tree_util.tree_flatten_with_path(tree)[0]]  # fmt: skip
 
 
 # ----------------------------------------------------------------------------- multi-host env
@@ -201,8 +232,9 @@ def test_shardings_command_7b_on_256_devices(capsys):
     assert n == 8_292_166_656  # the published size of Qwen2.5-VL-7B
     assert f"parameters: {n:,} ({per_device:,} per device)" in out
     assert f"per device: params {4 * per_device:,} B" in out
-    assert f"per device: AdamW moments (2 x float32) {8 * per_device:,} B" in out
-    assert f"per device: total params + optimizer state {12 * per_device:,} B" in out
+    # the trainer's default AdamW: float32 mu and nu like their parameters + two int32 step counts
+    assert f"per device: optimizer state {8 * per_device + 8:,} B" in out
+    assert f"per device: total params + optimizer state {12 * per_device + 8:,} B" in out
     assert "mesh: data=1, fsdp=256, tensor=1 (256 devices)" in out
     row = next(
         line
@@ -219,14 +251,14 @@ def test_shardings_command_7b_on_256_devices(capsys):
         str(4 * 3584 * 18944 // 256),
     ]
 
-    # bfloat16 parameters keep a float32 master copy; --mesh overrides the config's mesh
+    # bfloat16 parameters get bfloat16 moments (optax's default); --mesh overrides the config's mesh
     assert cli_main(["shardings", "--config", str(config), "--devices", "256", "--mesh", "data=2,fsdp=128",
                      "--param-dtype", "bfloat16"]) == 0  # fmt: skip
     out = capsys.readouterr().out
     _, per_device = qwen_7b_counts(128)
     assert f"per device: params {2 * per_device:,} B" in out
-    assert f"per device: float32 master copy {4 * per_device:,} B" in out
-    assert f"per device: total params + optimizer state {14 * per_device:,} B" in out
+    assert f"per device: optimizer state {4 * per_device + 8:,} B" in out
+    assert f"per device: total params + optimizer state {6 * per_device + 8:,} B" in out
 
     assert cli_main(["shardings", "--config", str(config), "--devices", "1024",
                      "--mesh", "fsdp=1,tensor=1024", "--preset", "fsdp_tp"]) == 2  # fmt: skip

@@ -219,6 +219,88 @@ print("OK")
 '''
 
 
+OPTIMIZER = r'''
+import jax, jax.numpy as jnp, numpy as np
+from flax import nnx
+from pathor1_jax.models.layers import Embed, Linear, RMSNorm
+from pathor1_jax.sharding.logical import use_rules
+from pathor1_jax.sharding.mesh import abstract_mesh, make_mesh
+from pathor1_jax.sharding.params import create_sharded
+from pathor1_jax.sharding.report import per_device_bytes, totals
+from pathor1_jax.sharding.rules import preset
+from pathor1_jax.train.losses import per_token_nll, shifted_targets
+from pathor1_jax.train.optim import make_optimizer
+from pathor1_jax.train.step import StepSpec, abstract_state, init_state, jit_step
+from pathor1_jax.train.trainer import put_batch
+
+class Toy(nnx.Module):
+    def __init__(self, rngs):
+        self.embed = Embed(64, 16, rngs=rngs)
+        self.up = Linear(16, 32, use_bias=True, axes=("embed", "mlp"), rngs=rngs)
+        self.down = Linear(32, 16, use_bias=False, axes=("mlp", "embed"), rngs=rngs)
+        self.norm = RMSNorm(16, eps=1e-6, axis="embed", rngs=rngs)
+
+def nll(model, micro):
+    x = model.embed(micro["input_ids"])
+    hidden = model.norm(x + model.down(jax.nn.silu(model.up(x))))
+    targets, valid = shifted_targets(micro["labels"], micro["segment_ids"])
+    return per_token_nll(hidden, model.embed.attend, targets, chunk=8), valid
+
+make = lambda: Toy(nnx.Rngs(0))
+mesh, rules = make_mesh({"fsdp": 8}), preset("fsdp")
+optim = dict(lr=1e-2, warmup_steps=1, min_lr_ratio=0.1, b1=0.9, b2=0.99, eps=1e-8, weight_decay=0.1,
+             clip_norm=1.0)
+tx, _ = make_optimizer(optim, 10, freeze=(r"^up\.bias",))
+with use_rules(mesh, rules):
+    graphdef, state = init_state(create_sharded(make, mesh, rules), tx, 0)
+
+def moments(opt_state):
+    flat = jax.tree_util.tree_flatten_with_path(opt_state)[0]
+    keys = lambda p: ".".join(str(getattr(k, "key", getattr(k, "idx", k))) for k in p)
+    return {keys(p): x for p, x in flat if ".mu." in keys(p) or ".nu." in keys(p)}
+
+def check(state):
+    params = {".".join(p): x for p, x in nnx.to_flat_state(nnx.State(state["params"]))}
+    found = moments(state["opt_state"])
+    assert len(found) == 2 * (len(params) - 1), sorted(found)  # the frozen bias has none
+    for key, m in found.items():
+        p = params[key.split(".mu.")[-1].split(".nu.")[-1]]
+        assert m.sharding.is_equivalent_to(p.sharding, m.ndim), (key, m.sharding, p.sharding)
+        assert m.addressable_shards[0].data.nbytes <= p.addressable_shards[0].data.nbytes, key
+    return sum(m.addressable_shards[0].data.nbytes for m in found.values())
+
+moment_bytes = check(state)
+full = sum(x.nbytes for x in moments(state["opt_state"]).values())
+assert moment_bytes * 8 == full, (moment_bytes, full)  # every parameter here has an 8-way fsdp axis
+for x in jax.tree.leaves(state):
+    assert x.sharding.mesh == mesh, x.sharding
+# the estimate of `pathor1 shardings` is what the trainer allocates (one code path)
+opt_bytes = per_device_bytes(state["opt_state"], jax.tree.map(lambda x: x.sharding, state["opt_state"]))
+estimate = totals(nnx.state(nnx.eval_shape(make)), abstract_mesh({"fsdp": 8}, 8), rules, tx)
+assert estimate.opt_state_bytes == opt_bytes, (estimate, opt_bytes)
+# the abstract state for AOT compilation carries the same shapes, dtypes and shardings
+_, abstract = abstract_state(make, tx, mesh, rules)
+same = jax.tree.map(lambda a, x: (a.shape, a.dtype) == (x.shape, x.dtype) and a.sharding == x.sharding,
+                    abstract, state)
+assert all(jax.tree.leaves(same)), same
+
+step = jit_step(nll)
+ids = np.random.default_rng(0).integers(0, 64, size=(1, 8, 6))
+batch = {"input_ids": ids, "labels": ids, "segment_ids": np.ones_like(ids)}
+spec = StepSpec(graphdef=graphdef, tx=tx, freeze=(r"^up\.bias",))
+losses = []
+with use_rules(mesh, rules):
+    for _ in range(3):
+        state, metrics = step(spec, state, put_batch(batch, mesh, rules))
+        losses.append(float(metrics["loss"]))
+assert step._cache_size() == 1, step._cache_size()  # steps 2 and 3 reuse step 1's executable
+assert losses[2] < losses[0], losses
+assert check(state) == moment_bytes
+print("moment bytes per device", moment_bytes, "of", full)
+print("OK")
+'''
+
+
 def test_toy_sharded_creation_loading_and_batches_on_8_devices():
     out = run_on_8_devices(TOY, timeout=300)
     assert out.strip().endswith("OK"), out
@@ -233,3 +315,11 @@ def test_qwen2_5_vl_three_adamw_steps_match_one_device():
     out = run_on_8_devices(QWEN, timeout=500)
     assert out.strip().endswith("OK"), out
     assert "fsdp_tp {'data': 2, 'fsdp': 2, 'tensor': 2}" in out and "fsdp {'fsdp': 8}" in out, out
+
+
+def test_optimizer_state_is_sharded_like_the_parameters_and_steps_compile_once():
+    """FSDP on 8 devices: every AdamW moment is laid out like its parameter (1/8 of it per device),
+    the per-device optimizer bytes equal `pathor1 shardings`' estimate and `abstract_state`'s
+    layout, and the train step compiles once (steps 2 and 3 reuse it)."""
+    out = run_on_8_devices(OPTIMIZER, timeout=300)
+    assert out.strip().endswith("OK"), out

@@ -2,8 +2,9 @@
 
 Builds the model of `--config` abstractly (`nnx.eval_shape`: no parameter memory), lays it out on
 a (hypothetical) mesh with the config's rules, and prints each parameter's logical axes,
-PartitionSpec and bytes per device, then per-device totals for parameters + AdamW state (none for
-parameters the config's `freeze` regexes match).
+PartitionSpec and bytes per device, then per-device totals for parameters + the optimizer state the
+trainer creates (the config's `optim` block, default AdamW; none for parameters the config's
+`freeze` regexes match), laid out as the trainer lays it out.
 """
 
 from __future__ import annotations
@@ -77,6 +78,18 @@ def model_builder(config: ml_collections.ConfigDict, param_dtype):
     )
 
 
+def optimizer(config: ml_collections.ConfigDict):
+    """The optax transformation the trainer builds for `config` (its `optim` block, else the defaults);
+    only its state's shapes matter here, so the schedule's length is immaterial."""
+    from pathor1_jax.train.defaults import base_config
+    from pathor1_jax.train.optim import make_optimizer
+
+    optim = _as_dict(config.get("optim") or base_config("sft").optim)
+    steps = max(int((config.get("train") or {}).get("steps", 0)), int(optim["warmup_steps"]) + 1)
+    tx, _ = make_optimizer(optim, steps, tuple(config.get("freeze") or ()))
+    return tx
+
+
 def run(args: argparse.Namespace) -> int:
     config = load_config_file(args.config)
     mesh_config = parse_mesh_arg(args.mesh) if args.mesh else _as_dict(config.get("mesh") or {"fsdp": -1})
@@ -85,8 +98,7 @@ def run(args: argparse.Namespace) -> int:
     dtype_name = args.param_dtype or (config.get("model") or {}).get("param_dtype") or "float32"
     mesh = abstract_mesh(mesh_config, num_devices)
     abstract = nnx.eval_shape(model_builder(config, jnp.dtype(dtype_name)))
-    freeze = tuple(config.get("freeze") or ())
-    table, _ = layout_table(nnx.state(abstract), mesh, rules, freeze)
+    table, _ = layout_table(nnx.state(abstract), mesh, rules, optimizer(config))
     print(f"config: {args.config}")
     print(f"rules: {list(rules)}")
     print(table)

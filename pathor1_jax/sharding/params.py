@@ -2,7 +2,8 @@
 
 `create_sharded` traces the constructor abstractly (`nnx.eval_shape`), derives every variable's
 `NamedSharding` from its logical axes and the rules, and runs the constructor under
-`jax.jit(out_shardings=...)`, so each device only ever holds its own shard.
+`jax.jit(out_shardings=...)`, so each device only ever holds its own shard. `optimizer_shardings`
+lays optimizer state out like the parameters it mirrors (FSDP shards the AdamW moments too).
 """
 
 from __future__ import annotations
@@ -10,6 +11,7 @@ from __future__ import annotations
 import math
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Any
 
 import jax
 import numpy as np
@@ -92,14 +94,63 @@ def layouts(state: nnx.State, mesh: Mesh | AbstractMesh, rules: Rules) -> list[P
     return out
 
 
+def canonical(spec: PartitionSpec) -> PartitionSpec:
+    """`spec` without trailing `None`s: the form jit gives its outputs, so a step's output state
+    compares equal to its input state and the next step reuses the executable."""
+    entries = list(spec)
+    while entries and entries[-1] is None:
+        entries.pop()
+    return PartitionSpec(*entries)
+
+
 def state_shardings(state: nnx.State, mesh: Mesh | AbstractMesh, rules: Rules) -> nnx.State:
-    """A tree like `state` whose leaves are the `NamedSharding` of each variable."""
-    specs = {layout.path: layout.spec for layout in layouts(state, mesh, rules)}
+    """A tree like `state` whose leaves are the `NamedSharding` of each variable (canonical specs)."""
+    specs = {layout.path: canonical(layout.spec) for layout in layouts(state, mesh, rules)}
     flat = []
     for path, var in nnx.to_flat_state(state):
         spec = specs.get(path_str(path), PartitionSpec())
         flat.append((path, var.replace(NamedSharding(mesh, spec))))
     return nnx.from_flat_state(flat)
+
+
+def abstract_params(state: nnx.State, mesh: Mesh | AbstractMesh, rules: Rules) -> dict:
+    """The `nnx.Param`s of an (abstract) state as a pure dict (the train state's `params`) of
+    ShapeDtypeStructs carrying their rule-given `NamedSharding`."""
+    params = nnx.filter_state(state, nnx.Param)
+    shardings = nnx.to_pure_dict(state_shardings(params, mesh, rules))
+    return jax.tree.map(
+        lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), nnx.to_pure_dict(params), shardings
+    )
+
+
+def optimizer_shardings(opt_state: Any, params: Any, mesh: Mesh | AbstractMesh) -> Any:
+    """A tree like `opt_state` (arrays or ShapeDtypeStructs) of `NamedSharding`s: each leaf whose key
+    path ends with a parameter's path and has that parameter's shape (AdamW's `mu` and `nu`, under
+    whatever optax wrappers) is laid out like the parameter; every other leaf (step counts, scalars,
+    factored statistics) is replicated on `mesh`.
+
+    params: the parameters as in the train state (a pure dict) of arrays or ShapeDtypeStructs, each
+    carrying its `NamedSharding`.
+    """
+    by_path = {
+        _keys(path): (tuple(leaf.shape), leaf.sharding)
+        for path, leaf in jax.tree_util.tree_flatten_with_path(params)[0]
+    }
+    replicated = NamedSharding(mesh, PartitionSpec())
+
+    def place(path, leaf) -> NamedSharding:
+        keys = _keys(path)
+        for start in range(len(keys)):  # the longest suffix that is a parameter's path
+            shape, sharding = by_path.get(keys[start:], (None, None))
+            if sharding is not None and shape == tuple(leaf.shape):
+                return sharding
+        return replicated
+
+    return jax.tree_util.tree_map_with_path(place, opt_state)
+
+
+def _keys(path: tuple) -> tuple[str, ...]:
+    return tuple(str(getattr(k, "key", getattr(k, "idx", getattr(k, "name", k)))) for k in path)
 
 
 def create_sharded(make_model: Callable[[], nnx.Module], mesh: Mesh, rules: Rules) -> nnx.Module:

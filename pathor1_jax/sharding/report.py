@@ -1,24 +1,25 @@
-"""Per-device memory of a layout, from abstract shapes only: parameters and AdamW state.
+"""Per-device memory of a layout, from abstract shapes only: parameters and optimizer state.
 
-AdamW keeps two float32 moments per trainable parameter; when parameters are stored in a lower
-precision (bfloat16) a float32 master copy is kept as well. Frozen parameters (the training
-config's `freeze` regexes, matched with `re.search` on the dotted path) carry no optimizer state.
-Every figure is per device: with evenly divisible shardings (which `rules.spec_for` enforces)
-every device holds the same number of bytes.
+The optimizer state is the run's own: `tx.init` traced abstractly (`jax.eval_shape`) and laid out
+by `params.optimizer_shardings`, the function the trainer creates it with, so the estimate is what
+the trainer allocates (AdamW: two moments in the parameters' dtype per trainable parameter, none for
+frozen ones). Every figure is per device: with evenly divisible shardings (which `rules.spec_for`
+enforces) every device holds the same number of bytes.
 """
 
 from __future__ import annotations
 
-import re
-from collections.abc import Sequence
+import math
 from dataclasses import dataclass
 
+import jax
 import numpy as np
+import optax
 from flax import nnx
 from jax.sharding import AbstractMesh, Mesh
 
 from pathor1_jax.sharding.logical import Rules
-from pathor1_jax.sharding.params import ParamLayout, layouts
+from pathor1_jax.sharding.params import abstract_params, layouts, optimizer_shardings
 
 GIB = 1024**3
 
@@ -27,28 +28,40 @@ GIB = 1024**3
 class MemoryTotals:
     num_params: int
     params_per_device: int  # elements
-    trainable_per_device: int  # elements with optimizer state
     param_bytes: int  # bytes per device, in the parameters' dtype
-    moment_bytes: int  # AdamW mu + nu, float32
-    master_bytes: int  # float32 master copy (0 when the parameters are float32)
+    opt_state_bytes: int  # bytes per device of the optimizer state, as the trainer lays it out
 
     @property
     def total_bytes(self) -> int:
-        return self.param_bytes + self.moment_bytes + self.master_bytes
+        return self.param_bytes + self.opt_state_bytes
 
 
-def totals(rows: list[ParamLayout], mesh_shape: dict[str, int], freeze: Sequence[str] = ()) -> MemoryTotals:
-    params = [r for r in rows if r.is_param]
-    patterns = [re.compile(p) for p in freeze]
-    trainable = [r for r in params if not any(p.search(r.path) for p in patterns)]
-    trainable_per_device = sum(r.shard_size(mesh_shape) for r in trainable)
+def per_device_bytes(tree, shardings) -> int:
+    """Bytes one device holds of `tree` (arrays / ShapeDtypeStructs) laid out by `shardings`."""
+    return sum(
+        math.prod(s.shard_shape(x.shape)) * np.dtype(x.dtype).itemsize
+        for x, s in zip(jax.tree.leaves(tree), jax.tree.leaves(shardings), strict=True)
+    )
+
+
+def opt_state_bytes(tx: optax.GradientTransformation, state: nnx.State, mesh: Mesh | AbstractMesh,
+                    rules: Rules) -> int:  # fmt: skip
+    """Per-device bytes of `tx`'s state for the parameters of `state` under `rules`."""
+    params = abstract_params(state, mesh, rules)
+    opt_state = jax.eval_shape(tx.init, params)
+    return per_device_bytes(opt_state, optimizer_shardings(opt_state, params, mesh))
+
+
+def totals(
+    state: nnx.State, mesh: Mesh | AbstractMesh, rules: Rules, tx: optax.GradientTransformation
+) -> MemoryTotals:
+    mesh_shape = dict(mesh.shape)
+    params = [r for r in layouts(state, mesh, rules) if r.is_param]
     return MemoryTotals(
         num_params=sum(r.size for r in params),
         params_per_device=sum(r.shard_size(mesh_shape) for r in params),
-        trainable_per_device=trainable_per_device,
         param_bytes=sum(r.shard_size(mesh_shape) * r.dtype.itemsize for r in params),
-        moment_bytes=2 * 4 * trainable_per_device,
-        master_bytes=sum(r.shard_size(mesh_shape) * 4 for r in trainable if r.dtype != np.float32),
+        opt_state_bytes=opt_state_bytes(tx, state, mesh, rules),
     )
 
 
@@ -75,9 +88,9 @@ def _fmt_row(row: tuple[str, ...], widths: list[int]) -> str:
 
 
 def layout_table(
-    state: nnx.State, mesh: Mesh | AbstractMesh, rules: Rules, freeze: Sequence[str] = ()
+    state: nnx.State, mesh: Mesh | AbstractMesh, rules: Rules, tx: optax.GradientTransformation
 ) -> tuple[str, MemoryTotals]:
-    """A text table (one row per parameter) and the per-device totals."""
+    """A text table (one row per parameter) and the per-device totals with `tx`'s state."""
     mesh_shape = dict(mesh.shape)
     rows = sorted((r for r in layouts(state, mesh, rules) if r.is_param), key=lambda r: _natural(r.path))
     header = ("parameter", "shape", "dtype", "logical axes", "PartitionSpec", "bytes/device")
@@ -95,17 +108,14 @@ def layout_table(
     widths = [max(len(row[i]) for row in [header, *body]) for i in range(len(header))]
     lines = [_fmt_row(row, widths) for row in [header, *body]]
     lines.insert(1, "  ".join("-" * w for w in widths))
-    t = totals(rows, mesh_shape, freeze)
-    frozen = f" (frozen: {', '.join(freeze)})" if freeze else ""
+    t = totals(state, mesh, rules, tx)
     mesh_text = ", ".join(f"{k}={v}" for k, v in mesh_shape.items())
     summary = [
         "",
         f"mesh: {mesh_text} ({int(np.prod(list(mesh_shape.values())))} devices)",
         f"parameters: {t.num_params:,} ({t.params_per_device:,} per device)",
-        f"trainable per device: {t.trainable_per_device:,}" + frozen,
         f"per device: params {t.param_bytes:,} B ({_fmt_bytes(t.param_bytes)})",
-        f"per device: AdamW moments (2 x float32) {t.moment_bytes:,} B ({_fmt_bytes(t.moment_bytes)})",
-        f"per device: float32 master copy {t.master_bytes:,} B ({_fmt_bytes(t.master_bytes)})",
+        f"per device: optimizer state {t.opt_state_bytes:,} B ({_fmt_bytes(t.opt_state_bytes)})",
         f"per device: total params + optimizer state {t.total_bytes:,} B ({_fmt_bytes(t.total_bytes)})",
     ]
     return "\n".join(lines + summary), t

@@ -6,6 +6,11 @@ A train state is a plain dict (what orbax checkpoints):
     step       int32 scalar: optimizer updates done
     rng        uint32 [2]: the run's PRNG key, folded with `step` for anything stochastic
 
+With a mesh, parameters carry their rule-given shardings and the optimizer state is laid out like
+the parameters it mirrors (`sharding.params.optimizer_shardings`: FSDP shards the AdamW moments);
+`step` and `rng` are replicated. `abstract_state` gives the same layout as ShapeDtypeStructs, for
+compiling a step ahead of time without allocating anything.
+
 A batch holds `accum` micro-batches stacked on a leading axis. A stage supplies
 `nll_fn(model, micro) -> (nll [B, T], valid [B, T])`; the step sums the NLL over all valid tokens of
 all micro-batches and divides by their count, so accumulation gives exactly the token mean of the
@@ -22,7 +27,10 @@ import jax
 import jax.numpy as jnp
 import optax
 from flax import nnx
+from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
+from pathor1_jax.sharding.logical import Rules
+from pathor1_jax.sharding.params import abstract_params, optimizer_shardings
 from pathor1_jax.train.optim import FROZEN, param_labels
 
 NllFn = Callable[[nnx.Module, dict], tuple[jax.Array, jax.Array]]
@@ -37,18 +45,66 @@ class StepSpec:
     freeze: tuple[str, ...] = ()
 
 
-def init_state(model: nnx.Module, tx: optax.GradientTransformation, seed: int) -> tuple[nnx.GraphDef, dict]:
-    """`(graphdef, state)` for `model`, whose variables must all be `nnx.Param`."""
+def _split_params(model: nnx.Module) -> tuple[nnx.GraphDef, nnx.State]:
     graphdef, params, rest = nnx.split(model, nnx.Param, ...)
     if jax.tree.leaves(rest):
         names = [".".join(map(str, p)) for p, _ in nnx.to_flat_state(rest)][:5]
         raise ValueError(f"the trainer expects only nnx.Param variables; found others: {names}")
+    return graphdef, params
+
+
+def _mesh_of(params: Any) -> Mesh | None:
+    """The mesh every parameter is laid out on, or None when they are not all `NamedSharding`s."""
+    shardings = [x.sharding for x in jax.tree.leaves(params)]
+    if shardings and all(isinstance(s, NamedSharding) for s in shardings):
+        return shardings[0].mesh
+    return None
+
+
+def init_opt_state(tx: optax.GradientTransformation, params: Any) -> Any:
+    """`tx.init(params)`, born in `optimizer_shardings` when the parameters sit on a mesh."""
+    mesh = _mesh_of(params)
+    if mesh is None:
+        return jax.jit(tx.init)(params)
+    shardings = optimizer_shardings(jax.eval_shape(tx.init, params), params, mesh)
+    return jax.jit(tx.init, out_shardings=shardings)(params)
+
+
+def init_state(model: nnx.Module, tx: optax.GradientTransformation, seed: int) -> tuple[nnx.GraphDef, dict]:
+    """`(graphdef, state)` for `model`, whose variables must all be `nnx.Param`."""
+    graphdef, params = _split_params(model)
     params = nnx.to_pure_dict(params)
     state = {
         "params": params,
-        "opt_state": jax.jit(tx.init)(params),
+        "opt_state": init_opt_state(tx, params),
         "step": jnp.zeros((), jnp.int32),
         "rng": jax.random.PRNGKey(seed),
+    }
+    mesh = _mesh_of(params)
+    if mesh is not None:
+        replicated = NamedSharding(mesh, PartitionSpec())
+        state["step"], state["rng"] = jax.device_put((state["step"], state["rng"]), replicated)
+    return graphdef, state
+
+
+def abstract_state(
+    make_model: Callable[[], nnx.Module], tx: optax.GradientTransformation, mesh: Mesh, rules: Rules
+) -> tuple[nnx.GraphDef, dict]:
+    """`(graphdef, state)` like `init_state` on `mesh` (which may be abstract, e.g. TPU topology
+    devices), with ShapeDtypeStructs carrying the shardings the trainer gives each leaf: the
+    arguments for `jax.jit(step).lower(spec, state, batch)` ahead of time. Nothing is allocated."""
+    graphdef, params = _split_params(nnx.eval_shape(make_model))
+    params = abstract_params(params, mesh, rules)
+    opt_state = jax.eval_shape(tx.init, params)
+    opt_shardings = optimizer_shardings(opt_state, params, mesh)
+    replicated = NamedSharding(mesh, PartitionSpec())
+    state = {
+        "params": params,
+        "opt_state": jax.tree.map(
+            lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), opt_state, opt_shardings
+        ),
+        "step": jax.ShapeDtypeStruct((), jnp.int32, sharding=replicated),
+        "rng": jax.ShapeDtypeStruct((2,), jnp.uint32, sharding=replicated),
     }
     return graphdef, state
 
