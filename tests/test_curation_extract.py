@@ -1,0 +1,195 @@
+"""extract on the generated book (3 born-digital pages) and its scanned, rotated, noisy twin: figures,
+panels, letters, captions, in-line references against the generator's truth; bad PDFs; idempotent
+reruns; the Beam runner's output equals the local runner's.
+
+The book is made and extracted once per module (OCR of a page takes seconds on 2 cores)."""
+
+from __future__ import annotations
+
+import json
+import os
+
+import pytest
+
+pytest.importorskip("rapidocr")
+pytest.importorskip("reportlab")
+
+from pathor1_jax.curation.demo_book import make_book  # noqa: E402
+from pathor1_jax.curation.extract import _iou, extract_pdf  # noqa: E402
+from pathor1_jax.curation.io import read_jsonl  # noqa: E402
+from pathor1_jax.curation.steps import Runner, run_extract, run_filter, run_qc  # noqa: E402
+
+
+def cer(a: str, b: str) -> float:
+    """Character error rate: Levenshtein distance / len(b)."""
+    prev = list(range(len(b) + 1))
+    for i, ca in enumerate(a, 1):
+        cur = [i]
+        for j, cb in enumerate(b, 1):
+            cur.append(min(prev[j] + 1, cur[j - 1] + 1, prev[j - 1] + (ca != cb)))
+        prev = cur
+    return prev[-1] / max(1, len(b))
+
+
+@pytest.fixture(scope="module")
+def book(tmp_path_factory):
+    root = tmp_path_factory.mktemp("book")
+    truth = make_book(str(root))
+    out = root / "extract"
+    results = {name: extract_pdf(str(root / name), str(out)) for name in ("book.pdf", "book_scanned.pdf")}
+    return root, truth, results
+
+
+def expected_units(truth_pages):
+    """(page, figure, panel letter or None, bbox, caption, inline refs) of every pair the truth implies."""
+    out = []
+    for page in truth_pages:
+        for fig in page["figures"]:
+            if fig["panels"]:
+                for p in fig["panels"]:
+                    out.append(
+                        (
+                            page["page"],
+                            fig["figure"],
+                            p["letter"],
+                            p["bbox"],
+                            f"{fig['lead']} {p['text']}",
+                            fig["inline_refs"][p["letter"]],
+                        )
+                    )
+            else:
+                out.append(
+                    (page["page"], fig["figure"], None, fig["bbox"], fig["lead"], fig["inline_refs"][""])
+                )
+    return out
+
+
+@pytest.mark.parametrize("name", ["book.pdf", "book_scanned.pdf"])
+def test_every_pair_found_with_its_box_letter_caption_and_references(book, name):
+    root, truth, results = book
+    records, report = results[name]
+    expected = expected_units(truth[name])
+    got = {(r["page"], r["figure"], r["panel"]): r for r in records}
+    assert set(got) == {(p, f, letter) for p, f, letter, *_ in expected}  # precision and recall 1
+    for page, fig, letter, bbox, caption, refs in expected:
+        r = got[(page, fig, letter)]
+        assert _iou(r["bbox"], bbox) >= 0.8, (fig, letter, r["bbox"], bbox)
+        if name == "book.pdf":
+            assert r["caption"] == caption
+        else:
+            assert cer(r["caption"], caption) <= 0.05, (r["caption"], caption)
+        assert r["inline_refs"] == refs
+        assert os.path.exists(root / "extract" / r["image"]) and r["source"] == name
+    assert report.counts["pairs"] == len(expected) and "panel_mismatch" not in report.counts
+    if name == "book_scanned.pdf":
+        assert report.counts["pages_ocr"] == 1 and report.counts["pages_scanned"] == 1
+
+
+def test_extracted_pairs_are_caption_records(book):
+    from pathor1_jax.data.records import CaptionRecord, parse_record
+
+    root, _, results = book
+    for r in results["book.pdf"][0]:
+        rec = parse_record("caption", r, "pairs.jsonl")
+        assert isinstance(rec, CaptionRecord) and rec.caption == r["caption"]
+
+
+def test_bad_pdfs_are_logged_and_counted_not_fatal(tmp_path):
+    from reportlab.pdfgen.canvas import Canvas
+
+    pdfs = tmp_path / "pdfs"
+    pdfs.mkdir()
+    (pdfs / "corrupt.pdf").write_bytes(b"%PDF-1.4\nnot really a pdf")
+    c = Canvas(str(pdfs / "locked.pdf"), encrypt="secret")
+    c.drawString(100, 700, "Fig. 1 A locked page.")
+    c.save()
+    table = run_extract(str(pdfs), str(tmp_path / "out"))
+    report = json.loads((tmp_path / "out" / "extract_report.json").read_text())
+    assert report["counts"]["bad:unreadable_pdf"] == 2
+    assert sorted(p["where"] for p in report["problems"]) == ["corrupt.pdf", "locked.pdf"]
+    assert "bad:unreadable_pdf" in table and read_jsonl(tmp_path / "out" / "pairs.jsonl") == []
+
+
+def single_figure_pdf(path: str, tiles: list[str]) -> None:
+    """A one-page PDF per tile with a single-panel figure (no letters: extraction needs no OCR)."""
+    from reportlab.lib.utils import ImageReader
+    from reportlab.pdfgen.canvas import Canvas
+
+    c = Canvas(path, invariant=1)
+    for i, tile in enumerate(tiles):
+        c.setFont("Times-Roman", 10)
+        c.drawString(72, 760, f"The lesion is shown in Fig. {i + 1}.1 at low power.")
+        c.drawImage(ImageReader(tile), 72, 500, 200, 200)
+        c.setFont("Helvetica", 8)
+        c.drawString(72, 488, f"Fig. {i + 1}.1 Colonic mucosa with crypts, H&E stained section number {i}.")
+        c.showPage()
+    c.save()
+
+
+@pytest.fixture(scope="module")
+def small_pdfs(tmp_path_factory):
+    from pathor1_jax.curation.demo_book import _dense_tiles
+
+    root = tmp_path_factory.mktemp("small")
+    tiles = _dense_tiles()
+    (root / "pdfs").mkdir()
+    single_figure_pdf(str(root / "pdfs" / "a.pdf"), tiles["ihc_colon"][:2])
+    single_figure_pdf(
+        str(root / "pdfs" / "b.pdf"), tiles["he_skin"][:1] + tiles["ihc_colon"][:1]
+    )  # a duplicate
+    return root
+
+
+def test_rerun_skips_finished_units_and_output_is_stable(small_pdfs, monkeypatch):
+    out = small_pdfs / "rerun"
+    run_extract(str(small_pdfs / "pdfs"), str(out))
+    first = (out / "pairs.jsonl").read_bytes()
+    assert len(first.splitlines()) == 4
+
+    def boom(*a, **k):
+        raise AssertionError("a finished unit ran again")
+
+    monkeypatch.setattr("pathor1_jax.curation.extract.extract_pdf", boom)
+    run_extract(str(small_pdfs / "pdfs"), str(out))
+    assert (out / "pairs.jsonl").read_bytes() == first
+    assert not [p for p in os.listdir(out / "shards") if ".tmp" in p]
+
+
+def test_filter_dedups_the_repeated_tile_and_beam_equals_local(small_pdfs):
+    beam = pytest.importorskip("apache_beam")
+    del beam
+    local, via_beam = small_pdfs / "local", small_pdfs / "beam"
+    run_extract(str(small_pdfs / "pdfs"), str(local / "extract"), Runner("local", 2))
+    run_extract(
+        str(small_pdfs / "pdfs"), str(via_beam / "extract"), Runner("beam", 1, ("--runner=DirectRunner",))
+    )
+    assert (local / "extract" / "pairs.jsonl").read_bytes() == (
+        via_beam / "extract" / "pairs.jsonl"
+    ).read_bytes()
+    run_filter(str(local / "extract"), str(local / "filter"))
+    run_filter(
+        str(via_beam / "extract"), str(via_beam / "filter"), Runner("beam", 1, ("--runner=DirectRunner",))
+    )
+    assert (local / "filter" / "pairs.jsonl").read_bytes() == (
+        via_beam / "filter" / "pairs.jsonl"
+    ).read_bytes()
+    rejected = read_jsonl(local / "filter" / "rejected.jsonl")
+    assert [r["reasons"] for r in rejected] == [["duplicate_exact"]]
+    qc_in = local / "qc_in.jsonl"
+    qc_in.write_text(
+        json.dumps(
+            {
+                "id": "c1",
+                "messages": [
+                    {"role": "user", "content": "q"},
+                    {"role": "assistant", "content": "<think>a b c d e f g h i j</think><answer>B</answer>"},
+                ],
+                "task": "reasoning",
+                "caption": "x",
+            }
+        )
+        + "\n"
+    )
+    run_qc(str(qc_in), str(local / "qc"))
+    run_qc(str(qc_in), str(via_beam / "qc"), Runner("beam", 1, ("--runner=DirectRunner",)))
+    assert (local / "qc" / "chat.jsonl").read_bytes() == (via_beam / "qc" / "chat.jsonl").read_bytes()
