@@ -25,7 +25,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "shardings": ("pathor1_jax.commands.shardings", "show each parameter's sharding and memory per device"),
     "train": ("pathor1_jax.commands.train", "train one stage (CPT, SFT) from a config file"),
     "eval": ("pathor1_jax.commands.eval", "evaluate: MCQ accuracy, CLIP zero-shot / retrieval / few-shot"),
-    "curate": ("pathor1_jax.commands.curate", "data curation: PDFs -> pairs -> subfields, difficulty, CoT, QC, RL MCQs"),
+    "curate": ("pathor1_jax.commands.curate", "data curation: PDFs -> pairs -> subfields, CoT, QC, RL MCQs"),
     "demo": ("pathor1_jax.commands.demo", "the end-to-end demo on the embedded data (CPU, minutes)"),
 }
 

@@ -64,7 +64,8 @@ def test_caption_label_and_panel_caption():
 
 def test_sentences_and_citations():
     text = (
-        "The crypts are regular (Fig. 13.1A). Stain is brown\n(Fig. 13.1B), e.g. in cells. See Figs. 13.2A and B. "
+        "The crypts are regular (Fig. 13.1A). Stain is brown\n(Fig. 13.1B), e.g. in cells. "
+        "See Figs. 13.2A and B. "
         "Compare Figure 13.3 with 13.4. Panels A–C of Fig. 2.1 differ. 见图13-19A。其他。"
     )
     s = sentences(text)
