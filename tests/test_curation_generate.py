@@ -225,7 +225,7 @@ def test_largest_remainder_and_allocation_by_hand():
         + [{"subfield": "IHC", "caption": "colon"}] * 3
         + [{"subfield": "FISH", "caption": "x"}]
     )
-    # subfields 6/3/1 of n=5 -> 3, 1.5, 0.5 -> 3, 1, 1 (FISH wins the .5 tie by name); histo 3 over 4:2 -> 2, 1
+    # subfields 6/3/1 of n=5 -> 3, 1.5, 0.5 -> 3, 1, 1 (FISH wins the .5 tie by name); histo 4:2 of 3 -> 2, 1
     assert allocate(cands, 5) == {
         ("histopathology", "gastrointestinal"): 2,
         ("histopathology", "skin"): 1,
