@@ -14,21 +14,11 @@ import pytest
 pytest.importorskip("rapidocr")
 pytest.importorskip("reportlab")
 
+from pathor1_jax.curation.demo import _cer as cer  # noqa: E402
 from pathor1_jax.curation.demo_book import make_book  # noqa: E402
 from pathor1_jax.curation.extract import _iou, extract_pdf  # noqa: E402
 from pathor1_jax.curation.io import read_jsonl  # noqa: E402
 from pathor1_jax.curation.steps import Runner, run_extract, run_filter, run_qc  # noqa: E402
-
-
-def cer(a: str, b: str) -> float:
-    """Character error rate: Levenshtein distance / len(b)."""
-    prev = list(range(len(b) + 1))
-    for i, ca in enumerate(a, 1):
-        cur = [i]
-        for j, cb in enumerate(b, 1):
-            cur.append(min(prev[j] + 1, cur[j - 1] + 1, prev[j - 1] + (ca != cb)))
-        prev = cur
-    return prev[-1] / max(1, len(b))
 
 
 @pytest.fixture(scope="module")

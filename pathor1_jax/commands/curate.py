@@ -7,6 +7,7 @@
     pathor1 curate generate --in cur/cluster --out cur/generate --llm-url URL --llm-model NAME
     pathor1 curate qc       --in cur/generate --out cur/qc
     pathor1 curate sample   --in cur/qc      --out cur/rl [--n 10000]
+    pathor1 curate demo     --out runs/demo/curation [--llm-url URL --llm-model NAME]
 
 Every step is idempotent (a rerun skips finished work) and ends with a summary table; bad input is
 logged with its file/page/id in `<out>/<step>_report.json`. The LLM key is read from the
@@ -21,6 +22,7 @@ from pathor1_jax.errors import UserError
 from pathor1_jax.flags import positive_int
 
 STEPS = ("extract", "filter", "classify", "cluster", "generate", "qc", "sample")
+DEMO_HELP = "the generated demo book through the steps, pairs found vs the generator's truth"
 
 
 def _llm_flags(p: argparse.ArgumentParser, required: bool) -> None:
@@ -86,6 +88,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
             p.add_argument("--n", type=positive_int, default=10000, help="RL MCQs (paper: 10k)")
             p.add_argument("--seed", type=int, default=0)
 
+    p = sub.add_parser("demo", help=DEMO_HELP, description=DEMO_HELP)
+    p.add_argument(
+        "--out", default="runs/demo/curation", help="output directory (default: runs/demo/curation)"
+    )
+    p.add_argument("--workers", type=positive_int, default=2, help="extract processes (default 2)")
+    _llm_flags(p, required=False)
+
 
 def run(args: argparse.Namespace) -> int:
     from pathor1_jax.curation import steps
@@ -103,6 +112,11 @@ def run(args: argparse.Namespace) -> int:
             raise UserError("--llm-url needs --llm-model")
         llm = steps.LLMSpec(args.llm_url, args.llm_model, args.llm_key_env, args.concurrency)
     try:
+        if args.step == "demo":
+            from pathor1_jax.curation.demo import run_demo
+
+            run_demo(args.out, args.workers, llm)
+            return 0
         if args.step == "extract":
             table = steps.run_extract(
                 args.inp, args.out, runner, llm, layout_dpi=args.layout_dpi, crop_dpi=args.crop_dpi
