@@ -116,7 +116,7 @@ def run_demo(out: str, workers: int = 2, llm: Any = None) -> dict[str, Any]:
         tables["generate"] = run_generate(os.path.join(out, "cluster"), os.path.join(out, "generate"), llm)
         tables["qc"] = run_qc(os.path.join(out, "generate"), os.path.join(out, "qc"))
         tables["sample"] = run_sample(os.path.join(out, "qc"), os.path.join(out, "rl"))
-    for name, text in tables.items():
+    for text in tables.values():
         print(f"\n{text}")
     print(
         "\npairs found vs the generator's truth (IoU >= 0.8 with its box; caption CER; in-line references):"
