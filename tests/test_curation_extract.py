@@ -183,3 +183,31 @@ def test_filter_dedups_the_repeated_tile_and_beam_equals_local(small_pdfs):
     run_qc(str(qc_in), str(local / "qc"))
     run_qc(str(qc_in), str(via_beam / "qc"), Runner("beam", 1, ("--runner=DirectRunner",)))
     assert (local / "qc" / "chat.jsonl").read_bytes() == (via_beam / "qc" / "chat.jsonl").read_bytes()
+
+
+def test_llm_fallback_for_inline_refs_keeps_only_substrings(tmp_path):
+    pytest.importorskip("openai")
+    from fake_openai import FakeOpenAI, Reply
+    from reportlab.lib.utils import ImageReader
+    from reportlab.pdfgen.canvas import Canvas
+
+    from pathor1_jax.curation.demo_book import _dense_tiles
+    from pathor1_jax.curation.steps import LLMSpec
+
+    pdfs = tmp_path / "pdfs"
+    pdfs.mkdir()
+    c = Canvas(str(pdfs / "noref.pdf"), invariant=1)
+    c.setFont("Times-Roman", 10)
+    c.drawString(72, 760, "The picture below shows regular colonic crypts. Nothing else is said here.")
+    c.drawImage(ImageReader(_dense_tiles()["ihc_colon"][0]), 72, 500, 200, 200)
+    c.setFont("Helvetica", 8)
+    c.drawString(72, 488, "Fig. 7.1 Colonic mucosa with crypts, FHL2 immunostain.")
+    c.save()
+    quotes = '["The picture below shows regular colonic crypts.", "An invented sentence about Fig. 7.1."]'
+    with FakeOpenAI([Reply(f"<think>Only the first one.</think>{quotes}")]) as server:
+        run_extract(str(pdfs), str(tmp_path / "out"), llm=LLMSpec(server.url, "fake"))
+        assert server.count == 1 and "refers to figure 7.1" in server.requests[0]["messages"][0]["content"]
+    (pair,) = read_jsonl(tmp_path / "out" / "pairs.jsonl")
+    assert pair["inline_refs"] == ["The picture below shows regular colonic crypts."]
+    counts = json.loads((tmp_path / "out" / "extract_report.json").read_text())["counts"]
+    assert counts["llm_refs_accepted"] == 1 and counts["llm_refs_rejected"] == 1

@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import csv
 import json
-import os
 import re
 from functools import cache
 from importlib import resources
@@ -107,21 +106,22 @@ def read_corrections(path: str, known: set[str]) -> dict[str, str]:
 
 
 def write_review(path: str, records: list[dict[str, Any]]) -> None:
+    from .io import write_csv
+
     rows = sorted(records, key=lambda r: r["subfield_confidence"])
-    tmp = f"{path}.tmp"
-    with open(tmp, "w", newline="", encoding="utf-8") as f:
-        w = csv.writer(f)
-        w.writerow(["id", "image", "caption", "weak_label", "predicted", "confidence", "corrected"])
-        for r in rows:
-            w.writerow(
-                [
-                    r["id"],
-                    r["image"],
-                    r["caption"],
-                    r.get("weak_label") or "",
-                    r["subfield"],
-                    f"{r['subfield_confidence']:.3f}",
-                    "",
-                ]
-            )
-    os.replace(tmp, path)
+    write_csv(
+        path,
+        ["id", "image", "caption", "weak_label", "predicted", "confidence", "corrected"],
+        [
+            [
+                r["id"],
+                r["image"],
+                r["caption"],
+                r.get("weak_label") or "",
+                r["subfield"],
+                f"{r['subfield_confidence']:.3f}",
+                "",
+            ]
+            for r in rows
+        ],
+    )

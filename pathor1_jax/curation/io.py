@@ -53,6 +53,18 @@ def write_jsonl(path: str | os.PathLike, rows: Iterable[dict[str, Any]]) -> None
     atomic_write_bytes(path, dumps_jsonl(rows))
 
 
+def write_csv(path: str | os.PathLike, header: Sequence[str], rows: Iterable[Sequence[Any]]) -> None:
+    """A CSV with a header row, written to a temporary file and renamed."""
+    import csv
+    import io
+
+    buf = io.StringIO()
+    w = csv.writer(buf)
+    w.writerow(header)
+    w.writerows(rows)
+    atomic_write_bytes(path, buf.getvalue().encode("utf-8"))
+
+
 def read_jsonl(path: str | os.PathLike) -> list[dict[str, Any]]:
     """The JSON objects of a JSONL file; a bad line raises ValueError naming file and line."""
     rows = []

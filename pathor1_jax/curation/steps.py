@@ -19,7 +19,6 @@ Image paths in every output are relative to that output's directory.
 from __future__ import annotations
 
 import collections
-import csv
 import dataclasses
 import glob
 import os
@@ -38,6 +37,7 @@ from .io import (
     record_units,
     run_local,
     step_input,
+    write_csv,
 )
 
 RUNNERS = ("local", "beam")
@@ -323,22 +323,14 @@ def run_cluster(
             members = [rows[idx[j]] for j in np.flatnonzero(labels == c)][:samples_per_cluster]
             samples += [(sub, c, level_of[c], m) for m in members]
     kept = rebase_images([r for r in result if r is not None], src, out)
-    with open(os.path.join(out, "cluster_samples.csv.tmp"), "w", newline="", encoding="utf-8") as f:
-        w = csv.writer(f)
-        w.writerow(["subfield", "cluster", "difficulty", "id", "image", "caption", "confirmed"])
-        for sub, c, level, m in samples:
-            w.writerow(
-                [
-                    sub,
-                    c,
-                    level,
-                    m["id"],
-                    os.path.relpath(os.path.join(src, m["image"]), out),
-                    m["caption"],
-                    "",
-                ]
-            )
-    os.replace(os.path.join(out, "cluster_samples.csv.tmp"), os.path.join(out, "cluster_samples.csv"))
+    write_csv(
+        os.path.join(out, "cluster_samples.csv"),
+        ["subfield", "cluster", "difficulty", "id", "image", "caption", "confirmed"],
+        [
+            [sub, c, level, m["id"], os.path.relpath(os.path.join(src, m["image"]), out), m["caption"], ""]
+            for sub, c, level, m in samples
+        ],
+    )
     return finish(out, "cluster", report, {"pairs.jsonl": kept})
 
 
@@ -406,12 +398,8 @@ def run_qc(inp: str, out: str, runner: Runner = Runner(), per_shard: int = 1000,
             if rule == "schema":
                 report.bad("schema", str(r.get("id")), why)
     table = report_rows(checked)
-    tmp = os.path.join(out, "qc_report.csv.tmp")
-    with open(tmp, "w", newline="", encoding="utf-8") as f:
-        w = csv.DictWriter(f, ["subfield", "difficulty", "task", "total", "passed", *RULES])
-        w.writeheader()
-        w.writerows(table)
-    os.replace(tmp, os.path.join(out, "qc_report.csv"))
+    columns = ["subfield", "difficulty", "task", "total", "passed", *RULES]
+    write_csv(os.path.join(out, "qc_report.csv"), columns, [[row[c] for c in columns] for row in table])
     passed = [{k: v for k, v in r.items() if k != "qc"} for r in checked if not r["qc"]]
     report.count("in", len(checked))
     report.count("passed", len(passed))
@@ -445,13 +433,11 @@ def run_sample(inp: str, out: str, n: int = 10000, seed: int = 0) -> str:
     letters = collections.Counter(r["answer"] for r in rl)
     for k, v in sorted(letters.items()):
         report.count(f"answer:{k}", v)
-    tmp = os.path.join(out, "strata.csv.tmp")
-    with open(tmp, "w", newline="", encoding="utf-8") as f:
-        w = csv.writer(f)
-        w.writerow(["subfield", "tissue_system", "allocated"])
-        for (sub, system), m in sorted(alloc.items()):
-            w.writerow([sub, system, m])
-    os.replace(tmp, os.path.join(out, "strata.csv"))
+    write_csv(
+        os.path.join(out, "strata.csv"),
+        ["subfield", "tissue_system", "allocated"],
+        [[sub, system, m] for (sub, system), m in sorted(alloc.items())],
+    )
     return finish(
         out,
         "sample",
