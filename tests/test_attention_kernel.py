@@ -130,15 +130,40 @@ def test_select_impl_per_backend_and_fallbacks(caplog, monkeypatch):
     assert select_impl(4096, 4096, 128, backend="tpu") == "pallas_tpu"
     assert select_impl(4096, 4096, 128, backend="gpu") == "pallas_gpu"
     assert select_impl(1000, 1000, 64, backend="gpu") == "pallas_gpu"  # padded to the block
+    assert select_impl(4096, 4096, 80, backend="tpu") == "pallas_tpu"  # Qwen2.5-VL vision head dim
     with caplog.at_level(logging.WARNING, logger=attention_mod.__name__):
-        assert select_impl(4096, 4096, 80, backend="tpu") == "xla"  # Qwen2.5-VL vision head dim
-        assert select_impl(4096, 4096, 80, backend="tpu") == "xla"
+        assert select_impl(4096, 4096, 96, backend="tpu") == "xla"
+        assert select_impl(4096, 4096, 96, backend="tpu") == "xla"
         assert select_impl(32, 32, 128, backend="gpu") == "xla"
         assert select_impl(16384, 16384, 128, backend="tpu") == "pallas_tpu"  # bf16: 20 MiB of VMEM
         assert select_impl(65536, 65536, 128, backend="tpu") == "xla"
     messages = [r.getMessage() for r in caplog.records]
     assert len(messages) == 3  # each reason logged once
-    assert "head_dim 80" in messages[0] and "shorter than one" in messages[1] and "VMEM" in messages[2]
+    assert "head_dim 96" in messages[0] and "shorter than one" in messages[1] and "VMEM" in messages[2]
+
+
+def test_auto_follows_the_platform_of_the_mesh_in_context():
+    """`target_platform()`: the abstract mesh JAX tracks, then `use_rules`' mesh, then the backend."""
+    from jax.sharding import AbstractDevice, AbstractMesh, AxisType, use_abstract_mesh
+
+    from pathor1_jax.kernels.platform import target_platform
+    from pathor1_jax.sharding.logical import use_rules
+    from pathor1_jax.sharding.mesh import make_mesh
+    from pathor1_jax.sharding.rules import fsdp
+
+    assert target_platform() == jax.default_backend() == "cpu"
+    with use_rules(make_mesh({"fsdp": -1}), fsdp()):
+        assert target_platform() == "cpu" and select_impl(4096, 4096, 128) == "xla"
+    targets = (("cuda", "NVIDIA H100", "pallas_gpu"), ("tpu", "TPU v5 lite", "pallas_tpu"))
+    for platform, kind, kernel in targets:
+        device = AbstractDevice(device_kind=kind, num_cores=1, platform=platform)
+        mesh = AbstractMesh((1,), ("fsdp",), axis_types=(AxisType.Explicit,), abstract_device=device)
+        with use_abstract_mesh(mesh):
+            assert select_impl(4096, 4096, 128) == kernel
+            with use_rules(mesh, fsdp()):
+                assert select_impl(4096, 4096, 128) == kernel
+        with use_rules(mesh, fsdp()):  # a device-bearing mesh named only by the rules counts too
+            assert select_impl(4096, 4096, 128) == kernel
 
 
 def test_explicit_pallas_impl_uses_interpret_switch(monkeypatch):
@@ -156,7 +181,7 @@ def test_bad_inputs_raise():
         flash_attention(q, k, v, interpret=True)
     with pytest.raises(ValueError, match="unknown impl 'flash'"):
         attention(q, k, v, impl="flash")
-    with pytest.raises(ValueError, match="impl 'pallas_gpu' needs a GPU"):
+    with pytest.raises(ValueError, match="impl 'pallas_gpu' needs a GPU .* is 'cpu'"):
         attention(q, k, v, impl="pallas_gpu")
     q, k, v, _ = qkvw(1, 8, 12, 2, 2, 16)
     with pytest.raises(ValueError, match="self segment_ids need T == S"):

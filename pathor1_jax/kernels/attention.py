@@ -18,6 +18,7 @@ import jax.numpy as jnp
 from jax.sharding import PartitionSpec
 
 from pathor1_jax.kernels.flash_attention import flash_attention, tpu_vmem_bytes
+from pathor1_jax.kernels.platform import target_platform
 from pathor1_jax.sharding import logical
 
 logger = logging.getLogger(__name__)
@@ -85,9 +86,12 @@ def attention_reference(
 
 
 IMPLS = ("auto", "xla", "pallas_tpu", "pallas_gpu")
-# Kernel tiles per backend (block_q, block_k) and the head dims each kernel supports.
+# Kernel tiles per backend (block_q, block_k) and the head dims each kernel supports. TPU: the head
+# dims of our models (CLIP 64, Qwen2.5-VL vision 80, text 128) and 256, each compiled by Mosaic
+# forward and backward in tests/test_attention_tpu_compile.py (below 128 Mosaic pads the lanes).
 _BLOCKS = {"pallas_tpu": (128, 128), "pallas_gpu": (64, 64)}
-_HEAD_DIMS = {"pallas_tpu": (128, 256), "pallas_gpu": (16, 32, 64, 128, 256)}
+_HEAD_DIMS = {"pallas_tpu": (64, 80, 128, 256), "pallas_gpu": (16, 32, 64, 128, 256)}
+_KERNELS = {"tpu": "pallas_tpu", "gpu": "pallas_gpu"}
 # The TPU kernels hold one head's whole K/V (or Q/dO) row in VMEM; longer rows run xla.
 TPU_VMEM_BUDGET = 64 * 2**20
 _logged: set[str] = set()
@@ -105,11 +109,9 @@ def _log_once(message: str) -> None:
 
 
 def select_impl(q_len: int, kv_len: int, head_dim: int, backend: str | None = None, itemsize: int = 2) -> str:
-    """The implementation `impl="auto"` runs for these shapes on `backend` (default: JAX's)."""
-    backend = backend or jax.default_backend()
-    kernel = {"tpu": "pallas_tpu", "gpu": "pallas_gpu", "cuda": "pallas_gpu", "rocm": "pallas_gpu"}.get(
-        backend
-    )
+    """The implementation `impl="auto"` runs for these shapes on platform `backend` ("cpu", "gpu",
+    "tpu"; default: `platform.target_platform()`, the devices of the mesh in context)."""
+    kernel = _KERNELS.get(backend or target_platform())
     if kernel is None:
         return "xla"
     if head_dim not in _HEAD_DIMS[kernel]:
@@ -143,11 +145,12 @@ def attention(
     """Dispatch to an attention implementation (see module doc for the masking semantics).
 
     impl: "xla" (plain jnp), "pallas_tpu" (Mosaic TPU flash kernel), "pallas_gpu" (Triton flash
-    kernel) or "auto": the kernel for `jax.default_backend()` when its constraints hold (head dim,
-    at least one block of length, the TPU VMEM budget; other lengths are padded), else xla (the
-    reason is logged once).
-    CPU always runs xla under "auto". Set `PATHOR1_PALLAS_INTERPRET=1` to run an explicitly chosen
-    Pallas impl in interpret mode (tests on CPU).
+    kernel) or "auto": the kernel for the platform the code is compiled for (`target_platform()`:
+    the devices of the mesh in context, so an ahead-of-time compile for a TPU topology from a CPU
+    host gets the TPU kernel; else `jax.default_backend()`) when its constraints hold (head dim, at
+    least one block of length, the TPU VMEM budget; other lengths are padded), else xla (the reason
+    is logged once). CPU always runs xla under "auto". A Pallas impl needs its platform in
+    `target_platform()`, or `PATHOR1_PALLAS_INTERPRET=1` to run it interpreted (tests on CPU).
     """
     if impl not in IMPLS:
         raise ValueError(f"attention: unknown impl {impl!r}; expected one of {IMPLS}")
@@ -155,19 +158,19 @@ def attention(
         impl = select_impl(q.shape[1], k.shape[1], q.shape[3], itemsize=q.dtype.itemsize)
     if impl == "xla":
         return attention_reference(q, k, v, segment_ids=segment_ids, causal=causal, sm_scale=sm_scale)
-    interpret = pallas_interpret()
-    platform = {"pallas_tpu": ("tpu",), "pallas_gpu": ("gpu", "cuda", "rocm")}[impl]
-    if jax.default_backend() not in platform and not interpret:
+    platform, target = impl.removeprefix("pallas_"), target_platform()
+    interpret = target != platform and pallas_interpret()
+    if target != platform and not interpret:
         raise ValueError(
-            f"attention: impl {impl!r} needs a {platform[0].upper()} (backend is {jax.default_backend()!r}); "
-            "set PATHOR1_PALLAS_INTERPRET=1 to interpret it"
+            f"attention: impl {impl!r} needs a {platform.upper()} (the mesh in context / backend is "
+            f"{target!r}); set PATHOR1_PALLAS_INTERPRET=1 to interpret it"
         )
     block_q, block_k = _BLOCKS[impl]
     kernel = functools.partial(
         flash_attention,
         causal=causal,
         sm_scale=sm_scale,
-        backend=impl.removeprefix("pallas_"),
+        backend=platform,
         block_q=block_q,
         block_k=block_k,
         interpret=interpret,

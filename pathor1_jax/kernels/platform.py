@@ -1,0 +1,43 @@
+"""Which platform traced code is compiled for: the mesh in context, not the host.
+
+Kernels choose their implementation (`impl="auto"`) by the devices the computation will run on.
+Compiling ahead of time for a TPU topology from a CPU host (`jax.experimental.topologies`) puts TPU
+devices in the mesh while `jax.default_backend()` still says "cpu", so the mesh is asked first:
+
+1. the abstract mesh JAX tracks (`jax.set_mesh(mesh)`, `jax.sharding.use_abstract_mesh`, and inside
+   `shard_map`): its `abstract_device.platform`;
+2. the mesh of `sharding.logical.use_rules(mesh, rules)`: its devices' platform;
+3. otherwise `jax.default_backend()`.
+"""
+
+from __future__ import annotations
+
+import jax
+from jax.sharding import AbstractMesh, Mesh
+
+from pathor1_jax.sharding import logical
+
+PLATFORMS = ("cpu", "gpu", "tpu")
+_ALIASES = {"cuda": "gpu", "rocm": "gpu"}
+
+
+def _normalise(platform: str) -> str:
+    return _ALIASES.get(platform, platform)
+
+
+def mesh_platform(mesh: Mesh | AbstractMesh) -> str | None:
+    """The platform of `mesh`'s devices ("cpu", "gpu", "tpu"), or None for a device-free mesh."""
+    if isinstance(mesh, AbstractMesh):
+        device = mesh.abstract_device
+        return None if device is None else _normalise(device.platform)
+    if mesh.devices.size == 0:
+        return None
+    return _normalise(mesh.devices.flat[0].platform)
+
+
+def target_platform() -> str:
+    """"cpu", "gpu" or "tpu": what the code being traced now will be compiled for (module doc)."""
+    platform = mesh_platform(jax.sharding.get_abstract_mesh())
+    if platform is None and (ctx := logical.current_rules()) is not None:
+        platform = mesh_platform(ctx[0])
+    return platform or _normalise(jax.default_backend())
