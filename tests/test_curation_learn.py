@@ -125,3 +125,34 @@ def test_classify_review_and_corrected_retrain_then_cluster(demo_pairs, tmp_path
         assert by_level["easy"] <= by_level["medium"] <= by_level["hard"]  # our ordering rule
     with open(tmp_path / "k" / "cluster_samples.csv", newline="") as f:
         assert len(list(csv.DictReader(f))) == 36
+
+
+@pytest.mark.multidevice
+def test_kmeans_and_head_sharded_over_8_devices_equal_one_device():
+    from multidevice import run_on_8_devices
+
+    out = run_on_8_devices("""
+        import json, numpy as np, jax
+        from pathor1_jax.curation.jax_ops import HeadConfig, default_mesh, kmeans, train_head, shard_rows
+        rng = np.random.default_rng(0)
+        centres = rng.normal(0, 5, (3, 16))
+        x = np.concatenate([c + rng.normal(0, 1, (n, 16)) for c, n in zip(centres, (50, 80, 31))]).astype(np.float32)
+        y = np.repeat([0, 1, 2], [50, 80, 31])
+        mesh8 = default_mesh()
+        mesh1 = jax.sharding.Mesh(np.asarray(jax.devices()[:1]).reshape(1, 1, 1), mesh8.axis_names)
+        xs, w = shard_rows(x, mesh8)
+        res = {"devices": mesh8.devices.size, "rows": xs.shape[0], "shards": len(xs.addressable_shards)}
+        for name, mesh in (("m8", mesh8), ("m1", mesh1)):
+            c, labels, inertia = kmeans(x, 3, mesh, n_init=2, iters=20)
+            W, b, losses = train_head(x, y, 3, mesh, HeadConfig(steps=50))
+            res[name] = {"labels": labels.tolist(), "inertia": inertia, "W": W.tolist(), "loss": losses[-1]}
+        print(json.dumps(res))
+    """)
+    res = __import__("json").loads(out.strip().splitlines()[-1])
+    assert (res["devices"], res["rows"], res["shards"]) == (8, 168, 8)  # 161 rows padded to 8 x 21
+    from sklearn.metrics import adjusted_rand_score
+
+    assert adjusted_rand_score(res["m8"]["labels"], res["m1"]["labels"]) == 1.0
+    assert res["m8"]["inertia"] == pytest.approx(res["m1"]["inertia"], rel=1e-5)
+    np.testing.assert_allclose(res["m8"]["W"], res["m1"]["W"], atol=1e-4)
+    assert res["m8"]["loss"] == pytest.approx(res["m1"]["loss"], rel=1e-3, abs=1e-5)

@@ -157,3 +157,22 @@ def test_caption_growth_pairing_and_two_column_body():
         "Left column text cites (Fig. 3.1A) here. Body again, far below. "
         "Right column text that continues Right column second line."
     )
+
+
+def test_curate_cli_reports_bad_flags_and_input_as_one_line_exit_2(tmp_path, capsys):
+    from pathor1_jax.cli import main
+
+    assert main(["curate", "extract", "--in", str(tmp_path / "none"), "--out", str(tmp_path / "o")]) == 2
+    assert (
+        capsys.readouterr().err.strip()
+        == f"pathor1 curate: error: {tmp_path / 'none'}: no such file or directory"
+    )
+    pdf = tmp_path / "a.pdf"
+    pdf.write_bytes(b"%PDF-1.4")
+    args = ["curate", "extract", "--in", str(pdf), "--out", str(tmp_path / "o")]
+    assert main([*args, "--layout-dpi", "150", "--crop-dpi", "200"]) == 2
+    assert "--crop-dpi 200.0 must be at least twice --layout-dpi 150.0" in capsys.readouterr().err
+    assert main([*args, "--", "--runner=DirectRunner"]) == 2
+    assert "are Beam flags: add --runner beam" in capsys.readouterr().err
+    assert main(["curate", "filter", "--in", str(tmp_path), "--out", str(tmp_path / "f")]) == 2
+    assert "pairs.jsonl does not exist" in capsys.readouterr().err
