@@ -136,7 +136,8 @@ def test_kmeans_and_head_sharded_over_8_devices_equal_one_device():
         from pathor1_jax.curation.jax_ops import HeadConfig, default_mesh, kmeans, train_head, shard_rows
         rng = np.random.default_rng(0)
         centres = rng.normal(0, 5, (3, 16))
-        x = np.concatenate([c + rng.normal(0, 1, (n, 16)) for c, n in zip(centres, (50, 80, 31))]).astype(np.float32)
+        x = np.concatenate([c + rng.normal(0, 1, (n, 16)) for c, n in zip(centres, (50, 80, 31))])
+        x = x.astype(np.float32)
         y = np.repeat([0, 1, 2], [50, 80, 31])
         mesh8 = default_mesh()
         mesh1 = jax.sharding.Mesh(np.asarray(jax.devices()[:1]).reshape(1, 1, 1), mesh8.axis_names)
