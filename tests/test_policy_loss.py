@@ -172,3 +172,40 @@ def test_bad_inputs_raise(batch):
         token_logprobs(hidden, lm_head.T, tokens)
     with pytest.raises(ValueError, match="impl 'pallas' needs a TPU"):
         token_logprobs(hidden, lm_head, tokens, impl="pallas")
+
+
+# ------------------------------------------------------------------------------ temperature
+
+TEMPERATURE = 0.7
+
+
+@pytest.mark.parametrize("impl", ["xla", "chunked", "pallas"])
+def test_temperature_log_probs_and_loss_match_the_tempered_softmax(batch, impl, small_tiles):
+    # log π_T(y) = log_softmax(h·W / T)[y], computed here in float64 numpy; the loss and its gradients
+    # at T = 0.7 against the jnp reference fed pre-divided hidden states.
+    hidden, lm_head, tokens, old, ref, advantages, mask = batch
+    logits = np.asarray(hidden, np.float64) @ np.asarray(lm_head, np.float64) / TEMPERATURE
+    logits -= logits.max(-1, keepdims=True)
+    expected = np.take_along_axis(
+        logits - np.log(np.exp(logits).sum(-1, keepdims=True)), np.asarray(tokens)[..., None], -1
+    )[..., 0]
+    out = token_logprobs(hidden, lm_head, tokens, temperature=TEMPERATURE, impl=impl)
+    np.testing.assert_allclose(out, expected, rtol=1e-5, atol=1e-5)
+    assert not np.allclose(out, token_logprobs(hidden, lm_head, tokens, impl="xla"), atol=1e-3)
+    kwargs = dict(eps_low=EPS_LOW, eps_high=EPS_HIGH, ref_logprobs=ref, beta=0.04, agg="seq-mean-token-mean")
+
+    def fused(h, w):
+        return clipped_policy_loss(
+            h, w, tokens, old, advantages, mask, temperature=TEMPERATURE, impl=impl, **kwargs
+        )
+
+    def reference(h, w):
+        return clipped_policy_loss_reference(h / TEMPERATURE, w, tokens, old, advantages, mask, **kwargs)
+
+    (loss, _), grads = jax.value_and_grad(fused, argnums=(0, 1), has_aux=True)(hidden, lm_head)
+    (ref_loss, _), ref_grads = jax.value_and_grad(reference, argnums=(0, 1), has_aux=True)(hidden, lm_head)
+    assert abs(float(loss - ref_loss)) <= TOL * abs(float(ref_loss))
+    for grad, ref_grad in zip(grads, ref_grads, strict=True):
+        assert max_rel_err(grad, ref_grad) <= TOL
+    with pytest.raises(ValueError, match="temperature must be > 0"):
+        token_logprobs(hidden, lm_head, tokens, temperature=0.0)

@@ -41,6 +41,23 @@ def test_hand_computed_advantages():
     )
 
 
+def test_unbiased_std_is_verls_by_hand():
+    # [1, 0, 0, 0]: sample std (ddof 1) = sqrt((9/16 + 3/16) / 3) = 1/2 → A = 3/2, −1/2.
+    # [1, -1]: sample std √2 → ±1/√2 (population gives ±1). [1, 0 × 7]: 2.4749, −0.3536 (verl).
+    adv = group_advantages(jnp.array([[1.0, 0.0, 0.0, 0.0]]), eps=0.0, std="unbiased")
+    np.testing.assert_allclose(adv, [[1.5, -0.5, -0.5, -0.5]], rtol=1e-6)
+    pair = group_advantages(jnp.array([[1.0, -1.0]]), eps=0.0, std="unbiased")
+    np.testing.assert_allclose(pair, [[0.5**0.5, -(0.5**0.5)]], rtol=1e-6)
+    adv8 = group_advantages(jnp.array([[1.0] + [0.0] * 7]), eps=0.0, std="unbiased")
+    np.testing.assert_allclose(adv8[0, :2], [7 / 8 / math.sqrt(1 / 8), -1 / 8 / math.sqrt(1 / 8)], rtol=1e-6)
+    np.testing.assert_allclose(adv8[0, :2], [2.4749, -0.35355], rtol=1e-4)
+    # all-equal and G = 1 groups stay exact zeros
+    np.testing.assert_array_equal(group_advantages(jnp.array([[0.7]]), std="unbiased"), [[0.0]])
+    np.testing.assert_array_equal(group_advantages(jnp.ones((2, 3)), std="unbiased"), np.zeros((2, 3)))
+    with pytest.raises(ValueError, match="advantage std"):
+        group_advantages(jnp.ones((1, 2)), std="sample")
+
+
 def test_groups_are_independent():
     rows = jnp.array([[1.0, 0.0, 0.0, 0.0], [5.0, 5.0, 5.0, 5.0], [2.0, 4.0, 6.0, 8.0]])
     adv = group_advantages(rows)

@@ -12,7 +12,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from pathor1_jax.rl.losses import dapo_loss, group_token_weights, grpo_loss, k3_kl
+from pathor1_jax.rl.losses import dapo_loss, grpo_loss, k3_kl
 
 IMPLS = ["xla", "chunked"]
 V = 4
@@ -137,9 +137,48 @@ def test_dapo_averages_per_group_token_means():
     assert float(loss) == pytest.approx(-(group0 + group1) / 2, rel=1e-5)
 
 
-def test_group_token_weights():
-    mask = jnp.array([[1, 1], [1, 1], [1, 0], [0, 0], [0, 0], [0, 0]])
-    # group tokens 4, 1, 0; total 5 over 2 real groups: w = 5 / (2 · 4), 5 / (2 · 1), 0
-    np.testing.assert_allclose(group_token_weights(mask, 2), [5 / 8, 5 / 8, 2.5, 2.5, 0, 0], rtol=1e-6)
-    with pytest.raises(ValueError, match="whole number of groups"):
-        group_token_weights(mask, 4)
+def test_the_three_aggregations_by_hand():
+    # Groups of G = 2 with 4, 1 and 0 real tokens (the last: padding of a short batch); all ratios 1,
+    # so each token's objective is its sequence's advantage.
+    ratios = np.ones((6, 2))
+    mask = np.array([[1, 1], [1, 1], [1, 0], [0, 0], [0, 0], [0, 0]])
+    adv = np.array([1.0, -0.5, 2.0, -2.0, 7.0, 7.0])
+    hidden, head, tokens, _, old = make_inputs(ratios, seed=3)
+    args = as_jnp(hidden, head, tokens, old, adv, mask)
+    expected = {
+        "group-mean-token-mean": ((1 + 1 - 0.5 - 0.5) / 4 + 2.0) / 2,  # Eq. 2, per group
+        "token-mean": (1 + 1 - 0.5 - 0.5 + 2.0) / 5,  # verl: every token of the mini-batch pooled
+        "seq-mean-token-mean": (1.0 - 0.5 + 2.0) / 3,  # Eq. 1: responses without tokens skipped
+    }
+    for agg, value in expected.items():
+        dapo, _ = dapo_loss(*args, group_size=2, agg=agg, impl="xla")
+        grpo, _ = grpo_loss(*args, None, epsilon=0.2, beta=0.0, group_size=2, agg=agg, impl="xla")
+        assert float(dapo) == pytest.approx(-value, rel=1e-5), agg
+        assert float(grpo) == pytest.approx(-value, rel=1e-5), agg
+    with pytest.raises(ValueError, match="not whole groups of group_size=4"):
+        dapo_loss(*args, group_size=4, impl="xla")
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+def test_dual_clip_by_hand(impl):
+    # A = −1 with ratios 0.5, 1.1, 5.0: min(rA, clip(r)A) = −0.8, −1.1, −5.0; a dual clip c = 3
+    # raises the last to c·A = −3 and takes its gradient away. A = +1 is never dual-clipped.
+    ratios = [[0.5, 1.1, 5.0], [0.5, 1.1, 5.0]]
+    hidden, head, tokens, logp, old = make_inputs(ratios, seed=4)
+    args = as_jnp(hidden, head, tokens, old, [-1.0, 1.0], np.ones((2, 3)))
+
+    def loss(h, dual_clip):
+        return dapo_loss(h, *args[1:], group_size=1, agg="token-mean", dual_clip=dual_clip, impl=impl)
+
+    off, _ = loss(args[0], None)
+    on, metrics = loss(args[0], 3.0)
+    positive = 0.5 + 1.1 + 1.28  # A = +1: r = 0.5 unclipped (min), 1.1, clip(5.0) = 1.28
+    assert float(off) == pytest.approx(-(-0.8 - 1.1 - 5.0 + positive) / 6, rel=1e-5)
+    assert float(on) == pytest.approx(-(-0.8 - 1.1 - 3.0 + positive) / 6, rel=1e-5)
+    assert float(metrics["dual_clip_fraction"]) == pytest.approx(1 / 6)
+    grad = np.asarray(jax.grad(lambda h: loss(h, 3.0)[0])(args[0]))
+    # d(−obj)/d logp per token: −A·r where the unclipped term is active; 0 where clipped or dual-clipped
+    dlogp = np.array([[0.0, 1.1, 0.0], [-0.5, -1.1, 0.0]]) / 6
+    np.testing.assert_allclose(grad, hidden_grad(hidden, tokens, dlogp), rtol=1e-4, atol=1e-6)
+    with pytest.raises(ValueError, match="dual_clip must be > 1"):
+        loss(args[0], 1.0)

@@ -13,6 +13,9 @@ from pathor1_jax.rl.rollout import (
     Prompt,
     Rollout,
     concat_rollouts,
+    fill_logprobs,
+    max_patches,
+    minibatch_rows,
     pad_prompts,
     response_hidden,
     response_lengths,
@@ -20,7 +23,14 @@ from pathor1_jax.rl.rollout import (
     sample_images,
     sequence_inputs,
 )
-from pathor1_jax.rl.step import LossConfig, RolloutSampler, pad_groups, rl_step
+from pathor1_jax.rl.step import (
+    LossConfig,
+    RolloutSampler,
+    ShortBatchError,
+    apply_updates,
+    pad_groups,
+    rl_step,
+)
 from pathor1_jax.train.step import StepSpec, init_state
 
 G, MAX_NEW, EOS, PAD = 4, 6, 151645, 151643
@@ -122,7 +132,7 @@ def test_pad_groups_and_concat():
     assert padded.num_groups == 3 and padded.response_mask[:G].all() and not padded.response_mask[G:].any()
 
 
-def run_steps(config, model, algo, steps, mu, groups_per_minibatch, reward):
+def run_steps(config, model, algo, steps, mu, groups_per_minibatch, reward, short_batch="error"):
     tx = optax.adam(1e-3)
     graphdef, state = init_state(model, tx, 0)
     state["params"] = jax.tree.map(jnp.copy, state["params"])  # the updates donate the state
@@ -162,6 +172,7 @@ def run_steps(config, model, algo, steps, mu, groups_per_minibatch, reward):
             max_new_tokens=MAX_NEW,
             pad_token_id=PAD,
             reference=reference,
+            short_batch=short_batch,
         )
         history.append(metrics)
     return state, history
@@ -177,9 +188,104 @@ def test_dapo_steps_with_dynamic_sampling(tiny):
         mu=2,
         groups_per_minibatch=1,
         reward=lambda text, answer, n: rewards.dapo_reward(text, answer, n, MAX_NEW, 2, variant="soft"),
+        short_batch="train",
     )
-    assert int(state["step"]) == sum(4 * (1 - m["update/skipped"]) for m in history)  # μ · mini-batches
+    assert int(state["step"]) == sum(m.get("update/minibatches", 0) for m in history)
     for metrics in history:
+        kept = metrics["dynamic_sampling/groups_kept"]
+        assert metrics["dynamic_sampling/short_batch"] == float(kept < 2)
         assert all(np.isfinite(v) for v in metrics.values()), metrics
         assert 1 <= metrics["dynamic_sampling/rounds"] <= 3
-        assert metrics["update/kl"] == 0.0
+        if kept:  # μ = 2 passes over `kept` mini-batches of one group each: none is padding only
+            assert metrics["update/minibatches"] == 2 * kept
+            assert metrics["update/minibatches_without_tokens"] == 0
+            assert metrics["update/kl"] == 0.0
+
+
+def uniform_rollout(n, correct):
+    """A scored rollout of n prompts × G whose groups are all right or all wrong (never informative)."""
+    b = n * G
+    return Rollout(
+        prompts=[Prompt(np.arange(3), "A") for _ in range(n)],
+        group_size=G,
+        prompt_ids=np.ones((b, 3), np.int32),
+        prompt_mask=np.ones((b, 3), np.int32),
+        responses=np.full((b, 2), EOS, np.int32),
+        response_mask=np.array([[1, 0]] * b, np.int32),
+        lengths=np.ones(b, np.int32),
+        truncated=np.zeros(b, bool),
+        texts=[""] * b,
+        rewards=np.full((n, G), 1.0 if correct else -1.0, np.float32),
+        correct=np.full((n, G), correct),
+        formatted=np.ones((n, G), bool),
+    )
+
+
+def test_short_batch_error_names_rounds_prompts_and_groups(tiny):
+    config, model = tiny
+    tx = optax.adam(1e-3)
+    graphdef, state = init_state(model, tx, 0)
+    calls = []
+
+    def sample(model, n):
+        calls.append(n)
+        return uniform_rollout(n, correct=len(calls) % 2 == 0)
+
+    with pytest.raises(ShortBatchError) as err:
+        rl_step(
+            StepSpec(graphdef, tx),
+            state,
+            sample,
+            LossConfig(algo="dapo", group_size=G),
+            batch_groups=3,
+            groups_per_minibatch=1,
+            mu=1,
+            max_rounds=2,
+            max_new_tokens=MAX_NEW,
+            pad_token_id=PAD,
+        )
+    message = str(err.value)
+    assert "kept 0 of 3 groups after 2 rounds (rl.max_rounds=2): 6 prompts drawn, 6 groups" in message
+    assert "rl.short_batch=train" in message
+    assert err.value.metrics["dynamic_sampling/short_batch"] == 1.0
+    assert err.value.metrics["dynamic_sampling/groups_sampled"] == 6.0
+    assert calls == [3, 3]
+
+
+def test_padding_only_minibatches_never_reach_the_optimizer(tiny):
+    # Two mini-batches of one group: the first real, the second padding (no response token). The
+    # state after both must be bit-identical to the state after the real one alone (AdamW would
+    # move every weight on momentum alone), and the optimizer's step count must not advance.
+    config, model = tiny
+    tx = optax.adamw(1e-3)
+    graphdef, state = init_state(model, tx, 0)
+    spec, cfg = StepSpec(graphdef, tx), LossConfig(algo="dapo", group_size=G, impl="chunked")
+    batch = rollout(
+        model,
+        make_prompts(config, 1),
+        group_size=G,
+        max_new_tokens=MAX_NEW,
+        decode=decode_stub,
+        reward_fn=lambda text, answer, n: 0.0,
+        seed=3,
+    )
+    batch, real = pad_groups(batch, 2)
+    fill_logprobs(model, batch, 1, impl="chunked")
+    row_sets = minibatch_rows(2, G, 1)
+    inputs = [sequence_inputs(config, batch, rows, max_patches(batch, row_sets)) for rows in row_sets]
+    advantages = np.tile([1.0, -1.0], G)  # the padding group's rows have advantages too
+
+    def fresh():  # the updates donate their state
+        return jax.tree.map(jnp.copy, state)
+
+    both, history, skipped = apply_updates(spec, cfg, fresh(), batch, advantages, row_sets, inputs, mu=2)
+    assert (len(history), skipped, int(both["step"])) == (2, 2, 2)
+    alone, _, _ = apply_updates(spec, cfg, fresh(), batch, advantages, row_sets[:1], inputs[:1], mu=2)
+    for x, y in zip(jax.tree.leaves(both), jax.tree.leaves(alone), strict=True):
+        np.testing.assert_array_equal(np.asarray(x), np.asarray(y))
+    pad_only, history, skipped = apply_updates(
+        spec, cfg, fresh(), batch, advantages, row_sets[1:], inputs[1:], mu=1
+    )
+    assert (history, skipped, int(pad_only["step"])) == ([], 1, 0)
+    for x, y in zip(jax.tree.leaves(pad_only["params"]), jax.tree.leaves(state["params"]), strict=True):
+        np.testing.assert_array_equal(np.asarray(x), np.asarray(y))

@@ -23,7 +23,7 @@ from pathor1_jax.errors import UserError
 
 from .chat_template import render_messages, render_with_spans
 from .images import load_image
-from .prompts import CAPTION_PROMPT, caption_to_chat, mcq_prompt_messages
+from .prompts import CAPTION_PROMPT, DEFAULT_PROMPT_STYLE, caption_to_chat, mcq_prompt_messages
 from .records import CaptionRecord, ChatRecord, MCQRecord, Record, VQARecord
 
 IGNORE_INDEX = -100
@@ -132,12 +132,13 @@ class QwenVLProcessor:
         return self._with_images(chat, ids, labels, images)
 
     def encode_prompt(
-        self, record: MCQRecord | ChatRecord, images: list | None = None
+        self, record: MCQRecord | ChatRecord, images: list | None = None, style: str = DEFAULT_PROMPT_STYLE
     ) -> dict[str, np.ndarray]:
-        """A generation prompt: an MCQ's user turn (`prompts.mcq_prompt_messages`) or a chat's
-        messages, followed by `<|im_start|>assistant\n`. Same arrays as `encode`; labels all -100."""
+        """A generation prompt: an MCQ's prompt turns in prompt `style` (`prompts.mcq_prompt_messages`)
+        or a chat's messages, followed by `<|im_start|>assistant\n`. Same arrays as `encode`; labels
+        all -100."""
         if isinstance(record, MCQRecord):
-            record = ChatRecord(id=record.id, messages=mcq_prompt_messages(record))
+            record = ChatRecord(id=record.id, messages=mcq_prompt_messages(record, style))
         if images is None:
             images = [load_image(ref, record_id=record.id) for ref in record.all_images()]
         text = render_messages(record.messages, add_generation_prompt=True)

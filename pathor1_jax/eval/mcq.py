@@ -1,9 +1,11 @@
 """Held-out MCQ evaluation: greedy decoding, accuracy and format rate with the RL rewards' rules.
 
 A response is correct when its single `<answer>` block holds exactly the right letter
-(`rewards.accuracy_reward`) and well formatted when `rewards.format_reward` is 1.
+(`rewards.accuracy_reward`) and well formatted when `rewards.format_reward` is 1. Questions are put
+in a prompt style of `pathor1_jax.data.prompts` (default `patho_r1`, the authors' released inference
+prompt), with their released budget of 2048 new tokens by default.
 
-    pathor1 eval mcq --model runs/demo/grpo --data demo --split test
+    pathor1 eval mcq --model runs/demo/grpo --data demo --split test [--prompt-style patho_r1]
 """
 
 from __future__ import annotations
@@ -22,6 +24,7 @@ from flax import nnx
 from tqdm import tqdm
 
 from pathor1_jax.data.processing import QwenVLProcessor
+from pathor1_jax.data.prompts import DEFAULT_PROMPT_STYLE, PROMPT_STYLES
 from pathor1_jax.data.records import MCQRecord
 from pathor1_jax.errors import UserError
 from pathor1_jax.flags import non_negative_int, positive_int
@@ -30,6 +33,7 @@ from pathor1_jax.rl.prompts import decode_response, mcq_prompt
 from pathor1_jax.rl.rollout import rollout
 
 RUN_CONFIG = "run_config.json"  # the training config a run directory holds (pathor1_jax.train.run)
+MAX_NEW_TOKENS = 2048  # Patho-R1's released inference budget
 
 
 @dataclasses.dataclass
@@ -49,11 +53,13 @@ def evaluate_mcq(
     records: Sequence[MCQRecord],
     *,
     batch_size: int = 8,
-    max_new_tokens: int = 256,
+    max_new_tokens: int = MAX_NEW_TOKENS,
+    prompt_style: str = DEFAULT_PROMPT_STYLE,
     progress: bool = True,
 ) -> MCQResult:
-    """Greedy answers to `records`, in batches of `batch_size` (the last one padded by repeating
-    records, whose extra answers are dropped, so every batch has one compiled shape)."""
+    """Greedy answers to `records` put in `prompt_style`, in batches of `batch_size` (the last one
+    padded by repeating records, whose extra answers are dropped, so every batch has one compiled
+    shape)."""
     if not records:
         raise UserError("evaluate_mcq: no MCQ records to evaluate")
     predictions = []
@@ -63,7 +69,7 @@ def evaluate_mcq(
         padded = chunk + [chunk[-1]] * (batch_size - len(chunk))
         batch = rollout(
             model,
-            [mcq_prompt(processor, r) for r in padded],
+            [mcq_prompt(processor, r, prompt_style) for r in padded],
             group_size=1,
             max_new_tokens=max_new_tokens,
             decode=decode,
@@ -129,7 +135,15 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--data", required=True, help='MCQ JSONL file(s), comma-separated, or "demo"')
     parser.add_argument("--split", default="test", help="split of the embedded demo MCQs (with --data demo)")
     parser.add_argument("--batch-size", type=positive_int, default=8)
-    parser.add_argument("--max-new-tokens", type=positive_int, default=256)
+    parser.add_argument(
+        "--max-new-tokens", type=positive_int, default=MAX_NEW_TOKENS, help=f"default {MAX_NEW_TOKENS} (Patho-R1's)"
+    )
+    parser.add_argument(
+        "--prompt-style",
+        default=DEFAULT_PROMPT_STYLE,
+        choices=sorted(PROMPT_STYLES),
+        help=f"how each MCQ is put to the model (default {DEFAULT_PROMPT_STYLE}: the authors' prompt)",
+    )
     parser.add_argument(
         "--limit", type=non_negative_int, default=0, help="evaluate the first N records only (0 = all)"
     )
@@ -154,7 +168,12 @@ def run(args: argparse.Namespace) -> int:
     records = records[: args.limit] if args.limit else records
     model, processor = load_for_eval(args.model)
     result = evaluate_mcq(
-        model, processor, records, batch_size=args.batch_size, max_new_tokens=args.max_new_tokens
+        model,
+        processor,
+        records,
+        batch_size=args.batch_size,
+        max_new_tokens=args.max_new_tokens,
+        prompt_style=args.prompt_style,
     )
     if args.out:
         write_predictions(args.out, result.predictions)

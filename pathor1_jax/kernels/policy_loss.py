@@ -10,13 +10,21 @@ Only `[B, T]` vectors and one `[rows, tile]` block of logits exist at a time.
 The clipped surrogate itself is elementwise on `[B, T]` and shared by every implementation:
 
     ratio_t = exp(logp_t - old_t)
-    objective_t = min(ratio_t * A, clip(ratio_t, 1 - eps_low, 1 + eps_high) * A) - beta * KL_t
+    surrogate_t = min(ratio_t * A, clip(ratio_t, 1 - eps_low, 1 + eps_high) * A)
+    surrogate_t = max(surrogate_t, dual_clip * A)   where A < 0, only with a dual clip (verl, > 1)
+    objective_t = surrogate_t - beta * KL_t
     KL_t = exp(ref_t - logp_t) - (ref_t - logp_t) - 1          (k3 estimator; 0 without ref)
     loss = -aggregate(objective_t over response tokens)           (minimise the loss)
 
-Aggregation: "token-mean" (DAPO Eq. 2) sums over every response token of the batch and divides by
-the number of response tokens; "seq-mean-token-mean" (GRPO Eq. 1) takes each sequence's token
-mean, then the mean over sequences that have at least one response token.
+Aggregation (`AGG_MODES`): "token-mean" sums over every response token of the batch and divides by
+the number of response tokens (verl's token-mean, its DAPO recipe); "seq-mean-token-mean" (GRPO
+Eq. 1) takes each sequence's token mean, then the mean over sequences that have at least one
+response token; "group-mean-token-mean" (DAPO Eq. 2 as written) takes each group's token mean over
+its `group_size` consecutive sequences, then the mean over groups that have a response token.
+
+Temperature: `logp` is the log-probability under softmax(logits / T), the distribution that sampling
+at temperature T draws from (as verl and EasyR1 compute it). The wrappers divide the hidden states by
+T once, before any implementation runs, so every implementation (and its gradient) sees it the same.
 
 Metrics (token means over response tokens): `clip_fraction` (tokens where the clipped term is the
 smaller one, i.e. clipping removes the gradient), `mean_ratio`, `kl` (k3; 0 without ref).
@@ -39,7 +47,7 @@ from jax.experimental.pallas import tpu as pltpu
 
 from pathor1_jax.kernels.attention import pallas_interpret
 
-AGG_MODES = ("token-mean", "seq-mean-token-mean")
+AGG_MODES = ("token-mean", "seq-mean-token-mean", "group-mean-token-mean")
 IMPLS = ("auto", "xla", "chunked", "pallas")
 # Tiles: Pallas (rows, vocab) fit TPU VMEM at D=2048 bf16; chunked XLA takes all rows at once.
 PALLAS_TILES = (256, 1024)
@@ -321,12 +329,14 @@ def token_logprobs(
     lm_head: jax.Array,
     tokens: jax.Array,
     *,
+    temperature: float = 1.0,
     impl: str = "auto",
 ) -> jax.Array:
-    """Log-probability `[B, T]` (float32) of `tokens` under `softmax(hidden @ lm_head)`.
+    """Log-probability `[B, T]` (float32) of `tokens` under `softmax(hidden @ lm_head / temperature)`.
 
     hidden `[B, T, D]`, lm_head `[D, V]`, tokens `[B, T]` int. Tiled over the vocabulary for
     impl "chunked"/"pallas" (see module doc), with tiles `PALLAS_TILES` / `CHUNKED_VOCAB_TILE`.
+    `temperature` (a Python float > 0) divides the hidden states before the dispatch.
     """
     if hidden.ndim != 3 or lm_head.ndim != 2 or hidden.shape[-1] != lm_head.shape[0]:
         raise ValueError(
@@ -334,6 +344,10 @@ def token_logprobs(
         )
     if tokens.shape != hidden.shape[:2]:
         raise ValueError(f"token_logprobs: tokens {tokens.shape} must be [B, T] = {hidden.shape[:2]}")
+    if not temperature > 0:
+        raise ValueError(f"token_logprobs: temperature must be > 0, got {temperature}")
+    if temperature != 1.0:
+        hidden = hidden / jnp.asarray(temperature, hidden.dtype)  # logits / T = (hidden / T) @ W
     impl = _resolve_impl(impl)
     if impl == "xla":
         return token_logprobs_reference(hidden, lm_head, tokens)
@@ -353,6 +367,22 @@ def _masked_mean(x: jax.Array, mask: jax.Array) -> jax.Array:
     return jnp.sum(x * mask) / jnp.maximum(jnp.sum(mask), 1.0)
 
 
+def _aggregate(per_token: jax.Array, mask: jax.Array, agg: str, group_size: int) -> jax.Array:
+    """The loss from masked per-token values `[B, T]` (see the module doc for the modes)."""
+    if agg == "token-mean":
+        return jnp.sum(per_token) / jnp.maximum(jnp.sum(mask), 1.0)
+    if agg == "seq-mean-token-mean":
+        rows, counts = jnp.sum(per_token, axis=1), jnp.sum(mask, axis=1)  # [B]
+    else:  # group-mean-token-mean
+        b = per_token.shape[0]
+        if group_size < 1 or b % group_size:
+            raise ValueError(f"agg {agg!r}: {b} sequences are not whole groups of group_size={group_size}")
+        rows = jnp.sum(per_token, axis=1).reshape(b // group_size, group_size).sum(axis=1)  # [groups]
+        counts = jnp.sum(mask, axis=1).reshape(b // group_size, group_size).sum(axis=1)
+    means = rows / jnp.maximum(counts, 1.0)
+    return jnp.sum(means) / jnp.maximum(jnp.sum(counts > 0), 1)
+
+
 def clipped_surrogate(
     logp: jax.Array,
     old_logprobs: jax.Array,
@@ -364,30 +394,38 @@ def clipped_surrogate(
     ref_logprobs: jax.Array | None = None,
     beta: float = 0.0,
     agg: str = "token-mean",
+    group_size: int = 1,
+    dual_clip: float | None = None,
 ) -> tuple[jax.Array, dict[str, jax.Array]]:
-    """Loss (= -objective) and metrics from per-token log-probs `[B, T]` (see module doc)."""
+    """Loss (= -objective) and metrics from per-token log-probs `[B, T]` (see module doc).
+
+    `group_size`: sequences per group, for agg "group-mean-token-mean". `dual_clip`: the constant c
+    > 1 bounding the objective of negative-advantage tokens below by c·A (None: no dual clip).
+    """
     if agg not in AGG_MODES:
         raise ValueError(f"clipped_policy_loss: unknown agg {agg!r}; expected one of {AGG_MODES}")
+    if dual_clip is not None and not dual_clip > 1.0:
+        raise ValueError(f"clipped_policy_loss: dual_clip must be > 1 (or None), got {dual_clip}")
     mask = mask.astype(jnp.float32)
     ratio = jnp.exp(logp - old_logprobs)  # [B, T]
     adv = advantages.astype(jnp.float32)[:, None]  # [B, 1]
     unclipped = ratio * adv
     clipped = jnp.clip(ratio, 1.0 - eps_low, 1.0 + eps_high) * adv
     objective = jnp.minimum(unclipped, clipped)
+    dual_clipped = jnp.zeros_like(objective, dtype=bool)
+    if dual_clip is not None:
+        floor = dual_clip * adv
+        dual_clipped = (adv < 0) & (objective < floor)
+        objective = jnp.where(dual_clipped, floor, objective)
     kl = jnp.zeros_like(logp)
     if ref_logprobs is not None:
         log_r = ref_logprobs - logp
         kl = jnp.exp(log_r) - log_r - 1.0
         objective = objective - beta * kl
-    per_token = -objective * mask
-    if agg == "token-mean":
-        loss = jnp.sum(per_token) / jnp.maximum(jnp.sum(mask), 1.0)
-    else:
-        counts = jnp.sum(mask, axis=1)  # [B]
-        seq_loss = jnp.sum(per_token, axis=1) / jnp.maximum(counts, 1.0)
-        loss = jnp.sum(seq_loss) / jnp.maximum(jnp.sum(counts > 0), 1)
+    loss = _aggregate(-objective * mask, mask, agg, group_size)
     metrics = {
         "clip_fraction": _masked_mean((clipped < unclipped).astype(jnp.float32), mask),
+        "dual_clip_fraction": _masked_mean(dual_clipped.astype(jnp.float32), mask),
         "mean_ratio": _masked_mean(ratio, mask),
         "kl": _masked_mean(kl, mask),
     }
@@ -407,13 +445,17 @@ def clipped_policy_loss(
     ref_logprobs: jax.Array | None = None,
     beta: float = 0.0,
     agg: str = "token-mean",
+    group_size: int = 1,
+    dual_clip: float | None = None,
+    temperature: float = 1.0,
     impl: str = "auto",
 ) -> tuple[jax.Array, dict[str, jax.Array]]:
     """Clipped policy-gradient loss from final hidden states (see module doc for the formulas).
 
     hidden `[B, T, D]`, lm_head `[D, V]`, tokens `[B, T]` (sampled token at each position, i.e.
-    already shifted to align with hidden), old/ref log-probs `[B, T]`, advantages `[B]`, mask
-    `[B, T]` (1 = response token). Returns `(loss, {"clip_fraction", "mean_ratio", "kl"})`.
+    already shifted to align with hidden), old/ref log-probs `[B, T]` (at the same `temperature`),
+    advantages `[B]`, mask `[B, T]` (1 = response token). Returns `(loss, {"clip_fraction",
+    "dual_clip_fraction", "mean_ratio", "kl"})`.
     """
     b, t = tokens.shape
     for name, x in (("old_logprobs", old_logprobs), ("mask", mask), ("ref_logprobs", ref_logprobs)):
@@ -421,7 +463,7 @@ def clipped_policy_loss(
             raise ValueError(f"clipped_policy_loss: {name} {x.shape} must be [B, T] = {(b, t)}")
     if advantages.shape != (b,):
         raise ValueError(f"clipped_policy_loss: advantages {advantages.shape} must be [B] = {(b,)}")
-    logp = token_logprobs(hidden, lm_head, tokens, impl=impl)
+    logp = token_logprobs(hidden, lm_head, tokens, temperature=temperature, impl=impl)
     return clipped_surrogate(
         logp,
         old_logprobs,
@@ -432,6 +474,8 @@ def clipped_policy_loss(
         ref_logprobs=ref_logprobs,
         beta=beta,
         agg=agg,
+        group_size=group_size,
+        dual_clip=dual_clip,
     )
 
 
@@ -448,6 +492,9 @@ def clipped_policy_loss_reference(
     ref_logprobs: jax.Array | None = None,
     beta: float = 0.0,
     agg: str = "token-mean",
+    group_size: int = 1,
+    dual_clip: float | None = None,
+    temperature: float = 1.0,
 ) -> tuple[jax.Array, dict[str, jax.Array]]:
     """The same loss with plain jnp, materialising the float32 logits (`impl="xla"`)."""
     return clipped_policy_loss(
@@ -462,5 +509,8 @@ def clipped_policy_loss_reference(
         ref_logprobs=ref_logprobs,
         beta=beta,
         agg=agg,
+        group_size=group_size,
+        dual_clip=dual_clip,
+        temperature=temperature,
         impl="xla",
     )

@@ -34,7 +34,10 @@ def rl_demo(algo: str, out_dir: Path, previous: Path | None, steps: int | None):
         if model_dir is None:
             return "n/a (no previous stage)"
         model, processor = load_for_eval(model_dir)
-        result = evaluate_mcq(model, processor, held_out, max_new_tokens=budget, progress=False)
+        style = config.rl.prompt_style
+        result = evaluate_mcq(
+            model, processor, held_out, max_new_tokens=budget, prompt_style=style, progress=False
+        )
         return f"accuracy {result.accuracy:.3f}, format rate {result.format_rate:.3f}"
 
     before = accuracy(start)

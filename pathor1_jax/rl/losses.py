@@ -2,8 +2,18 @@
 
 Both take the policy's final hidden states over the response tokens and its LM head, never the
 `[B, T, V]` logits: `pathor1_jax.kernels.policy_loss.clipped_policy_loss` computes the per-token
-log-probs, the ratio r = π_θ / π_old, the clipped surrogate and (GRPO) the k3 KL in one pass; its
-`impl` selects the Pallas kernel or the plain-jnp reference. The losses are the negated objectives.
+log-probs (at the sampling temperature), the ratio r = π_θ / π_old, the clipped surrogate and (GRPO)
+the k3 KL in one pass; its `impl` selects the Pallas kernel or the plain-jnp reference. The losses
+are the negated objectives.
+
+Each defaults to its equation as the paper writes it; the switches verl and EasyR1 expose are
+options (README, "RL settings: paper, verl, EasyR1"):
+- `agg`: "seq-mean-token-mean" (Eq. 1: each response's token mean, then the mean over responses),
+  "group-mean-token-mean" (Eq. 2: 1/Σ_i|o_i| over each group's tokens, then the mean over groups) or
+  "token-mean" (every token of the mini-batch pooled: verl's default and its DAPO recipe).
+- `dual_clip`: None, or c > 1 bounding a negative-advantage token's objective below by c·A (verl's
+  `clip_ratio_c` = 3.0, EasyR1's `clip_ratio_dual` = 3.0).
+- `temperature`: the rollout temperature T; log-probs are those of softmax(logits / T).
 
 Shapes: hidden `[B, T, D]`, lm_head `[D, V]`, tokens / old_logprobs / ref_logprobs / mask `[B, T]`
 (response tokens only, 1 = a real token), advantages `[B]` (one per sequence). B = num_groups · G
@@ -15,7 +25,9 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
-from pathor1_jax.kernels.policy_loss import clipped_policy_loss
+from pathor1_jax.kernels.policy_loss import AGG_MODES, clipped_policy_loss
+
+__all__ = ["AGG_MODES", "dapo_loss", "grpo_loss", "k3_kl"]
 
 
 def k3_kl(logprobs: jax.Array, ref_logprobs: jax.Array) -> jax.Array:
@@ -35,12 +47,17 @@ def grpo_loss(
     *,
     epsilon: float,
     beta: float,
+    group_size: int = 1,
+    agg: str = "seq-mean-token-mean",
+    dual_clip: float | None = None,
+    temperature: float = 1.0,
     impl: str = "auto",
 ) -> tuple[jax.Array, dict[str, jax.Array]]:
     """−J_GRPO (Eq. 1): per-sequence token mean of min(r·A, clip(r, 1−ε, 1+ε)·A) − β·KL_k3, then the
     mean over sequences (= the mean over groups of the 1/G group sums, all groups holding G).
 
     `ref_logprobs` are the frozen reference model's (the SFT checkpoint); None only with β = 0.
+    `group_size` matters only for agg "group-mean-token-mean".
     """
     if beta != 0.0 and ref_logprobs is None:
         raise ValueError("grpo_loss: beta != 0 needs ref_logprobs from the frozen reference model")
@@ -55,26 +72,12 @@ def grpo_loss(
         eps_high=epsilon,
         ref_logprobs=ref_logprobs if beta != 0.0 else None,
         beta=beta,
-        agg="seq-mean-token-mean",
+        agg=agg,
+        group_size=group_size,
+        dual_clip=dual_clip,
+        temperature=temperature,
         impl=impl,
     )
-
-
-def group_token_weights(mask: jax.Array, group_size: int) -> jax.Array:
-    """Per-sequence weights `[B]` that turn a batch token mean into Eq. 2's mean over groups of
-    per-group token means: w_g = (Σ_all |o|) / (n_groups · Σ_{i∈g} |o_i|).
-
-    Groups without tokens (padding groups of a short dynamic-sampling batch) get weight 0 and do
-    not count in n_groups.
-    """
-    b = mask.shape[0]
-    if b % group_size:
-        raise ValueError(f"batch of {b} sequences is not a whole number of groups of {group_size}")
-    group_tokens = mask.astype(jnp.float32).sum(axis=1).reshape(b // group_size, group_size).sum(axis=1)
-    real = group_tokens > 0
-    n_groups = jnp.maximum(real.sum(), 1)
-    weights = jnp.where(real, group_tokens.sum() / (n_groups * jnp.maximum(group_tokens, 1.0)), 0.0)
-    return jnp.repeat(weights, group_size)
 
 
 def dapo_loss(
@@ -88,27 +91,30 @@ def dapo_loss(
     group_size: int,
     eps_low: float = 0.2,
     eps_high: float = 0.28,
+    agg: str = "group-mean-token-mean",
+    dual_clip: float | None = None,
+    temperature: float = 1.0,
     impl: str = "auto",
 ) -> tuple[jax.Array, dict[str, jax.Array]]:
     """−J_DAPO (Eq. 2): the token-level mean over all Σ|o_i| tokens of each group of
     min(r·A, clip(r, 1−ε_low, 1+ε_high)·A) (clip-higher), averaged over groups; no KL term.
 
-    The kernel's batch token mean is made per-group by scaling each sequence's advantage with
-    `group_token_weights` (min(r·wA, clip(r)·wA) = w·min(r·A, clip(r)·A) for w ≥ 0); when every
-    group has the same token count the weights are 1 and this is the plain batch token mean.
+    Groups without tokens (the padding of a short dynamic-sampling batch) do not count.
     """
-    weights = group_token_weights(mask, group_size)
     return clipped_policy_loss(
         hidden,
         lm_head,
         tokens,
         old_logprobs,
-        advantages * weights,
+        advantages,
         mask,
         eps_low=eps_low,
         eps_high=eps_high,
         ref_logprobs=None,
         beta=0.0,
-        agg="token-mean",
+        agg=agg,
+        group_size=group_size,
+        dual_clip=dual_clip,
+        temperature=temperature,
         impl=impl,
     )

@@ -8,15 +8,15 @@ import numpy as np
 
 from pathor1_jax.data.chat_template import ASSISTANT_HEADER
 from pathor1_jax.data.processing import QwenVLProcessor
-from pathor1_jax.data.prompts import mcq_prompt_messages
+from pathor1_jax.data.prompts import DEFAULT_PROMPT_STYLE, mcq_prompt_messages
 from pathor1_jax.data.records import ChatRecord, MCQRecord
 from pathor1_jax.rl.rollout import Prompt
 
 
-def mcq_prompt(processor: QwenVLProcessor, record: MCQRecord) -> Prompt:
-    """The chat-templated user turn of an MCQ (images expanded to their image-pad tokens) followed by
-    the assistant header, as the SFT stage formats the same question."""
-    chat = ChatRecord(id=record.id, messages=mcq_prompt_messages(record), subfield=record.subfield)
+def mcq_prompt(processor: QwenVLProcessor, record: MCQRecord, style: str = DEFAULT_PROMPT_STYLE) -> Prompt:
+    """The chat-templated prompt turns of an MCQ in prompt `style` (`pathor1_jax.data.prompts`; images
+    expanded to their image-pad tokens) followed by the assistant header."""
+    chat = ChatRecord(id=record.id, messages=mcq_prompt_messages(record, style), subfield=record.subfield)
     example = processor.encode(chat)
     header = processor.tokenizer(ASSISTANT_HEADER, add_special_tokens=False)["input_ids"]
     ids = np.concatenate([example["input_ids"], np.asarray(header, np.int32)]).astype(np.int32)
@@ -37,16 +37,26 @@ def decode_response(processor: QwenVLProcessor, ids: Sequence[int]) -> str:
 class PromptStream:
     """MCQ prompts in a reshuffled order every epoch, forever; `get_state`/`set_state` resume it.
 
-    Prompts are encoded on first use and cached (the records hold only image references).
+    Prompts are encoded in prompt `style` on first use and cached (the records hold only image
+    references).
     """
 
-    def __init__(self, records: Sequence[MCQRecord], processor: QwenVLProcessor, *, seed: int, shuffle: bool):
+    def __init__(
+        self,
+        records: Sequence[MCQRecord],
+        processor: QwenVLProcessor,
+        *,
+        seed: int,
+        shuffle: bool,
+        style: str = DEFAULT_PROMPT_STYLE,
+    ):
         if not records:
             raise ValueError("the RL prompt stream needs at least one MCQ record")
         self.records = records
         self.processor = processor
         self.seed = seed
         self.shuffle = shuffle
+        self.style = style
         self.position = 0  # prompts handed out so far
         self._cache: dict[int, Prompt] = {}
         self._order: tuple[int, np.ndarray] | None = None  # (epoch, permutation)
@@ -64,7 +74,7 @@ class PromptStream:
         for _ in range(num_prompts):
             i = self._index(self.position)
             if i not in self._cache:
-                self._cache[i] = mcq_prompt(self.processor, self.records[i])
+                self._cache[i] = mcq_prompt(self.processor, self.records[i], self.style)
             out.append(self._cache[i])
             self.position += 1
         return out

@@ -303,13 +303,16 @@ def response_hidden(model: Qwen2_5_VLForConditionalGeneration, inputs: dict) -> 
     return hidden[:, -r - 1 : -1]
 
 
-@partial(nnx.jit, static_argnames=("impl",))
+@partial(nnx.jit, static_argnames=("impl", "temperature"))
 def response_logprobs(
-    model: Qwen2_5_VLForConditionalGeneration, inputs: dict, impl: str = "auto"
+    model: Qwen2_5_VLForConditionalGeneration, inputs: dict, impl: str = "auto", temperature: float = 1.0
 ) -> jax.Array:
-    """log π(o_t | v, o_<t) `[B, R]` of the response tokens (0 on padding), no gradient."""
+    """log π(o_t | v, o_<t) `[B, R]` of the response tokens (0 on padding) under the sampling
+    distribution softmax(logits / temperature), no gradient."""
     hidden = response_hidden(model, inputs)
-    logprobs = token_logprobs(hidden, model.lm_head_kernel(), inputs["targets"], impl=impl)
+    logprobs = token_logprobs(
+        hidden, model.lm_head_kernel(), inputs["targets"], temperature=temperature, impl=impl
+    )
     return jax.lax.stop_gradient(jnp.where(inputs["response_mask"] > 0, logprobs, 0.0))
 
 
@@ -337,16 +340,18 @@ def fill_logprobs(
     *,
     reference: Qwen2_5_VLForConditionalGeneration | None = None,
     impl: str = "auto",
+    temperature: float = 1.0,
 ) -> Rollout:
-    """Store π_old (and π_ref when a reference model is given) log-probs of every response token."""
+    """Store π_old (and π_ref when a reference model is given) log-probs of every response token, at
+    the rollout's sampling `temperature`."""
     row_sets = minibatch_rows(batch.num_groups, batch.group_size, groups_per_minibatch)
     num_patches = max_patches(batch, row_sets)
     old, ref = [], []
     for rows in row_sets:
         inputs = sequence_inputs(model.config, batch, rows, num_patches)
-        old.append(np.asarray(response_logprobs(model, inputs, impl=impl)))
+        old.append(np.asarray(response_logprobs(model, inputs, impl=impl, temperature=temperature)))
         if reference is not None:
-            ref.append(np.asarray(response_logprobs(reference, inputs, impl=impl)))
+            ref.append(np.asarray(response_logprobs(reference, inputs, impl=impl, temperature=temperature)))
     batch.old_logprobs = np.concatenate(old)
     batch.ref_logprobs = np.concatenate(ref) if reference is not None else None
     return batch

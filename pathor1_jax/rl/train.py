@@ -20,10 +20,11 @@ from flax import nnx
 from tqdm import tqdm
 
 from pathor1_jax.data.pipeline import get_processor, load_source, processor_spec_from_config
+from pathor1_jax.data.prompts import DEFAULT_PROMPT_STYLE, prompt_style
 from pathor1_jax.rl import rewards
 from pathor1_jax.rl.prompts import PromptStream, decode_response
 from pathor1_jax.rl.rollout import rollout
-from pathor1_jax.rl.step import LossConfig, RolloutSampler, rl_step
+from pathor1_jax.rl.step import PAPER_AGG, SHORT_BATCH, LossConfig, RolloutSampler, ShortBatchError, rl_step
 from pathor1_jax.sharding.logical import use_rules
 from pathor1_jax.sharding.multihost import is_main_process
 from pathor1_jax.sharding.params import create_sharded
@@ -36,28 +37,34 @@ ALGOS = ("grpo", "dapo")
 
 
 def rl_defaults(algo: str) -> ml_collections.ConfigDict:
-    """The `config.rl` block. Paper-fixed: G sampled outputs, the rewards (Eqs. 3, 4), GRPO's
-    symmetric clip + k3 KL, DAPO's clip-higher 0.2 / 0.28 and dynamic sampling. The rest is ours."""
+    """The `config.rl` block. Each value says where it comes from: "paper" (Patho-R1 §3.4, Eqs. 1–4),
+    "DAPO paper" (Yu et al. 2025, which Patho-R1 cites for DAPO but whose numbers it does not
+    restate) or "ours" (Patho-R1 publishes no RL hyper-parameters; README, "Our choices")."""
     return ml_collections.ConfigDict(
         dict(
             algo=algo,
-            group_size=8,  # G
-            batch_groups=8,  # prompts per rollout batch (after DAPO's filtering)
-            groups_per_minibatch=4,  # prompts per policy update
-            mu=1,  # passes over the rollout batch
-            max_new_tokens=256,  # response budget; also DAPO's L_max unless l_max is set
+            prompt_style=DEFAULT_PROMPT_STYLE,  # paper: the authors' released inference prompt
+            group_size=8,  # G: the paper samples G outputs per prompt; 8 is ours
+            batch_groups=8,  # ours: prompts per rollout batch (after DAPO's filtering)
+            groups_per_minibatch=4,  # ours: prompts per policy update
+            mu=1,  # ours: passes over the rollout batch (1 = on-policy, π_old = π_θ at the update)
+            max_new_tokens=256,  # ours: response budget; also DAPO's L_max unless l_max is set
             prompt_len=0,  # prompts left-padded to this many tokens (one compiled shape); 0 = next 64
-            temperature=1.0,
-            top_p=1.0,
-            top_k=0,
-            epsilon=0.2,  # GRPO clip
-            beta=0.04,  # GRPO KL coefficient (k3 against the frozen initial model)
-            eps_low=0.2,  # DAPO clip-higher
-            eps_high=0.28,
-            l_max=0,  # DAPO length penalty: 0 = max_new_tokens
-            l_cache=64,
-            dapo_reward="paper",  # "paper" (Eq. 4 literally, binary) | "soft"
-            max_rounds=4,  # DAPO dynamic sampling: rollout rounds per step at most
+            temperature=1.0,  # ours: sampling temperature; the log-probs use the same T
+            top_p=1.0,  # ours: no nucleus truncation
+            top_k=0,  # ours: no top-k truncation
+            epsilon=0.2,  # GRPO clip: ours (the paper writes ε without a value; 0.2 as PPO/GRPO)
+            beta=0.04,  # ours: GRPO KL coefficient (k3 against the frozen initial model, as Eq. 1)
+            eps_low=0.2,  # DAPO paper: clip-higher ε_low (Patho-R1 gives no value)
+            eps_high=0.28,  # DAPO paper: clip-higher ε_high (Patho-R1 gives no value)
+            l_max=0,  # ours: DAPO length penalty L_max; 0 = max_new_tokens
+            l_cache=64,  # ours: DAPO soft-punishment cache zone L_cache
+            dapo_reward="paper",  # Eq. 4 read literally ("paper", binary) | "soft" (ours)
+            max_rounds=4,  # ours: DAPO dynamic sampling: rollout rounds per step at most
+            short_batch="error",  # ours, as verl/EasyR1: rounds ran out before a full batch: error | train
+            loss_agg=PAPER_AGG[algo],  # paper (Eq. 1 / Eq. 2 as written) | token-mean (verl)
+            dual_clip=0.0,  # paper: off (0); verl/EasyR1 use 3.0 (c·A floor for negative advantages)
+            advantage_std="population",  # paper's σ read literally | "unbiased" (verl, EasyR1)
             loss_impl="auto",  # policy-loss kernel: auto | pallas | chunked | xla (jnp reference)
         )
     )
@@ -97,6 +104,10 @@ def loss_config(rl: ml_collections.ConfigDict) -> LossConfig:
         beta=float(rl.beta),
         eps_low=float(rl.eps_low),
         eps_high=float(rl.eps_high),
+        agg=rl.loss_agg,
+        dual_clip=float(rl.dual_clip) or None,
+        advantage_std=rl.advantage_std,
+        temperature=float(rl.temperature),
         impl=rl.loss_impl,
     )
 
@@ -145,6 +156,9 @@ class RLTrainer(Trainer):
                 f"config.rl.l_cache={rl.l_cache} must be in (0, L_max], L_max = "
                 f"{int(rl.l_max or rl.max_new_tokens)} (rl.l_max, or rl.max_new_tokens when 0)"
             )
+        if rl.short_batch not in SHORT_BATCH:
+            raise ValueError(f"config.rl.short_batch={rl.short_batch!r}: expected one of {SHORT_BATCH}")
+        prompt_style(rl.prompt_style)  # an unknown style fails here, before the model is built
         self.rl_steps = int(config.train.steps)
         self.loss_cfg = loss_config(rl)
         cfg = model_config(config.model)
@@ -154,6 +168,7 @@ class RLTrainer(Trainer):
             self.processor,
             seed=int(config.data.seed),
             shuffle=bool(config.data.shuffle),
+            style=rl.prompt_style,
         )
         self.sampler = RolloutSampler(self.prompts, self._rollout)
         updates_per_step = int(rl.mu) * int(rl.batch_groups) // int(rl.groups_per_minibatch)
@@ -201,6 +216,23 @@ class RLTrainer(Trainer):
             prompt_len=int(rl.prompt_len),
         )
 
+    def _step(self) -> tuple[dict, dict[str, float]]:
+        rl = self.config.rl
+        return rl_step(
+            self.spec,
+            self.state,
+            self.sampler,
+            self.loss_cfg,
+            batch_groups=int(rl.batch_groups),
+            groups_per_minibatch=int(rl.groups_per_minibatch),
+            mu=int(rl.mu),
+            max_rounds=int(rl.max_rounds),
+            max_new_tokens=int(rl.max_new_tokens),
+            pad_token_id=self.processor.pad_token_id,
+            reference=self.reference,
+            short_batch=rl.short_batch,
+        )
+
     def fit(self) -> RLResult:
         rl = self.config.rl
         writer = MetricsWriter(self.out_dir, resume_step=self.start_step)
@@ -214,19 +246,11 @@ class RLTrainer(Trainer):
             with _Preemption() as preemption, use_rules(self.mesh, self.rules):
                 while step < self.rl_steps:
                     t0 = time.perf_counter()
-                    self.state, metrics = rl_step(
-                        self.spec,
-                        self.state,
-                        self.sampler,
-                        self.loss_cfg,
-                        batch_groups=int(rl.batch_groups),
-                        groups_per_minibatch=int(rl.groups_per_minibatch),
-                        mu=int(rl.mu),
-                        max_rounds=int(rl.max_rounds),
-                        max_new_tokens=int(rl.max_new_tokens),
-                        pad_token_id=self.processor.pad_token_id,
-                        reference=self.reference,
-                    )
+                    try:
+                        self.state, metrics = self._step()
+                    except ShortBatchError as e:  # the step's counts go to the log, then the error
+                        writer.write(step + 1, e.metrics)
+                        raise
                     step += 1
                     metrics.update(
                         lr=float(self.schedule(max(int(self.state["step"]) - 1, 0))),
