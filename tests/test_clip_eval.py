@@ -4,10 +4,11 @@ from __future__ import annotations
 
 import json
 
+import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from pathor1_jax.eval.fewshot import few_shot, plot_few_shot, sample_subset
+from pathor1_jax.eval.fewshot import few_shot, fit_logistic_regression, plot_few_shot, sample_subset
 from pathor1_jax.eval.retrieval import recall_at_k
 from pathor1_jax.eval.zeroshot import class_embeddings, classification_metrics, load_prompts, zero_shot
 
@@ -85,10 +86,48 @@ def test_few_shot_is_reproducible_and_learns_separable_classes(tmp_path):
     b = few_shot(train_x, train_y, test_x, test_y, shots=(2, 8), trials=3, seed=7)
     assert a == b and len(a[2]) == 3
     assert np.mean(a[8]) > 0.9
-    subset = sample_subset(train_y, 2, np.random.default_rng(1))
-    assert np.bincount(train_y[subset]).tolist() == [2, 2, 2]
     plot_few_shot(a, tmp_path / "fewshot.png", zero_shot=0.5)
     assert (tmp_path / "fewshot.png").stat().st_size > 0
+
+
+def test_few_shot_subsets_are_the_official_scripts():
+    # The official script: np.random.seed(42 + subset_id); per class in label order,
+    # np.random.choice(np.where(targets == cls)[0], size=min(shot, n), replace=False).
+    labels = np.array([2, 0, 1, 0, 2, 1, 0, 0, 2, 1, 1, 0])
+    for subset_id in (1, 2, 10):
+        np.random.seed(42 + subset_id)
+        expected = []
+        for cls in range(3):
+            idxs = np.where(labels == cls)[0]
+            expected += np.random.choice(idxs, size=min(3, len(idxs)), replace=False).tolist()
+        np.testing.assert_array_equal(sample_subset(labels, 3, subset_id), expected)
+    assert np.bincount(labels[sample_subset(labels, 8, 1)]).tolist() == [5, 4, 3]  # all of a small class
+
+
+@pytest.mark.parametrize("shots", [2, 16, 64])
+def test_logistic_regression_equals_scikit_learn(shots):
+    from sklearn.linear_model import LogisticRegression
+
+    # Raw, unnormalised features of four classes (norms ~15, like CLIP image embeddings), overlapping
+    # enough that the C = 1 penalty shapes the solution; scikit-learn with the script's settings.
+    rng = np.random.default_rng(shots)
+    centers = rng.normal(scale=3.0, size=(4, 24))
+    train_y, test_y = np.repeat(np.arange(4), 80), np.repeat(np.arange(4), 25)
+    train_x = centers[train_y] + rng.normal(scale=2.0, size=(320, 24))
+    test_x = centers[test_y] + rng.normal(scale=2.0, size=(100, 24))
+    idx = sample_subset(train_y, shots, 1)
+    x, y = train_x[idx].astype(np.float32), train_y[idx]
+    (w, b), iterations = fit_logistic_regression(jnp.asarray(x), jnp.asarray(y), 4)
+    official = LogisticRegression(C=1.0, max_iter=1000, solver="lbfgs").fit(x.astype(np.float64), y)
+    assert 0 < int(iterations) <= 1000
+    predicted = np.argmax(test_x @ np.asarray(w) + np.asarray(b), axis=-1)
+    assert (predicted == official.predict(test_x)).mean() == 1.0
+    assert (predicted == test_y).mean() == official.score(test_x, test_y)
+    assert np.abs(np.asarray(w).T - official.coef_).max() <= 1e-3 * np.abs(official.coef_).max()
+    assert np.abs(np.asarray(b) - official.intercept_).max() <= 1e-3 * np.abs(official.intercept_).max()
+    # C = 1 regularises the sum of losses (1/(2n) on the mean loss): a weaker penalty, larger weights
+    weaker, _ = fit_logistic_regression(jnp.asarray(x), jnp.asarray(y), 4, C=100.0)
+    assert np.abs(np.asarray(weaker[0])).max() > 1.5 * np.abs(np.asarray(w)).max()
 
 
 def test_preprocess_equals_hf_clip_image_processor():
@@ -141,3 +180,18 @@ def test_eval_clip_command(tmp_path, capsys):
     (tmp_path / "broken.jsonl").write_text('{"image": "broken.png", "caption": "x"}\n')
     assert main([*base[:-1], str(tmp_path / "broken.jsonl"), "--task", "retrieval"]) == 2
     assert "broken.png" in capsys.readouterr().err
+
+
+def test_eval_clip_fewshot_requires_held_out_test_data(tmp_path):
+    import argparse
+
+    from pathor1_jax.errors import UserError
+    from pathor1_jax.eval import clip_tasks
+
+    parser = argparse.ArgumentParser()
+    clip_tasks.add_arguments(parser)
+    data = tmp_path / "train.jsonl"
+    data.write_text('{"image": "a.png", "label": "x"}\n')
+    argv = ["--model", str(tmp_path), "--task", "fewshot", "--data", str(data), "--prompts", "p.json"]
+    with pytest.raises(UserError, match="--task fewshot needs --test-data"):
+        clip_tasks.run(parser.parse_args(argv))

@@ -85,6 +85,12 @@ def test_grpo_run_resumes_prompts_and_sampling_rounds(grpo_run):
         ("--config.rl.l_cache=100", "l_cache"),  # the cache zone longer than L_max = max_new_tokens = 64
         ("--config.rl.groups_per_minibatch=3", "groups_per_minibatch"),
         ("--config.data.kind=chat", "mcq"),
+        ("--config.rl.short_batch=pad", "short_batch='pad'"),
+        ("--config.rl.prompt_style=cot", "unknown prompt style 'cot'"),
+        ("--config.rl.loss_agg=sum", "loss aggregation must be one of"),
+        ("--config.rl.dual_clip=0.5", "dual clip must be > 1"),
+        ("--config.rl.advantage_std=sample", "advantage std must be one of"),
+        ("--config.rl.temperature=0.0", "temperature must be > 0"),
     ],
 )
 def test_bad_rl_configs_fail_before_building_anything(tmp_path, override, message):

@@ -28,7 +28,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument("--task", required=True, choices=("zeroshot", "retrieval", "fewshot"))
     parser.add_argument("--data", required=True, help="JSONL file (see the module doc)")
-    parser.add_argument("--test-data", help="fewshot: held-out JSONL (default: --data)")
+    parser.add_argument("--test-data", help="fewshot (required): held-out JSONL the probe is scored on")
     parser.add_argument("--prompts", help="zeroshot/fewshot: CONCH-format prompt file")
     parser.add_argument("--out", default="", help="fewshot: box-plot PNG path")
     parser.add_argument("--batch-size", type=positive_int, default=64)
@@ -71,6 +71,8 @@ def run(args: argparse.Namespace) -> int:
         check_writable_file(args.out, "--out")
     if args.task != "retrieval" and not args.prompts:
         raise UserError(f"--task {args.task} needs --prompts")
+    if args.task == "fewshot" and not args.test_data:
+        raise UserError("--task fewshot needs --test-data (never scored on its own training data)")
     field = "caption" if args.task == "retrieval" else "label"
     rows = read_rows(args.data, field)
     if args.task != "retrieval":
@@ -106,9 +108,8 @@ def run(args: argparse.Namespace) -> int:
         image_embeds, labels = images_of(rows), labels_of(rows, args.data)
         result = zeroshot.zero_shot(image_embeds, class_embeds, labels)
         if args.task == "fewshot":
-            test_rows = read_rows(args.test_data, "label") if args.test_data else rows
-            test_embeds = images_of(test_rows) if args.test_data else image_embeds
-            test_labels = labels_of(test_rows, args.test_data or args.data)
+            test_rows = read_rows(args.test_data, "label")
+            test_embeds, test_labels = images_of(test_rows), labels_of(test_rows, args.test_data)
             shots = fewshot.few_shot(image_embeds, labels, test_embeds, test_labels)
             result = {
                 "zero_shot_accuracy": result["accuracy"],
