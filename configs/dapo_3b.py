@@ -1,8 +1,9 @@
 """DAPO of Qwen2.5-VL-3B from the SFT checkpoint on diagnosis-oriented MCQs (Patho-R1 stage 3).
 
-Paper-fixed: the objective and reward (Eq. 2 / Eq. 4, dynamic sampling, clip-higher 0.2 / 0.28).
-The paper does not publish its RL hyperparameters: G, batch sizes, learning rate, response budget,
-L_cache and the mesh are our choice (common values of open GRPO/DAPO recipes).
+Paper-fixed: the objective and reward (Eq. 2 / Eq. 4 read literally, dynamic sampling, clip-higher).
+The clip-higher values 0.2 / 0.28 are the DAPO paper's (Patho-R1 gives none). The paper does not
+publish its RL hyperparameters: G, batch sizes, learning rate, response budget, L_cache, rounds, μ
+and the mesh are our choice (common values of open GRPO/DAPO recipes; `rl_defaults` labels each).
 """
 
 import ml_collections

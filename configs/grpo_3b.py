@@ -1,8 +1,9 @@
 """GRPO of Qwen2.5-VL-3B from the SFT checkpoint on diagnosis-oriented MCQs (Patho-R1 stage 3).
 
 Paper-fixed: the objective and reward (Eq. 1 / Eq. 3).
-The paper does not publish its RL hyperparameters: G, batch sizes, learning rate, response budget,
-β and the mesh are our choice (common values of open GRPO/DAPO recipes).
+The paper does not publish its RL hyperparameters: G, ε = 0.2, β, batch sizes, learning rate,
+response budget, μ and the mesh are our choice (common values of open GRPO/DAPO recipes;
+`rl_defaults` labels each).
 """
 
 import ml_collections

@@ -136,7 +136,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--split", default="test", help="split of the embedded demo MCQs (with --data demo)")
     parser.add_argument("--batch-size", type=positive_int, default=8)
     parser.add_argument(
-        "--max-new-tokens", type=positive_int, default=MAX_NEW_TOKENS, help=f"default {MAX_NEW_TOKENS} (Patho-R1's)"
+        "--max-new-tokens", type=positive_int, default=MAX_NEW_TOKENS, help="default: Patho-R1's 2048"
     )
     parser.add_argument(
         "--prompt-style",
