@@ -26,6 +26,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "train": ("pathor1_jax.commands.train", "train one stage (CPT, SFT) from a config file"),
     "eval": ("pathor1_jax.commands.eval", "evaluate: MCQ accuracy, CLIP zero-shot / retrieval / few-shot"),
     "curate": ("pathor1_jax.commands.curate", "data curation: PDFs -> pairs -> subfields, CoT, QC, RL MCQs"),
+    "serve": ("pathor1_jax.commands.serve", "serve a model over an OpenAI-compatible HTTP API"),
     "demo": ("pathor1_jax.commands.demo", "the end-to-end demo on the embedded data (CPU, minutes)"),
 }
 

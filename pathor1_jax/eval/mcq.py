@@ -96,12 +96,18 @@ def evaluate_mcq(
 
 
 def load_for_eval(
-    model_dir: str | Path,
+    model_dir: str | Path, *, mesh=None, rules=None, dtype=None
 ) -> tuple[qwen2_5_vl.Qwen2_5_VLForConditionalGeneration, QwenVLProcessor]:
     """A model and its processor from an HF checkpoint (config.json + safetensors + tokenizer files)
     or from a training run directory (run_config.json + checkpoints/: the latest step's params, and
-    the run's own tokenizer / image-processor settings)."""
+    the run's own tokenizer / image-processor settings).
+
+    mesh, rules: place the parameters by the sharding rules (an HF checkpoint is read slice by
+    slice, each device reading its own). dtype: compute dtype of an HF checkpoint (default float32;
+    a run keeps its config's).
+    """
     from pathor1_jax.data.pipeline import get_processor, processor_spec_from_config
+    from pathor1_jax.sharding.params import shard_model
     from pathor1_jax.train.checkpoint import restore_params
     from pathor1_jax.train.run import model_config, model_factory
 
@@ -109,7 +115,8 @@ def load_for_eval(
     if (path / "checkpoints").is_dir() and (path / RUN_CONFIG).exists():
         config = ml_collections.ConfigDict(json.loads((path / RUN_CONFIG).read_text()))
     elif (path / "config.json").exists():
-        model = qwen2_5_vl.load_pretrained(path)
+        kwargs = {} if dtype is None else {"dtype": dtype}
+        model = qwen2_5_vl.load_pretrained(path, mesh=mesh, rules=rules, **kwargs)
         return model, QwenVLProcessor(path, path, rope_config=model.config)
     else:
         raise UserError(
@@ -119,7 +126,10 @@ def load_for_eval(
     cfg = model_config(config.model)
     graphdef, params = nnx.split(model_factory(config.model, cfg)(), nnx.Param)
     restored = restore_params(path / "checkpoints", nnx.to_pure_dict(params))
-    return nnx.merge(graphdef, restored), get_processor(processor_spec_from_config(config.data, cfg))
+    model = nnx.merge(graphdef, restored)
+    if mesh is not None:
+        shard_model(model, mesh, rules)
+    return model, get_processor(processor_spec_from_config(config.data, cfg))
 
 
 def write_predictions(path: str | Path, predictions: Sequence[dict]) -> None:

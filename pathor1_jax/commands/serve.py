@@ -1,0 +1,59 @@
+"""`pathor1 serve --model RUN_OR_HF_DIR [--host H --port P]`: an OpenAI-compatible chat server.
+
+    pathor1 serve --model runs/sft --port 8000
+    curl http://127.0.0.1:8000/v1/chat/completions -H 'Content-Type: application/json' \\
+      -d '{"model": "sft", "messages": [{"role": "user", "content": "Hi"}], "max_tokens": 32}'
+
+Requests arriving together are generated as one batch (`pathor1_jax.serve`); the API is described
+in `pathor1_jax.serve.app`. Needs the `serve` extra (fastapi, uvicorn).
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+from pathor1_jax.serve.loading import add_model_arguments, engine_from_args
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    add_model_arguments(parser)
+    parser.add_argument("--host", default="127.0.0.1")
+    parser.add_argument("--port", type=int, default=8000)
+    parser.add_argument(
+        "--served-model-name", default="", help="the `model` clients name (default: the folder)"
+    )
+    parser.add_argument("--max-queue", type=int, default=256, help="waiting requests before 503s")
+    parser.add_argument("--batch-wait-ms", type=float, default=5.0, help="how long a batch waits to fill")
+    parser.add_argument(
+        "--default-max-tokens", type=int, default=2048, help="max_tokens when a request omits it"
+    )
+
+
+def run(args: argparse.Namespace) -> int:
+    try:
+        import uvicorn
+
+        from pathor1_jax.serve.app import create_app
+        from pathor1_jax.serve.scheduler import Scheduler
+    except ImportError as e:
+        print(
+            f"pathor1 serve: error: {e} (install the serve extra: pip install 'pathor1_jax[serve]')",
+            file=sys.stderr,
+        )
+        return 2
+    try:
+        engine = engine_from_args(args)
+    except (ValueError, OSError) as e:
+        print(f"pathor1 serve: error: {e}", file=sys.stderr)
+        return 2
+    name = args.served_model_name or Path(args.model).resolve().name
+    scheduler = Scheduler(engine, max_queue=args.max_queue, batch_wait_s=args.batch_wait_ms / 1000).start()
+    app = create_app(scheduler, name, default_max_tokens=args.default_max_tokens)
+    print(f"pathor1 serve: {name} on http://{args.host}:{args.port}/v1", file=sys.stderr, flush=True)
+    try:
+        uvicorn.run(app, host=args.host, port=args.port, log_level="warning")
+    finally:
+        scheduler.stop()
+    return 0
