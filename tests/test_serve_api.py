@@ -158,3 +158,35 @@ def test_stop_strings_are_held_back_while_they_may_be_starting():
     assert holdback("the answer <", ("</answer>", "<|")) == 1
     assert holdback("done.", ("</answer>",)) == 0
     assert holdback("broken \ufffd", ()) == 1
+
+
+def _error_line(capsys) -> str:
+    lines = capsys.readouterr().err.strip().splitlines()
+    assert len(lines) == 1, lines
+    return lines[0]
+
+
+def test_serve_and_eval_vlm_bad_flags_are_one_line_errors(tmp_path, capsys):
+    from pathor1_jax.cli import main
+
+    with socket.socket() as busy:
+        busy.bind(("127.0.0.1", 0))
+        busy.listen()
+        port = str(busy.getsockname()[1])
+        assert main(["serve", "--model", str(tmp_path), "--port", port]) == 2
+        assert "cannot listen there" in _error_line(capsys)
+    assert main(["serve", "--model", str(tmp_path), "--port", "0", "--max-batch", "0"]) == 2
+    assert _error_line(capsys).endswith("--max-batch must be >= 1, got 0")
+    assert main(["serve", "--model", str(tmp_path), "--port", "0"]) == 2
+    assert "neither an HF checkpoint" in _error_line(capsys)
+    out = ["--out", str(tmp_path / "out")]
+    assert main(["eval", "vlm", "--data", "demo", *out]) == 2
+    assert "exactly one of --model" in _error_line(capsys)
+    assert main(["eval", "vlm", "--url", "http://x/v1", "--data", "demo", "--prompt-style", "cot", *out]) == 2
+    assert "--prompt-style: unknown ['cot']" in _error_line(capsys)
+    assert main(["eval", "vlm", "--url", "http://x/v1", "--data", str(tmp_path / "no.jsonl"), *out]) == 2
+    assert _error_line(capsys).endswith("no.jsonl: No such file or directory")
+    assert (
+        main(["eval", "vlm", "--url", "http://x/v1", "--data", "demo", "--judge-url", "http://j", *out]) == 2
+    )
+    assert "go together" in _error_line(capsys)

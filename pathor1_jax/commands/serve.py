@@ -11,9 +11,11 @@ in `pathor1_jax.serve.app`. Needs the `serve` extra (fastapi, uvicorn).
 from __future__ import annotations
 
 import argparse
+import socket
 import sys
 from pathlib import Path
 
+from pathor1_jax.errors import UserError
 from pathor1_jax.serve.loading import add_model_arguments, engine_from_args
 
 
@@ -31,23 +33,26 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     )
 
 
+def check_port(host: str, port: int) -> None:
+    """Fail at start-up, before loading the model, when the address cannot be served."""
+    with socket.socket() as s:
+        try:
+            s.bind((host, port))
+        except OSError as e:
+            raise UserError(f"--host {host} --port {port}: cannot listen there ({e.strerror or e})") from None
+
+
 def run(args: argparse.Namespace) -> int:
     try:
         import uvicorn
 
         from pathor1_jax.serve.app import create_app
-        from pathor1_jax.serve.scheduler import Scheduler
     except ImportError as e:
-        print(
-            f"pathor1 serve: error: {e} (install the serve extra: pip install 'pathor1_jax[serve]')",
-            file=sys.stderr,
-        )
-        return 2
-    try:
-        engine = engine_from_args(args)
-    except (ValueError, OSError) as e:
-        print(f"pathor1 serve: error: {e}", file=sys.stderr)
-        return 2
+        raise UserError(f"{e}: install the serve extra (pip install 'pathor1_jax[serve]')") from None
+    from pathor1_jax.serve.scheduler import Scheduler
+
+    check_port(args.host, args.port)
+    engine = engine_from_args(args)
     name = args.served_model_name or Path(args.model).resolve().name
     scheduler = Scheduler(engine, max_queue=args.max_queue, batch_wait_s=args.batch_wait_ms / 1000).start()
     app = create_app(scheduler, name, default_max_tokens=args.default_max_tokens)

@@ -33,7 +33,6 @@ import base64
 import io
 import json
 import os
-import sys
 from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -43,6 +42,7 @@ from tqdm import tqdm
 from pathor1_jax.data.images import read_image_bytes
 from pathor1_jax.data.prompts import DEFAULT_PROMPT_STYLE, PROMPT_STYLES, question_messages
 from pathor1_jax.data.records import GROUP_FIELDS, ImagePart, MCQRecord, Message, TextPart, VQARecord
+from pathor1_jax.errors import Pathor1Error, UserError
 from pathor1_jax.eval.answers import extract_option, extract_yes_no
 
 PREDICTIONS = "predictions.jsonl"
@@ -68,7 +68,7 @@ def read_eval_records(sources: Sequence[str]) -> list[MCQRecord | VQARecord]:
     seen: set[str] = set()
     for r in records:
         if r.id in seen:
-            raise ValueError(f"--data: question id {r.id!r} occurs twice (ids must be unique across files)")
+            raise UserError(f"--data: question id {r.id!r} occurs twice (ids must be unique across files)")
         seen.add(r.id)
     return records
 
@@ -79,7 +79,7 @@ def _jsonl_kind(path: str) -> str:
             if line.strip():
                 obj = json.loads(line)
                 return "mcq" if isinstance(obj, dict) and "options" in obj else "vqa"
-    raise ValueError(f"{path}: no records")
+    raise UserError(f"{path}: no records")
 
 
 def question_kind(record: MCQRecord | VQARecord) -> str:
@@ -156,12 +156,16 @@ class InProcess:
         self.batch_size = min(batch_size, engine.max_batch)
 
     def generate(self, chats: Sequence[tuple[str, tuple[Message, ...]]], max_tokens: int) -> list[Generated]:
-        from pathor1_jax.serve.engine import Row, SamplingParams
+        from pathor1_jax.serve.engine import RequestError, Row, SamplingParams
 
         params = SamplingParams(max_tokens=max_tokens)
-        rows = [Row(self.engine.encode(messages, rid), params) for rid, messages in chats]
-        for row in rows:
-            self.engine.check(row.prompt, params)
+        rows = []
+        for rid, messages in chats:
+            try:
+                rows.append(Row(self.engine.encode(messages, rid), params))
+                self.engine.check(rows[-1].prompt, params)
+            except RequestError as e:
+                raise UserError(f"question {rid!r}: {e}") from None
         return [(r.text, r.num_tokens, r.finish_reason) for r in self.engine.run(rows)]
 
 
@@ -185,7 +189,9 @@ class Endpoint:
         out = []
         for (rid, _), reply in zip(chats, self.client.map(requests), strict=True):
             if isinstance(reply, LLMError):
-                raise RuntimeError(f"question {rid!r}: {reply}")
+                raise Pathor1Error(
+                    f"question {rid!r}: {reply} (the predictions so far are kept; rerun to resume)"
+                )
             out.append((reply.text, int(reply.usage.get("completion_tokens", 0)), reply.finish_reason))
         return out
 
@@ -195,9 +201,12 @@ def served_model_name(url: str) -> str:
     import openai
 
     client = openai.OpenAI(base_url=url, api_key=os.environ.get("OPENAI_API_KEY") or "EMPTY")
-    models = client.models.list().data
+    try:
+        models = client.models.list().data
+    except openai.OpenAIError as e:
+        raise UserError(f"--url {url}: cannot list its models ({type(e).__name__}: {e})") from None
     if not models:
-        raise ValueError(f"{url}: the endpoint lists no model; pass --served-model")
+        raise UserError(f"--url {url}: the endpoint lists no model; pass --served-model")
     return models[0].id
 
 
@@ -217,7 +226,7 @@ def read_predictions(path: Path) -> list[dict]:
             out.append(json.loads(line))
         except json.JSONDecodeError:
             if i < len(lines) - 1 and any(x.strip() for x in lines[i + 1 :]):
-                raise ValueError(f"{path}:{i + 1}: corrupt prediction line") from None
+                raise UserError(f"{path}:{i + 1}: corrupt prediction line (not a torn last line)") from None
     with open(path, "w", encoding="utf-8") as f:  # rewrite without the torn line
         f.writelines(json.dumps(p, ensure_ascii=False) + "\n" for p in out)
     return out
@@ -335,43 +344,30 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def run(args: argparse.Namespace) -> int:
     """`pathor1 eval vlm`: generate, judge, write the tables; print the report's path and summary."""
     from pathor1_jax.eval.vlm_report import build_report, write_report
-
-    def fail(message: str) -> int:
-        print(f"pathor1 eval vlm: error: {message}", file=sys.stderr)
-        return 2
+    from pathor1_jax.outputs import check_writable_dir
 
     if bool(args.model) == bool(args.url):
-        return fail("give exactly one of --model (evaluate in process) and --url (an endpoint)")
+        raise UserError("give exactly one of --model (evaluate in process) and --url (an endpoint)")
     if bool(args.judge_url) != bool(args.judge_model):
-        return fail("--judge-url and --judge-model go together")
+        raise UserError("--judge-url and --judge-model go together")
     styles = [s.strip() for s in args.prompt_style.split(",") if s.strip()]
     unknown = [s for s in styles if s not in PROMPT_STYLES]
     if unknown or not styles:
-        return fail(f"--prompt-style: unknown {unknown}; styles are {sorted(PROMPT_STYLES)}")
-    out = Path(args.out)
-    try:
-        records = read_eval_records([s for s in args.data.split(",") if s])
-        records = records[: args.limit] if args.limit else records
-        if not records:
-            raise ValueError("--data: no questions")
-        out.mkdir(parents=True, exist_ok=True)
-        probe = out / ".write_test"
-        probe.write_text("")
-        probe.unlink()
-        if args.url:
-            backend = Endpoint(args.url, args.served_model or served_model_name(args.url), args.concurrency)
-            source = {"url": args.url, "model": backend.client.model}
-        else:
-            from pathor1_jax.serve.loading import engine_from_args
+        raise UserError(f"--prompt-style: unknown {unknown}; styles are {sorted(PROMPT_STYLES)}")
+    records = read_eval_records([s for s in args.data.split(",") if s])
+    records = records[: args.limit] if args.limit else records
+    if not records:
+        raise UserError(f"--data {args.data}: no questions")
+    out = check_writable_dir(args.out, "--out")
+    if args.url:
+        backend = Endpoint(args.url, args.served_model or served_model_name(args.url), args.concurrency)
+        source = {"url": args.url, "model": backend.client.model}
+    else:
+        from pathor1_jax.serve.loading import engine_from_args
 
-            backend = InProcess(engine_from_args(args), args.batch_size)
-            source = {"model": str(args.model)}
-    except (ValueError, OSError) as e:
-        return fail(str(e))
-    try:
-        predictions = generate_missing(records, styles, backend, out, max_new_tokens=args.max_new_tokens)
-    except (ValueError, RuntimeError) as e:  # a question the model cannot take, an endpoint that fails
-        return fail(f"{e} (the predictions so far are kept in {out / PREDICTIONS}; rerun to resume)")
+        backend = InProcess(engine_from_args(args), args.batch_size)
+        source = {"model": str(args.model)}
+    predictions = generate_missing(records, styles, backend, out, max_new_tokens=args.max_new_tokens)
     if args.judge_url:
         from pathor1_jax.data.llm import LLMClient
         from pathor1_jax.eval.judge import Judge

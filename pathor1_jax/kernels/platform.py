@@ -36,7 +36,7 @@ def mesh_platform(mesh: Mesh | AbstractMesh) -> str | None:
 
 
 def target_platform() -> str:
-    """"cpu", "gpu" or "tpu": what the code being traced now will be compiled for (module doc)."""
+    """ "cpu", "gpu" or "tpu": what the code being traced now will be compiled for (module doc)."""
     platform = mesh_platform(jax.sharding.get_abstract_mesh())
     if platform is None and (ctx := logical.current_rules()) is not None:
         platform = mesh_platform(ctx[0])

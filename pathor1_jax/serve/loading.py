@@ -6,6 +6,7 @@ import argparse
 
 import jax.numpy as jnp
 
+from pathor1_jax.errors import UserError
 from pathor1_jax.serve.engine import Engine
 from pathor1_jax.sharding.mesh import make_mesh, parse_mesh_arg
 from pathor1_jax.sharding.rules import PRESETS, preset
@@ -28,10 +29,17 @@ def add_model_arguments(parser: argparse.ArgumentParser, *, required: bool = Tru
 
 
 def engine_from_args(args: argparse.Namespace) -> Engine:
-    """Load `--model` onto the mesh and wrap it in an `Engine`."""
+    """Load `--model` onto the mesh and wrap it in an `Engine`; bad flags are `UserError`s."""
     from pathor1_jax.eval.mcq import load_for_eval
 
-    mesh = make_mesh(parse_mesh_arg(args.mesh))
+    for flag, value, least in (("--max-batch", args.max_batch, 1), ("--chunk", args.chunk, 1),
+                               ("--max-model-len", args.max_model_len, 2)):  # fmt: skip
+        if value < least:
+            raise UserError(f"{flag} must be >= {least}, got {value}")
+    try:
+        mesh = make_mesh(parse_mesh_arg(args.mesh))
+    except ValueError as e:
+        raise UserError(f"--mesh {args.mesh}: {e}") from None
     rules = preset(args.sharding)
     model, processor = load_for_eval(args.model, mesh=mesh, rules=rules, dtype=DTYPES[args.dtype])
     return Engine(
