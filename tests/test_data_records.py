@@ -15,6 +15,7 @@ from pathor1_jax.data import build_demo_data as bdd
 from pathor1_jax.data.demo import demo_dir, demo_records
 from pathor1_jax.data.images import ImageDecodeError, load_image
 from pathor1_jax.data.jsonl import read_jsonl, read_jsonl_files, write_jsonl
+from pathor1_jax.data.prompts import PROMPT_STYLES
 from pathor1_jax.data.records import (
     CaptionRecord,
     ChatRecord,
@@ -185,7 +186,8 @@ def test_demo_data_answers_follow_from_the_pixels():
     assert len(tiles) == 480
     assert sum(os.path.getsize(os.path.join(demo_dir(), "tiles", t)) for t in tiles) < 3_000_000
     counts = {(k, s): len(demo_records(k, s)) for k in ("caption", "chat", "mcq") for s in ("train", "test")}
-    assert counts == {(k, s): 390 if s == "train" else 90 for k, s in counts}
+    per_tile = {"caption": 1, "chat": 2, "mcq": 1}  # a chat per question (tissue, density), one MCQ
+    assert counts == {(k, s): per_tile[k] * (390 if s == "train" else 90) for k, s in counts}
     train_tiles = {r.image.path for r in demo_records("caption", "train")}
     test_tiles = {r.image.path for r in demo_records("caption", "test")}
     assert not train_tiles & test_tiles
@@ -196,9 +198,8 @@ def test_demo_data_answers_follow_from_the_pixels():
         if mcq.question.startswith("How densely"):
             assert answer == bdd.density_label(bdd.tissue_fraction(pixels)), mcq.id
             checked += 1
-        elif mcq.question.startswith("How large is the DAB"):
-            assert answer == bdd.dab_label(bdd.dab_fraction(pixels)), mcq.id
-            checked += 1
-        elif mcq.question.startswith("Which staining"):
-            assert answer.startswith("IHC" if mcq.id.startswith("ihc") else "H&E"), mcq.id
+        else:
+            assert answer == bdd.SOURCES[mcq.id.split("-")[0]]["tissue"], mcq.id
+    chats = demo_records("chat", "train")
+    assert {c.messages[0].content for c in chats} == {PROMPT_STYLES["patho_r1"].system}  # the official prompt
     assert checked > 20

