@@ -28,7 +28,7 @@ def test_demo_cpt_then_sft_losses_fall(tmp_path, capsys):
         assert (out / stage / "loss.png").stat().st_size > 0
     # random init predicts uniformly over the vocabulary; SFT starts from the trained CPT weights
     assert abs(losses["cpt"][0] - math.log(151936)) < 0.1
-    assert losses["sft"][0] < losses["cpt"][0] - 0.3
+    assert losses["sft"][0] < losses["cpt"][0] - 0.1  # random init would start at ln V again
     assert (out / "losses.png").stat().st_size > 0
     table = capsys.readouterr().out
     assert "stage      metric   steps     start       end" in table
