@@ -113,14 +113,17 @@ FIGURES: dict[str, dict[str, Any]] = {
 
 
 def _dense_tiles() -> dict[str, list[str]]:
-    """Tile paths per source whose caption says the tissue is dense (no white gaps inside a panel)."""
-    out: dict[str, list[str]] = {}
+    """Training tile paths per source, fullest first (fewest near-white pixels): a panel without white
+    gaps, which a gutter finder could take for a cut."""
+    scored: dict[str, list[tuple[float, str]]] = {}
     with open(os.path.join(demo_dir(), "caption_train.jsonl")) as f:
         for line in f:
             rec = json.loads(line)
-            if "dense" in rec["caption"]:
-                out.setdefault(rec["id"].split("-")[0], []).append(os.path.join(demo_dir(), rec["image"]))
-    return {k: sorted(v) for k, v in out.items()}
+            path = os.path.join(demo_dir(), rec["image"])
+            with Image.open(path) as im:
+                white = float((np.asarray(im.convert("RGB")).min(axis=-1) > 200).mean())
+            scored.setdefault(rec["id"].split("-")[0], []).append((white, path))
+    return {k: [p for _, p in sorted(v)] for k, v in scored.items()}
 
 
 def _panel(tile: str, size: int, letter: str | None) -> Image.Image:
