@@ -28,9 +28,9 @@ from flax import nnx  # noqa: E402
 from jax.sharding import NamedSharding  # noqa: E402
 from jax.sharding import PartitionSpec as P  # noqa: E402
 
+from pathor1_jax.logical import use_rules  # noqa: E402
 from pathor1_jax.models import qwen2_5_vl  # noqa: E402
 from pathor1_jax.models.qwen2_5_vl.presets import qwen2_5_vl_3b, qwen2_5_vl_7b  # noqa: E402
-from pathor1_jax.sharding.logical import use_rules  # noqa: E402
 from pathor1_jax.sharding.mesh import abstract_mesh, make_mesh  # noqa: E402
 from pathor1_jax.sharding.multihost import batch_spec  # noqa: E402
 from pathor1_jax.sharding.params import state_shardings  # noqa: E402

@@ -147,7 +147,7 @@ def test_auto_follows_the_platform_of_the_mesh_in_context():
     from jax.sharding import AbstractDevice, AbstractMesh, AxisType, use_abstract_mesh
 
     from pathor1_jax.kernels.platform import target_platform
-    from pathor1_jax.sharding.logical import use_rules
+    from pathor1_jax.logical import use_rules
     from pathor1_jax.sharding.mesh import make_mesh
     from pathor1_jax.sharding.rules import fsdp
 
@@ -194,7 +194,7 @@ os.environ["PATHOR1_PALLAS_INTERPRET"] = "1"
 import jax, jax.numpy as jnp
 jax.config.update("jax_default_matmul_precision", "highest")
 from pathor1_jax.kernels.attention import attention, attention_reference
-from pathor1_jax.sharding.logical import use_rules
+from pathor1_jax.logical import use_rules
 from pathor1_jax.sharding.mesh import make_mesh
 from pathor1_jax.sharding.rules import preset
 

@@ -12,7 +12,7 @@ from tpu import mosaic_calls, tpu_mesh
 
 from pathor1_jax.kernels.attention import attention
 from pathor1_jax.kernels.platform import target_platform
-from pathor1_jax.sharding.logical import use_rules
+from pathor1_jax.logical import use_rules
 from pathor1_jax.sharding.rules import fsdp
 
 pytestmark = pytest.mark.libtpu

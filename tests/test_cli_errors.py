@@ -83,12 +83,12 @@ def test_preempted_training_exits_143(monkeypatch, capsys, tmp_path):
     """F13: a run stopped by SIGTERM exited 0, like a finished one; now 143 after its checkpoint."""
     import pathor1_jax.train.run as run_module
 
-    def fake_run_stage(config, workdir=None):
+    def fake_run_lm(config, workdir=None):
         return types.SimpleNamespace(
-            preempted=True, start_step=0, end_step=1, first_loss=1.0, last_loss=1.0, out_dir=tmp_path
+            preempted=True, start_step=0, end_step=1, metric="loss", first=1.0, last=1.0, out_dir=tmp_path
         )
 
-    monkeypatch.setattr(run_module, "run_stage", fake_run_stage)
+    monkeypatch.setattr(run_module, "run_lm", fake_run_lm)
     assert cli.main(["train", "--config", str(CONFIGS / "demo_cpt.py")]) == EXIT_PREEMPTED
     assert "rerun the same command to resume" in capsys.readouterr().out
 

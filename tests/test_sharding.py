@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+from functools import partial
 from pathlib import Path
 
 import jax
@@ -13,8 +14,8 @@ from flax import nnx
 from jax.sharding import PartitionSpec as P
 
 from pathor1_jax.cli import main as cli_main
+from pathor1_jax.logical import logical_to_spec
 from pathor1_jax.models.layers import Embed, Linear, RMSNorm
-from pathor1_jax.sharding.logical import logical_to_spec
 from pathor1_jax.sharding.mesh import abstract_mesh, mesh_shape, parse_mesh_arg
 from pathor1_jax.sharding.multihost import batch_spec, multi_process_env
 from pathor1_jax.sharding.params import (
@@ -292,8 +293,8 @@ def test_load_sharded_reads_params_and_initialises_other_variables(tmp_path):
     import numpy as np
     from safetensors.numpy import save_file
 
+    from pathor1_jax.models.safetensors_load import Source, load_sharded
     from pathor1_jax.sharding.mesh import make_mesh
-    from pathor1_jax.sharding.safetensors_load import Source, load_sharded
 
     class WithState(nnx.Module):
         def __init__(self, rngs: nnx.Rngs):
@@ -305,9 +306,10 @@ def test_load_sharded_reads_params_and_initialises_other_variables(tmp_path):
     save_file({"up.weight": weight}, str(tmp_path / "model.safetensors"))
     mesh = make_mesh({"fsdp": 1}, jax.devices()[:1])
     sources = {"up.kernel": Source("up.weight", perm=(1, 0))}
-    model = load_sharded(lambda: WithState(nnx.Rngs(0)), tmp_path, sources, mesh, fsdp())
+    where = partial(state_shardings, mesh=mesh, rules=fsdp())
+    model = load_sharded(lambda: WithState(nnx.Rngs(0)), tmp_path, sources, where)
     np.testing.assert_array_equal(np.asarray(model.up.kernel[...]), weight.T)
     np.testing.assert_array_equal(np.asarray(model.count[...]), np.full((4,), 7.0))
     assert model.rngs.default.count[...] == WithState(nnx.Rngs(0)).rngs.default.count[...] == 1
     with pytest.raises(KeyError, match="tensor 'up.w' is not in the checkpoint"):
-        load_sharded(lambda: WithState(nnx.Rngs(0)), tmp_path, {"up.kernel": "up.w"}, mesh, fsdp())
+        load_sharded(lambda: WithState(nnx.Rngs(0)), tmp_path, {"up.kernel": "up.w"}, where)

@@ -15,12 +15,12 @@ from flax import nnx
 from jax.sharding import NamedSharding, PartitionSpec as P
 from safetensors.numpy import save_file
 from pathor1_jax.models.layers import Embed, Linear, RMSNorm
-from pathor1_jax.sharding.logical import logical_to_spec
+from pathor1_jax.logical import logical_to_spec
 from pathor1_jax.sharding.mesh import make_mesh
 from pathor1_jax.sharding.multihost import batch_spec, make_global_batch, is_main_process
-from pathor1_jax.sharding.params import create_sharded, logical_axes, shard_model
+from pathor1_jax.models.safetensors_load import Source, load_sharded
+from pathor1_jax.sharding.params import create_sharded, logical_axes, shard_model, state_shardings
 from pathor1_jax.sharding.rules import preset
-from pathor1_jax.sharding.safetensors_load import Source, load_sharded
 
 assert jax.device_count() == 8 and is_main_process()
 
@@ -74,7 +74,7 @@ sources = {
     "down.kernel": Source("down.weight", perm=(1, 0)),
     "norm.weight": Source("norm.weight_minus_one", transform=lambda x: x + 1.0),
 }
-import pathor1_jax.sharding.safetensors_load as sl
+import pathor1_jax.models.safetensors_load as sl
 reads = []
 original_read = sl.CheckpointReader.read
 def counting_read(self, name, index=None):
@@ -82,7 +82,8 @@ def counting_read(self, name, index=None):
     reads.append((name, out.shape))
     return out
 sl.CheckpointReader.read = counting_read
-loaded = load_sharded(lambda: Toy(nnx.Rngs(1)), tmp, sources, mesh, rules)
+where = lambda state: state_shardings(state, mesh, rules)
+loaded = load_sharded(lambda: Toy(nnx.Rngs(1)), tmp, sources, where)
 for p, v in nnx.to_flat_state(nnx.state(loaded)):
     key, x = ".".join(map(str, p)), v.get_value()
     assert x.dtype == jnp.float32
@@ -95,12 +96,12 @@ assert {s for n, s in reads if n == "up.weight"} == {(16, 8)}, reads
 assert {s for n, s in reads if n == "norm.weight_minus_one"} == {(16,)}
 try:
     partial = {k: v for k, v in sources.items() if k != "down.kernel"}
-    load_sharded(lambda: Toy(nnx.Rngs(1)), tmp, partial, mesh, rules)
+    load_sharded(lambda: Toy(nnx.Rngs(1)), tmp, partial, where)
     raise SystemExit("missing source not reported")
 except KeyError as e:
     assert "parameter down.kernel: no checkpoint tensor is mapped to it" in str(e), e
 try:
-    load_sharded(lambda: Toy(nnx.Rngs(1)), tmp, {**sources, "down.kernel": "down.weight"}, mesh, rules)
+    load_sharded(lambda: Toy(nnx.Rngs(1)), tmp, {**sources, "down.kernel": "down.weight"}, where)
     raise SystemExit("shape mismatch not reported")
 except ValueError as e:
     assert "parameter down.kernel: checkpoint tensor 'down.weight' gives shape (16, 32)" in str(e), e
@@ -115,10 +116,10 @@ jax.config.update("jax_default_matmul_precision", "highest")
 from flax import nnx
 from jax.sharding import NamedSharding, PartitionSpec as P
 from pathor1_jax.models import qwen2_5_vl
-from pathor1_jax.sharding.logical import logical_to_spec, use_rules
+from pathor1_jax.logical import logical_to_spec, use_rules
 from pathor1_jax.sharding.mesh import make_mesh
 from pathor1_jax.sharding.multihost import batch_spec, make_global_batch
-from pathor1_jax.sharding.params import create_sharded, logical_axes
+from pathor1_jax.sharding.params import create_sharded, logical_axes, state_shardings
 from pathor1_jax.sharding.rules import preset
 
 t0 = time.time()
@@ -206,7 +207,7 @@ model = make()
 path = tempfile.mkdtemp() + "/tiny"
 qwen2_5_vl.save_pretrained(model, path)
 mesh, rules = make_mesh({"data": 2, "fsdp": 2, "tensor": 2}), preset("fsdp_tp")
-loaded = qwen2_5_vl.load_pretrained(path, mesh=mesh, rules=rules)
+loaded = qwen2_5_vl.load_pretrained(path, shardings=lambda s: state_shardings(s, mesh, rules))
 flat = nnx.to_flat_state(nnx.state(model, nnx.Param))
 want = {".".join(map(str, p)): np.asarray(v.get_value()) for p, v in flat}
 for p, v in nnx.to_flat_state(nnx.state(loaded, nnx.Param)):
@@ -223,7 +224,7 @@ OPTIMIZER = r'''
 import jax, jax.numpy as jnp, numpy as np
 from flax import nnx
 from pathor1_jax.models.layers import Embed, Linear, RMSNorm
-from pathor1_jax.sharding.logical import use_rules
+from pathor1_jax.logical import use_rules
 from pathor1_jax.sharding.mesh import abstract_mesh, make_mesh
 from pathor1_jax.sharding.params import create_sharded
 from pathor1_jax.sharding.report import per_device_bytes, totals

@@ -1,4 +1,5 @@
-"""`pathor1 train --config configs/sft_3b.py [--workdir DIR] [--config.key=value ...]`: one training run.
+"""`pathor1 train --config configs/sft_3b.py [--workdir DIR] [--config.key=value ...]`: one training run
+of the stage `config.stage` names (an entry of `pathor1_jax.stages.STAGES`: cpt, sft, grpo, dapo, clip).
 
 Overrides address any key of the config (`--config.optim.lr=1e-5`, `--config.train.steps 100`); a key
 the config does not define is an error naming it. Rerunning the same command on the same work
@@ -28,13 +29,13 @@ def run(args: argparse.Namespace) -> int:
 
     maybe_initialize_distributed()
     config = load_config(args.config, args.overrides)
-    from pathor1_jax.train.run import run_stage
+    from pathor1_jax import stages
 
-    result = run_stage(config, args.workdir)
+    result = stages.run(config, args.workdir)
     if is_main_process():
         state = "preempted (SIGTERM); rerun the same command to resume" if result.preempted else "done"
         print(
-            f"{config.stage}: steps {result.start_step}->{result.end_step}, loss {result.first_loss} -> "
-            f"{result.last_loss}; {state}; run directory {result.out_dir}"
+            f"{config.stage}: steps {result.start_step}->{result.end_step}, {result.metric} "
+            f"{result.first} -> {result.last}; {state}; run directory {result.out_dir}"
         )
     return EXIT_PREEMPTED if result.preempted else EXIT_OK

@@ -17,9 +17,9 @@ import jax
 import jax.numpy as jnp
 from jax.sharding import PartitionSpec
 
+from pathor1_jax import logical
 from pathor1_jax.kernels.flash_attention import flash_attention, tpu_vmem_bytes
 from pathor1_jax.kernels.platform import target_platform
-from pathor1_jax.sharding import logical
 
 logger = logging.getLogger(__name__)
 

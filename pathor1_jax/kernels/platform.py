@@ -6,7 +6,7 @@ devices in the mesh while `jax.default_backend()` still says "cpu", so the mesh 
 
 1. the abstract mesh JAX tracks (`jax.set_mesh(mesh)`, `jax.sharding.use_abstract_mesh`, and inside
    `shard_map`): its `abstract_device.platform`;
-2. the mesh of `sharding.logical.use_rules(mesh, rules)`: its devices' platform;
+2. the mesh of `logical.use_rules(mesh, rules)`: its devices' platform;
 3. otherwise `jax.default_backend()`.
 """
 
@@ -15,7 +15,7 @@ from __future__ import annotations
 import jax
 from jax.sharding import AbstractMesh, Mesh
 
-from pathor1_jax.sharding import logical
+from pathor1_jax import logical
 
 PLATFORMS = ("cpu", "gpu", "tpu")
 _ALIASES = {"cuda": "gpu", "rocm": "gpu"}

@@ -17,6 +17,11 @@ Axes = tuple[str | None, ...]
 Initializer = Callable[[jax.Array, tuple[int, ...], jnp.dtype], jax.Array]
 
 
+def path_str(path: tuple) -> str:
+    """A variable's path in its model as a dotted name: `model.layers.0.mlp.up_proj.kernel`."""
+    return ".".join(str(p) for p in path)
+
+
 def param(
     rngs: nnx.Rngs, init: Initializer, shape: tuple[int, ...], axes: Axes, dtype=jnp.float32
 ) -> nnx.Param:

@@ -10,7 +10,6 @@ with the prompts and seeds it would have used.
 
 from __future__ import annotations
 
-import dataclasses
 import time
 from functools import partial
 from pathlib import Path
@@ -21,15 +20,16 @@ from tqdm import tqdm
 
 from pathor1_jax.data.pipeline import get_processor, load_source, processor_spec_from_config
 from pathor1_jax.data.prompts import DEFAULT_PROMPT_STYLE, prompt_style
+from pathor1_jax.logical import use_rules
 from pathor1_jax.rl import rewards
 from pathor1_jax.rl.prompts import PromptStream, decode_response
 from pathor1_jax.rl.rollout import rollout
 from pathor1_jax.rl.step import PAPER_AGG, SHORT_BATCH, LossConfig, RolloutSampler, ShortBatchError, rl_step
-from pathor1_jax.sharding.logical import use_rules
 from pathor1_jax.sharding.multihost import is_main_process
 from pathor1_jax.sharding.params import create_sharded
 from pathor1_jax.train.defaults import base_config
 from pathor1_jax.train.metrics import MetricsWriter, plot_losses
+from pathor1_jax.train.result import StageResult
 from pathor1_jax.train.run import initial_params, model_config, model_factory
 from pathor1_jax.train.trainer import Stage, Trainer, _Preemption, on_mesh
 
@@ -126,19 +126,6 @@ class RLData:
         self.sampler.seed = int(state["sampling_round"])
 
 
-@dataclasses.dataclass
-class RLResult:
-    out_dir: Path
-    start_step: int
-    end_step: int
-    first_reward: float | None  # mean reward of the first step run here
-    last_reward: float | None
-    first_loss: float | None  # policy loss of the first step run here (None: no update)
-    last_loss: float | None
-    preempted: bool
-    metrics_path: Path
-
-
 class RLTrainer(Trainer):
     def __init__(self, config: ml_collections.ConfigDict, out_dir: str | Path):
         rl = config.rl
@@ -233,11 +220,11 @@ class RLTrainer(Trainer):
             short_batch=rl.short_batch,
         )
 
-    def fit(self) -> RLResult:
+    def fit(self) -> StageResult:
         rl = self.config.rl
         writer = MetricsWriter(self.out_dir, resume_step=self.start_step)
         step = self.start_step
-        first = last = first_loss = last_loss = None
+        first = last = None
         preempted = False
         bar = tqdm(
             total=self.rl_steps, initial=step, desc=rl.algo, disable=not is_main_process(), dynamic_ncols=True
@@ -258,9 +245,6 @@ class RLTrainer(Trainer):
                     )
                     first = metrics["reward/mean"] if first is None else first
                     last = metrics["reward/mean"]
-                    if "loss" in metrics:
-                        first_loss = metrics["loss"] if first_loss is None else first_loss
-                        last_loss = metrics["loss"]
                     writer.write(step, metrics)
                     bar.set_postfix(reward=f"{last:.3f}", acc=f"{metrics['reward/accuracy']:.2f}")
                     bar.update(1)
@@ -276,12 +260,20 @@ class RLTrainer(Trainer):
             writer.close()
         if is_main_process() and not preempted and writer.path.exists():
             plot_losses([(rl.algo, writer.path)], self.out_dir / "reward.png", key="reward/mean")
-        return RLResult(
-            self.out_dir, self.start_step, step, first, last, first_loss, last_loss, preempted, writer.path
+        return StageResult(
+            stage=rl.algo,
+            out_dir=self.out_dir,
+            metrics_path=writer.path,
+            start_step=self.start_step,
+            end_step=step,
+            metric="reward/mean",
+            first=first,
+            last=last,
+            preempted=preempted,
         )
 
 
-def run_rl(config: ml_collections.ConfigDict, out_dir: str | Path | None = None) -> RLResult:
+def run_rl(config: ml_collections.ConfigDict, out_dir: str | Path | None = None) -> StageResult:
     """Train GRPO or DAPO (`config.stage`) on the MCQs of `config.data`, writing to `out_dir`."""
     out_dir = Path(out_dir or config.train.out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)

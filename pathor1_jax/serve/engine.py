@@ -31,9 +31,9 @@ from jax.sharding import Mesh, NamedSharding
 from pathor1_jax.data.images import ImageDecodeError
 from pathor1_jax.data.processing import ImageCountError, QwenVLProcessor
 from pathor1_jax.data.records import ChatRecord, Message
+from pathor1_jax.logical import Rules, logical_to_spec, use_rules
 from pathor1_jax.models import qwen2_5_vl
 from pathor1_jax.models.qwen2_5_vl.generate import decode, prefill, prompt_inputs, special_token_ids
-from pathor1_jax.sharding.logical import Rules, logical_to_spec, use_rules
 
 MIN_PROMPT_BUCKET = 64
 MIN_NEW_BUCKET = 16

@@ -13,7 +13,7 @@ import jax
 import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
-from pathor1_jax.sharding.logical import Rules, logical_to_spec
+from pathor1_jax.logical import Rules, logical_to_spec
 
 # Environment variables set by launch/gpu.sh (and usable by hand) for an explicit cluster.
 COORDINATOR_ENV = "JAX_COORDINATOR_ADDRESS"

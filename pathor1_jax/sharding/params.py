@@ -19,7 +19,8 @@ from flax import nnx
 from jax.sharding import AbstractMesh, Mesh, NamedSharding, PartitionSpec
 
 from pathor1_jax.errors import ConfigError
-from pathor1_jax.sharding.logical import Rules, use_rules
+from pathor1_jax.logical import Rules, use_rules
+from pathor1_jax.models.layers import path_str
 from pathor1_jax.sharding.rules import mesh_axis_size, spec_for
 
 
@@ -28,10 +29,6 @@ def logical_axes(variable: nnx.Variable) -> tuple[str | None, ...] | None:
     meta = variable.get_metadata()
     axes = meta.get("sharding_names") or meta.get("out_sharding")
     return None if axes is None else tuple(axes)
-
-
-def path_str(path: tuple) -> str:
-    return ".".join(str(p) for p in path)
 
 
 @dataclass(frozen=True)

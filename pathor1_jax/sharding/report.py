@@ -18,7 +18,7 @@ import optax
 from flax import nnx
 from jax.sharding import AbstractMesh, Mesh
 
-from pathor1_jax.sharding.logical import Rules
+from pathor1_jax.logical import Rules
 from pathor1_jax.sharding.params import abstract_params, layouts, optimizer_shardings
 
 GIB = 1024**3

@@ -15,7 +15,7 @@ from collections.abc import Mapping, Sequence
 from jax.sharding import PartitionSpec
 
 from pathor1_jax.errors import ConfigError
-from pathor1_jax.sharding.logical import Rules, logical_to_spec
+from pathor1_jax.logical import Rules, logical_to_spec
 from pathor1_jax.sharding.mesh import AXES
 
 LOGICAL_AXES: tuple[str, ...] = (

@@ -23,14 +23,15 @@ from flax import nnx
 
 from pathor1_jax.data.images import load_image
 from pathor1_jax.data.records import CaptionRecord
+from pathor1_jax.logical import current_rules, logical_to_spec
 from pathor1_jax.models import clip
 from pathor1_jax.models.clip.preprocess import preprocess
 from pathor1_jax.models.clip.tokenizer import CLIPTokenizer
-from pathor1_jax.sharding.logical import current_rules, logical_to_spec
 from pathor1_jax.train.checkpoint import restore_params
 from pathor1_jax.train.contrastive import clip_loss, sharded_clip_loss
+from pathor1_jax.train.result import StageResult
 from pathor1_jax.train.step import StepSpec, zero_frozen
-from pathor1_jax.train.trainer import FitResult, Stage, Trainer
+from pathor1_jax.train.trainer import Stage, Trainer
 
 
 def base_clip_config() -> ml_collections.ConfigDict:
@@ -143,7 +144,7 @@ def initial_params(model: ml_collections.ConfigDict):
     return lambda like: jax.tree.map(lambda x, ref: jax.device_put(np.asarray(x), ref.sharding), params, like)
 
 
-def run_clip(config: ml_collections.ConfigDict, out_dir: str | Path | None = None) -> FitResult:
+def run_clip(config: ml_collections.ConfigDict, out_dir: str | Path | None = None) -> StageResult:
     if int(config.train.grad_accum) != 1:
         raise ValueError(
             "config.train.grad_accum: the contrastive loss of a batch does not split into micro-batches"

@@ -1,4 +1,6 @@
-"""One training run from a config: the model, its data, its starting weights, then `Trainer.fit`.
+"""A CPT or SFT run from a config (the `cpt` / `sft` entries of `pathor1_jax.stages`): the model,
+its data, its starting weights, then `Trainer.fit`. The Qwen2.5-VL helpers here (`model_config`,
+`model_factory`, `initial_params`) are shared with the RL stages and evaluation.
 
 `config.stage` picks the step (`cpt` or `sft`); `config.model` is the Qwen2.5-VL (`preset`,
 `hf_config` or `path` to a HF checkpoint, plus `dtype` / `param_dtype` / `attention_impl`), and
@@ -10,6 +12,7 @@ from __future__ import annotations
 
 import json
 from collections.abc import Callable
+from functools import partial
 from pathlib import Path
 
 import jax
@@ -18,19 +21,20 @@ import ml_collections
 from flax import nnx
 from jax.sharding import Mesh
 
+from pathor1_jax.logical import Rules
 from pathor1_jax.models import qwen2_5_vl
 from pathor1_jax.models.qwen2_5_vl.presets import preset
-from pathor1_jax.sharding.logical import Rules
 from pathor1_jax.sharding.mesh import make_mesh
+from pathor1_jax.sharding.params import state_shardings
 from pathor1_jax.sharding.rules import rules_from_config
 from pathor1_jax.train.checkpoint import restore_params
 from pathor1_jax.train.cpt import cpt_step
 from pathor1_jax.train.lm import offset_to_block, prepare_batch
+from pathor1_jax.train.result import StageResult
 from pathor1_jax.train.sft import sft_step
-from pathor1_jax.train.trainer import FitResult, Stage, Trainer
+from pathor1_jax.train.trainer import Stage, Trainer
 
 STEPS = {"cpt": cpt_step, "sft": sft_step}
-DATA_KINDS = {"cpt": "caption", "sft": "chat"}
 
 
 def model_config(model: ml_collections.ConfigDict) -> qwen2_5_vl.Qwen2_5_VLConfig:
@@ -75,8 +79,8 @@ def initial_params(
 
         def from_hf(like: dict) -> dict:
             dtype, param_dtype = jnp.dtype(model.dtype), jnp.dtype(model.param_dtype)
-            mesh, rules = layout if layout is not None else (None, None)
-            loaded = qwen2_5_vl.load_pretrained(path, dtype, param_dtype=param_dtype, mesh=mesh, rules=rules)
+            shardings = None if layout is None else partial(state_shardings, mesh=layout[0], rules=layout[1])
+            loaded = qwen2_5_vl.load_pretrained(path, dtype, param_dtype=param_dtype, shardings=shardings)
             params = nnx.to_pure_dict(nnx.state(loaded, nnx.Param))
             return jax.tree.map(lambda x, ref: jax.device_put(x, ref.sharding), params, like)
 
@@ -87,25 +91,13 @@ def initial_params(
     )
 
 
-def run_stage(config: ml_collections.ConfigDict, out_dir: str | Path | None = None) -> FitResult:
-    """Train `config.stage` on `config.data`, writing to `out_dir` (default `config.train.out_dir`)."""
+def run_lm(config: ml_collections.ConfigDict, out_dir: str | Path | None = None) -> StageResult:
+    """Train the language-model stage `config.stage` (cpt or sft) on `config.data`, writing to
+    `out_dir` (default `config.train.out_dir`)."""
     from pathor1_jax.data.pipeline import batch_iterator_from_config
 
-    if config.stage in ("grpo", "dapo"):  # RL drives its own loop on the same Trainer
-        from pathor1_jax.rl.train import run_rl
-
-        return run_rl(config, out_dir)
-    if config.stage == "clip":  # PathoCLIP: contrastive, its own data and model
-        from pathor1_jax.train.clip_stage import run_clip
-
-        return run_clip(config, out_dir)
     if config.stage not in STEPS:
         raise ValueError(f"config.stage={config.stage!r}: expected one of {sorted(STEPS)}")
-    if config.data.kind != DATA_KINDS[config.stage]:
-        raise ValueError(
-            f"config.data.kind={config.data.kind!r} but stage {config.stage!r} trains on "
-            f"{DATA_KINDS[config.stage]!r} records"
-        )
     cfg = model_config(config.model)
     out_dir = Path(out_dir or config.train.out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)

@@ -29,7 +29,7 @@ import optax
 from flax import nnx
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
-from pathor1_jax.sharding.logical import Rules
+from pathor1_jax.logical import Rules
 from pathor1_jax.sharding.params import abstract_params, optimizer_shardings
 from pathor1_jax.train.optim import FROZEN, param_labels
 

@@ -30,7 +30,7 @@ from flax import nnx
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 from tqdm import tqdm
 
-from pathor1_jax.sharding.logical import use_rules
+from pathor1_jax.logical import use_rules
 from pathor1_jax.sharding.mesh import make_mesh
 from pathor1_jax.sharding.multihost import batch_spec, is_main_process
 from pathor1_jax.sharding.params import create_sharded
@@ -38,6 +38,7 @@ from pathor1_jax.sharding.rules import rules_from_config
 from pathor1_jax.train.checkpoint import Checkpointer
 from pathor1_jax.train.metrics import MetricsWriter, plot_losses
 from pathor1_jax.train.optim import make_optimizer
+from pathor1_jax.train.result import StageResult
 from pathor1_jax.train.step import StepSpec, init_state
 
 # Where the batch dimension sits in each micro-batch field after stacking (`[accum, ...]`); other
@@ -53,7 +54,8 @@ PATCH_AXIS = {"pixel_values": 1, "vision_index": 1}
 
 @dataclasses.dataclass(frozen=True)
 class Stage:
-    """What differs between CPT and SFT: the jitted step and the host-side micro-batch preparation."""
+    """What differs between stages on this loop: the jitted step and the host-side micro-batch
+    preparation (name: `config.stage`)."""
 
     name: str
     step: Callable[[StepSpec, dict, dict], tuple[dict, dict]]
@@ -61,17 +63,6 @@ class Stage:
     # (stacked host batch, this process's block index along the batch axes) → the batch numbered as
     # that block of the global batch; needed only across processes (e.g. image patches).
     globalize: Callable[[dict, int], dict] | None = None
-
-
-@dataclasses.dataclass
-class FitResult:
-    out_dir: Path
-    start_step: int
-    end_step: int
-    first_loss: float | None
-    last_loss: float | None
-    preempted: bool
-    metrics_path: Path
 
 
 class _Preemption:
@@ -206,7 +197,7 @@ class Trainer:
         )
         return stack_micro_batches(micro), local * jax.process_count()
 
-    def fit(self) -> FitResult:
+    def fit(self) -> StageResult:
         cfg = self.config.train
         writer = MetricsWriter(self.out_dir, resume_step=self.start_step)
         step = self.start_step
@@ -261,12 +252,14 @@ class Trainer:
             writer.close()
         if is_main_process() and not preempted and writer.path.exists():
             plot_losses([(self.stage.name, writer.path)], self.out_dir / "loss.png")
-        return FitResult(
+        return StageResult(
+            stage=self.stage.name,
             out_dir=self.out_dir,
+            metrics_path=writer.path,
             start_step=self.start_step,
             end_step=step,
-            first_loss=first,
-            last_loss=last,
+            metric="loss",
+            first=first,
+            last=last,
             preempted=preempted,
-            metrics_path=writer.path,
         )

@@ -13,6 +13,7 @@ import logging
 import os
 import shutil
 import tempfile
+from collections.abc import Callable
 from pathlib import Path
 
 import jax
@@ -21,6 +22,9 @@ import numpy as np
 from flax import nnx
 from safetensors import safe_open
 from safetensors.numpy import save_file
+
+from pathor1_jax.models.layers import path_str
+from pathor1_jax.models.safetensors_load import Source, load_sharded
 
 from .config import Qwen2_5_VLConfig
 from .modeling import Qwen2_5_VLForConditionalGeneration
@@ -115,36 +119,44 @@ def load_config(path: str | os.PathLike) -> Qwen2_5_VLConfig:
         raise ValueError(f"{config_file}: {e}") from e
 
 
+def _source(m: TensorMapping) -> Source:
+    """Where the sharded reader finds a parameter: Linear kernels as slice-friendly transposes;
+    the patch embedding's Conv3d weight is read whole once and reshaped."""
+    if m.conv_shape is not None:
+        return Source(m.name, transform=m.to_ours)
+    return Source(m.name, perm=(1, 0)) if m.transpose else Source(m.name)
+
+
 def load_pretrained(
     path: str | os.PathLike,
     dtype=jnp.float32,
     *,
     param_dtype=None,
     attention_impl: str = "auto",
-    mesh=None,
-    rules=None,
+    shardings: Callable[[nnx.State], nnx.State] | None = None,
 ) -> Qwen2_5_VLForConditionalGeneration:
     """Read a HF Qwen2.5-VL directory (config.json + model.safetensors or a sharded index).
 
     dtype: compute dtype; param_dtype: storage dtype of the parameters (default: dtype).
-    mesh, rules: load directly sharded, each device reading only its slice of each tensor
-    (`pathor1_jax.sharding.qwen_checkpoint`); default: whole arrays on the default device.
+    shardings: the model's abstract state → each variable's sharding (e.g.
+    `sharding.params.state_shardings` with a mesh and rules): every parameter is born sharded, each
+    device reading only its slice of each tensor; default: whole arrays on the default device.
     """
-    if mesh is not None:
-        from pathor1_jax.sharding.qwen_checkpoint import load_pretrained_sharded
-
-        return load_pretrained_sharded(
-            path, mesh, rules, dtype, param_dtype=param_dtype, attention_impl=attention_impl
-        )
     path = Path(path)
     config = load_config(path)
-    files = _weight_files(path)
     param_dtype = dtype if param_dtype is None else param_dtype
-    abstract = nnx.eval_shape(
-        lambda: Qwen2_5_VLForConditionalGeneration(
+
+    def make() -> Qwen2_5_VLForConditionalGeneration:
+        return Qwen2_5_VLForConditionalGeneration(
             config, dtype=dtype, param_dtype=param_dtype, attention_impl=attention_impl
         )
-    )
+
+    if shardings is not None:
+        mapping = parameter_mapping(nnx.eval_shape(make))
+        sources = {path_str(p): _source(m) for p, m in mapping.items()}
+        return load_sharded(make, path, sources, shardings, rename=normalise_hf_name)
+    files = _weight_files(path)
+    abstract = nnx.eval_shape(make)
     graphdef, state = nnx.split(abstract)
     mapping = parameter_mapping(abstract)
     handles: dict[Path, object] = {}

@@ -19,8 +19,8 @@ import numpy as np
 from flax import nnx
 
 from pathor1_jax.kernels.attention import attention
+from pathor1_jax.logical import constrain
 from pathor1_jax.models.layers import Embed, Linear, RMSNorm
-from pathor1_jax.sharding.logical import constrain
 
 from .config import Qwen2_5_VLConfig, TextConfig, VisionConfig
 from .rope import apply_rope, apply_vision_rope, get_rope_index, text_rope, vision_rope

@@ -20,11 +20,9 @@ from pathlib import Path
 import jax
 import numpy as np
 from flax import nnx
-from jax.sharding import Mesh
 from safetensors import safe_open
 
-from pathor1_jax.sharding.logical import Rules
-from pathor1_jax.sharding.params import path_str, state_shardings
+from pathor1_jax.models.layers import path_str
 
 
 @dataclass(frozen=True)
@@ -141,19 +139,20 @@ def load_sharded(
     make_model: Callable[[], nnx.Module],
     checkpoint: str | Path,
     sources: Mapping[str, Source | str],
-    mesh: Mesh,
-    rules: Rules,
+    shardings: Callable[[nnx.State], nnx.State],
     rename: Callable[[str], str] | None = None,
 ) -> nnx.Module:
     """A model whose every parameter is read, slice by slice, from `checkpoint` via `sources`.
 
     `sources` maps each `nnx.Param` path (dots) to a `Source` or a tensor name; a parameter that it
-    does not cover is an error naming that path. Other variables (RNG state, statistics) not in
-    `sources` are initialised by `make_model`, directly sharded. `rename`: see `CheckpointReader`.
+    does not cover is an error naming that path. `shardings` says where every variable goes: the
+    model's abstract state → a tree like it of `Sharding`s (`sharding.params.state_shardings` with
+    the run's mesh and rules). Other variables (RNG state, statistics) not in `sources` are
+    initialised by `make_model`, directly sharded. `rename`: see `CheckpointReader`.
     """
     reader = CheckpointReader(checkpoint, rename)
     graphdef, abstract_state = nnx.split(nnx.eval_shape(make_model))
-    shardings = state_shardings(abstract_state, mesh, rules)
+    shardings = shardings(abstract_state)
     sharding_of = {path_str(p): v.get_value() for p, v in nnx.to_flat_state(shardings)}
     flat, initialised = [], []
     for path, var in nnx.to_flat_state(abstract_state):

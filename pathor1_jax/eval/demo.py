@@ -1,0 +1,73 @@
+"""The held-out numbers `pathor1 demo` prints before and after a stage (the `evaluate` hooks of
+`pathor1_jax.stages`): `(config, model_dir | None) -> {name: value}`, where `model_dir` is a run
+directory and None the model a stage starts from when it starts from scratch."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import ml_collections
+import numpy as np
+
+PROMPTS = Path(__file__).resolve().parents[1] / "data" / "assets" / "demo" / "zeroshot_prompts.json"
+
+
+def held_out_mcq(config: ml_collections.ConfigDict, model_dir: Path | None) -> dict[str, float]:
+    """Greedy accuracy and format rate on the embedded held-out MCQs, in the RL stage's prompt style
+    and budget (`config.rl.prompt_style`, `max_new_tokens`); nothing to measure without a starting
+    model."""
+    from pathor1_jax.data.demo import demo_records
+    from pathor1_jax.eval.mcq import evaluate_mcq, load_for_eval
+
+    if model_dir is None:
+        return {}
+    model, processor = load_for_eval(model_dir)
+    held_out = demo_records("mcq", "test")
+    result = evaluate_mcq(
+        model,
+        processor,
+        held_out,
+        max_new_tokens=int(config.rl.max_new_tokens),
+        prompt_style=config.rl.prompt_style,
+        progress=False,
+    )
+    return {"mcq/accuracy": result.accuracy, "mcq/format_rate": result.format_rate}
+
+
+def held_out_zero_shot(config: ml_collections.ConfigDict, model_dir: Path | None) -> dict[str, float]:
+    """Zero-shot tissue classification of the embedded held-out tiles by a CLIP (the class of a tile
+    is its id's prefix; prompts `data/assets/demo/zeroshot_prompts.json`): the run's latest
+    checkpoint, or the random-init model of `config.model` when `model_dir` is None."""
+    from flax import nnx
+
+    from pathor1_jax.data.demo import demo_records
+    from pathor1_jax.models import clip
+    from pathor1_jax.train.checkpoint import restore_params
+    from pathor1_jax.train.clip_stage import model_config
+
+    model = clip.CLIPModel(model_config(config.model), rngs=nnx.Rngs(int(config.model.seed)))
+    if model_dir is not None:
+        graphdef, params = nnx.split(model, nnx.Param)
+        nnx.replace_by_pure_dict(
+            params, restore_params(Path(model_dir) / "checkpoints", nnx.to_pure_dict(params))
+        )
+        model = nnx.merge(graphdef, params)
+    return {"zero_shot/accuracy": zero_shot_accuracy(model, demo_records("caption", "test"))}
+
+
+def zero_shot_accuracy(model, records, prompts_file: Path = PROMPTS) -> float:
+    from pathor1_jax.data.images import load_image
+    from pathor1_jax.eval.zeroshot import class_embeddings, load_prompts, zero_shot
+    from pathor1_jax.models.clip.preprocess import preprocess
+    from pathor1_jax.models.clip.tokenizer import CLIPTokenizer
+
+    classnames, templates = load_prompts(prompts_file)
+    index = {name: i for i, name in enumerate(classnames)}
+    tokenizer = CLIPTokenizer(model.config.text.max_position_embeddings)
+    size = model.config.vision.image_size
+    pixels = np.stack([preprocess(load_image(r.image, record_id=r.id), size) for r in records])
+    labels = np.array([index[r.id.split("-")[0]] for r in records])
+    class_embeds = class_embeddings(
+        lambda texts: np.asarray(model.encode_text(tokenizer(texts))), classnames, templates
+    )
+    return zero_shot(np.asarray(model.encode_image(pixels)), class_embeds, labels)["accuracy"]

@@ -1,0 +1,150 @@
+"""The stages of Patho-R1 (paper §3), one `StageEntry` each: `pathor1 train` runs the entry named by
+`config.stage`, `pathor1 demo` walks `STAGES` in order.
+
+    result = stages.run(config)  # config.stage="sft" → pathor1_jax.train.run:run_lm(config, None)
+
+An entry names its implementation by module path (`"package.module:function"`, imported when used,
+like `cli.COMMANDS`), so reading the registry imports no JAX and no stage imports another. Adding a
+stage is one entry below: `run(config, out_dir=None) -> StageResult` somewhere under `train/`,
+`rl/` or `curation/`, the record kind its data must be, and optionally its part in the demo.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import importlib
+from collections.abc import Callable
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+from pathor1_jax.errors import ConfigError
+
+if TYPE_CHECKING:
+    import ml_collections
+
+    from pathor1_jax.train.result import StageResult
+
+CONFIGS = Path(__file__).resolve().parents[1] / "configs"
+
+
+@dataclasses.dataclass(frozen=True)
+class Demo:
+    """A stage's part in `pathor1 demo`.
+
+    configs: config files under `configs/` (`file.py[:arg]`) run in order, each from the weights of
+        the one before; with several, each runs in `<stage dir>/<arg or file stem>`.
+    start_from: the stages whose weights the first config starts from: the last of them that the
+        demo has run so far; none run (or none named) → random init.
+    evaluate: `"module:function"`, `(config, model_dir | None) -> {name: value}`: held-out numbers of
+        the model the stage starts from (None: random init) and of the trained one.
+    """
+
+    configs: tuple[str, ...]
+    start_from: tuple[str, ...] = ()
+    evaluate: str | None = None
+
+
+@dataclasses.dataclass(frozen=True)
+class StageEntry:
+    """name: the `config.stage` that selects it (and its directory in the demo). section: where the
+    paper describes it. records: the record kind (`data.records`) it trains on; a config whose
+    `data.kind` differs is refused. run: `"module:function"`, `(config, out_dir | None) ->
+    StageResult` (out_dir None: `config.train.out_dir`)."""
+
+    name: str
+    title: str
+    section: str
+    records: str
+    run: str
+    demo: Demo | None = None
+
+
+STAGES: dict[str, StageEntry] = {
+    entry.name: entry
+    for entry in (
+        StageEntry(
+            "cpt", "continued pretraining", "§3.2", "caption", "pathor1_jax.train.run:run_lm",
+            Demo(("demo_cpt.py",)),
+        ),
+        StageEntry(
+            "sft", "chain-of-thought SFT", "§3.3", "chat", "pathor1_jax.train.run:run_lm",
+            Demo(("demo_sft.py",), start_from=("cpt",)),
+        ),
+        StageEntry(
+            "grpo", "GRPO (Eqs. 1, 3)", "§3.4", "mcq", "pathor1_jax.rl.train:run_rl",
+            Demo(("grpo_tiny.py",), start_from=("cpt", "sft"), evaluate="pathor1_jax.eval.demo:held_out_mcq"),
+        ),
+        StageEntry(
+            "dapo", "DAPO (Eqs. 2, 4)", "§3.4", "mcq", "pathor1_jax.rl.train:run_rl",
+            Demo(("dapo_tiny.py",), start_from=("cpt", "sft"), evaluate="pathor1_jax.eval.demo:held_out_mcq"),
+        ),
+        StageEntry(
+            "clip", "PathoCLIP, two-stage contrastive", "§3.2, App. B.1", "caption",
+            "pathor1_jax.train.clip_stage:run_clip",
+            Demo(
+                ("pathoclip_tiny.py:stage1", "pathoclip_tiny.py:stage2"),
+                evaluate="pathor1_jax.eval.demo:held_out_zero_shot",
+            ),
+        ),
+    )
+}  # fmt: skip
+
+
+def resolve(ref: str) -> Callable:
+    """`"package.module:function"` → the function (importing its module)."""
+    module, _, name = ref.partition(":")
+    return getattr(importlib.import_module(module), name)
+
+
+def get(name: str) -> StageEntry:
+    if name not in STAGES:
+        raise ConfigError(f"config.stage={name!r}: expected one of {list(STAGES)}")
+    return STAGES[name]
+
+
+def run(config: ml_collections.ConfigDict, out_dir: str | Path | None = None) -> StageResult:
+    """Train the stage `config.stage` on its config, writing to `out_dir` (default
+    `config.train.out_dir`)."""
+    entry = get(config.stage)
+    kind = config.data.get("kind") if "data" in config else None
+    if kind is not None and kind != entry.records:
+        raise ConfigError(
+            f"config.data.kind={kind!r} but stage {entry.name!r} trains on {entry.records!r} records"
+        )
+    return resolve(entry.run)(config, out_dir)
+
+
+def run_demo(
+    entry: StageEntry, out_dir: Path, ran: dict[str, Path], steps: int | None = None
+) -> StageResult:
+    """`entry`'s demo stage under `out_dir`, starting from the runs of the stages `ran` so far (name →
+    run directory, in order); `steps` shortens (or lengthens) each run, its warmup kept below it."""
+    from pathor1_jax.train.config import load_config
+
+    demo = entry.demo
+    start = next((path for name, path in reversed(ran.items()) if name in demo.start_from), None)
+    evaluate = resolve(demo.evaluate) if demo.evaluate else None
+    results, init, before = [], start, {}
+    for i, spec in enumerate(demo.configs):
+        file, _, arg = spec.partition(":")
+        run_dir = out_dir / (arg or Path(file).stem) if len(demo.configs) > 1 else out_dir
+        overrides = [f"--config.train.out_dir={run_dir}", f"--config.model.init_from={init or ''}"]
+        config = load_config(str(CONFIGS / spec), overrides)
+        if steps is not None:
+            with config.unlocked():
+                config.train.steps = steps
+                config.optim.warmup_steps = min(config.optim.warmup_steps, max(1, steps // 8))
+        if evaluate is not None and i == 0:
+            before = evaluate(config, start)
+        results.append(run(config))
+        init = run_dir
+    after = evaluate(config, init) if evaluate is not None else {}
+    first, last = results[0], results[-1]
+    return dataclasses.replace(
+        last,
+        out_dir=out_dir,
+        start_step=first.start_step,
+        end_step=sum(r.end_step for r in results),
+        first=first.first,
+        evals={name: (before.get(name), value) for name, value in after.items()},
+    )

@@ -1,0 +1,111 @@
+"""The registry of the paper's stages: its entries resolve and their demo configs agree with them,
+`pathor1 train` dispatches through it (refusing unknown stages and wrong record kinds), and the
+demo walk starts each stage from the right run."""
+
+from __future__ import annotations
+
+import dataclasses
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from pathor1_jax import stages
+from pathor1_jax.cli import main
+from pathor1_jax.train.config import load_config
+from pathor1_jax.train.result import StageResult
+
+CALLS: list[dict] = []  # what the fake stage below was run with
+
+
+def fake_run(config, out_dir=None) -> StageResult:
+    """A stage that trains nothing: records its config and reports `steps` steps from loss 2 to 1."""
+    CALLS.append({"out_dir": config.train.out_dir, "init_from": config.model.init_from,
+                  "steps": config.train.steps, "warmup": config.optim.warmup_steps})  # fmt: skip
+    run_dir = Path(out_dir or config.train.out_dir)
+    return StageResult(config.stage, run_dir, run_dir / "metrics.jsonl", 0, config.train.steps,
+                       "loss", 2.0, 1.0, False)  # fmt: skip
+
+
+def fake_eval(config, model_dir):
+    return {} if model_dir is None else {"score": float(len(Path(model_dir).name))}
+
+
+def test_the_paper_stages_in_demo_order():
+    assert list(stages.STAGES) == ["cpt", "sft", "grpo", "dapo", "clip"]
+    assert {e.name: e.records for e in stages.STAGES.values()} == {
+        "cpt": "caption", "sft": "chat", "grpo": "mcq", "dapo": "mcq", "clip": "caption"
+    }  # fmt: skip
+
+
+def test_reading_the_registry_imports_no_stage():
+    code = "import sys, pathor1_jax.stages; print(sorted({'jax', 'flax', 'numpy'} & set(sys.modules)))"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "[]"
+
+
+@pytest.mark.parametrize("name", list(stages.STAGES))
+def test_entries_resolve_and_their_demo_configs_are_theirs(name):
+    entry = stages.STAGES[name]
+    assert callable(stages.resolve(entry.run))
+    if entry.demo.evaluate:
+        assert callable(stages.resolve(entry.demo.evaluate))
+    for spec in entry.demo.configs:
+        config = load_config(str(stages.CONFIGS / spec))
+        assert config.stage == name, spec
+        assert config.data.get("kind", entry.records) == entry.records, spec
+
+
+def test_train_refuses_an_unknown_stage_and_the_wrong_records(tmp_path, capsys):
+    common = ["--config", "configs/demo_sft.py", f"--config.train.out_dir={tmp_path}"]
+    assert main(["train", *common, "--config.stage=rlhf"]) == 2
+    assert capsys.readouterr().err == (
+        "pathor1 train: error: config.stage='rlhf': expected one of ['cpt', 'sft', 'grpo', 'dapo', 'clip']\n"
+    )
+    assert main(["train", *common, "--config.data.kind=caption"]) == 2
+    assert capsys.readouterr().err == (
+        "pathor1 train: error: config.data.kind='caption' but stage 'sft' trains on 'chat' records\n"
+    )
+    assert not (tmp_path / "checkpoints").exists()
+
+
+def test_train_runs_the_entry_of_config_stage(tmp_path, monkeypatch, capsys):
+    fake = dataclasses.replace(stages.STAGES["sft"], run="test_stages:fake_run")
+    monkeypatch.setitem(stages.STAGES, "sft", fake)
+    CALLS.clear()
+    args = ["--config", "configs/demo_sft.py", f"--config.train.out_dir={tmp_path}", "--config.train.steps=3"]
+    assert main(["train", *args]) == 0
+    assert CALLS == [{"out_dir": str(tmp_path), "init_from": "runs/demo/cpt", "steps": 3, "warmup": 5}]
+    assert f"sft: steps 0->3, loss 2.0 -> 1.0; done; run directory {tmp_path}" in capsys.readouterr().out
+
+
+def test_demo_walk_starts_from_the_last_run_of_start_from(tmp_path, monkeypatch):
+    """Two chained configs in `<stage>/<arg>`, the first starting from the latest run among
+    `start_from`; steps and warmup shortened; evaluations before and after; one combined result."""
+    (tmp_path / "toy.py").write_text(
+        "import ml_collections\n"
+        "def get_config(arg='a'):\n"
+        "    return ml_collections.ConfigDict(dict(stage='toy', data=dict(kind='chat'),\n"
+        "        model=dict(init_from=''), optim=dict(warmup_steps=5), train=dict(steps=40, out_dir='')))\n"
+    )
+    monkeypatch.setattr(stages, "CONFIGS", tmp_path)
+    demo = stages.Demo(("toy.py:a", "toy.py:b"), start_from=("cpt", "sft"), evaluate="test_stages:fake_eval")
+    entry = stages.StageEntry("toy", "toy", "§0", "chat", "test_stages:fake_run", demo)
+    monkeypatch.setitem(stages.STAGES, "toy", entry)
+    ran = {"cpt": tmp_path / "cpt", "sft": tmp_path / "sft", "grpo": tmp_path / "grpo"}
+    CALLS.clear()
+    result = stages.run_demo(entry, tmp_path / "toy", ran, steps=16)
+    a, b = str(tmp_path / "toy" / "a"), str(tmp_path / "toy" / "b")
+    assert CALLS == [
+        {"out_dir": a, "init_from": str(tmp_path / "sft"), "steps": 16, "warmup": 2},
+        {"out_dir": b, "init_from": a, "steps": 16, "warmup": 2},
+    ]
+    assert (result.stage, result.out_dir, result.end_step) == ("toy", tmp_path / "toy", 32)
+    assert result.metrics_path == tmp_path / "toy" / "b" / "metrics.jsonl"
+    assert result.evals == {"score": (3.0, 1.0)}  # before: the sft run; after: the last run ("b")
+    CALLS.clear()
+    result = stages.run_demo(entry, tmp_path / "toy", {}, steps=None)  # nothing to start from
+    assert [c["init_from"] for c in CALLS] == ["", a]
+    assert CALLS[0]["steps"] == 40 and CALLS[0]["warmup"] == 5
+    assert result.evals == {"score": (None, 1.0)}
