@@ -16,7 +16,6 @@ $(STAMP): pyproject.toml
 
 demo: $(STAMP)
 	$(VENV)/bin/pathor1 demo
-	$(VENV)/bin/pathor1 curate demo --out runs/demo/curation
 
 test: $(STAMP)
 	$(VENV)/bin/ruff check pathor1_jax tests bench configs

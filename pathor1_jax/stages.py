@@ -1,5 +1,6 @@
 """The stages of Patho-R1 (paper §3), one `StageEntry` each: `pathor1 train` runs the entry named by
-`config.stage`, `pathor1 demo` walks `STAGES` in order.
+`config.stage`, `pathor1 demo` walks `STAGES` in order (data curation first: it makes data, not a
+checkpoint, so it has a demo but no `run`; `pathor1 curate` runs its steps).
 
     result = stages.run(config)  # config.stage="sft" → pathor1_jax.train.run:run_lm(config, None)
 
@@ -37,11 +38,14 @@ class Demo:
         demo has run so far; none run (or none named) → random init.
     evaluate: `"module:function"`, `(config, model_dir | None) -> {name: value}`: held-out numbers of
         the model the stage starts from (None: random init) and of the trained one.
+    run: `"module:function"`, `(out_dir) -> StageResult`, in place of `configs`: a demo that trains
+        nothing (curation: its result reports the pairs found against the demo book's truth).
     """
 
-    configs: tuple[str, ...]
+    configs: tuple[str, ...] = ()
     start_from: tuple[str, ...] = ()
     evaluate: str | None = None
+    run: str | None = None
 
 
 @dataclasses.dataclass(frozen=True)
@@ -49,19 +53,24 @@ class StageEntry:
     """name: the `config.stage` that selects it (and its directory in the demo). section: where the
     paper describes it. records: the record kind (`data.records`) it trains on; a config whose
     `data.kind` differs is refused. run: `"module:function"`, `(config, out_dir | None) ->
-    StageResult` (out_dir None: `config.train.out_dir`)."""
+    StageResult` (out_dir None: `config.train.out_dir`). records and run None: a stage that
+    `pathor1 train` does not run (curation)."""
 
     name: str
     title: str
     section: str
-    records: str
-    run: str
+    records: str | None
+    run: str | None
     demo: Demo | None = None
 
 
 STAGES: dict[str, StageEntry] = {
     entry.name: entry
     for entry in (
+        StageEntry(
+            "curation", "data curation", "§3.2–3.4",
+            None, None, Demo(run="pathor1_jax.curation.demo:demo_stage"),
+        ),
         StageEntry(
             "cpt", "continued pretraining", "§3.2", "caption", "pathor1_jax.train.run:run_lm",
             Demo(("demo_cpt.py",)),
@@ -97,8 +106,11 @@ def resolve(ref: str) -> Callable:
 
 
 def get(name: str) -> StageEntry:
-    if name not in STAGES:
-        raise ConfigError(f"config.stage={name!r}: expected one of {list(STAGES)}")
+    """The entry `pathor1 train` runs for `config.stage=name`."""
+    trained = [stage for stage, entry in STAGES.items() if entry.run is not None]
+    if name not in trained:
+        what = f"{STAGES[name].title} is not a training stage; " if name in STAGES else ""
+        raise ConfigError(f"config.stage={name!r}: {what}expected one of {trained}")
     return STAGES[name]
 
 
@@ -122,6 +134,8 @@ def run_demo(
     from pathor1_jax.train.config import load_config
 
     demo = entry.demo
+    if demo.run is not None:
+        return resolve(demo.run)(out_dir)
     start = next((path for name, path in reversed(ran.items()) if name in demo.start_from), None)
     evaluate = resolve(demo.evaluate) if demo.evaluate else None
     results, init, before = [], start, {}

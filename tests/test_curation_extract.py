@@ -84,6 +84,29 @@ def test_extracted_pairs_are_caption_records(book):
         assert isinstance(rec, CaptionRecord) and rec.caption == r["caption"]
 
 
+def test_demo_scores_pairs_against_the_truth_and_reports_them_as_a_stage(book, tmp_path, monkeypatch):
+    """`pathor1 demo`'s curation row: recall and precision of the pairs against the book's truth."""
+    from pathor1_jax.curation import demo
+
+    _, truth, results = book
+    records = results["book.pdf"][0] + results["book_scanned.pdf"][0]
+    result = demo.score(records, truth)
+    assert (result["extracted"], result["expected"], result["precision"], result["recall"]) == (11, 11, 1, 1)
+    moved = {**records[0], "bbox": [b + 60 for b in records[0]["bbox"]]}  # IoU < 0.8: a miss
+    extra = {**records[1], "panel": "Z"}  # a pair the truth does not have
+    result = demo.score([moved, extra, *records[1:-1]], truth)  # and the last pair lost
+    assert (result["extracted"], result["precision"], result["recall"]) == (11, 9 / 11, 9 / 11)
+    assert [r["found"] for r in result["rows"]].count(False) == 2
+    assert "pairs: 11 extracted, 11 in the truth; precision 0.82, recall 0.82" in demo.table(result)
+
+    monkeypatch.setattr(demo, "run_demo", lambda out: result)
+    stage = demo.demo_stage(tmp_path)
+    assert (stage.stage, stage.metric, stage.first, stage.last, stage.metrics_path) == (
+        "curation", "recall", None, 9 / 11, None
+    )  # fmt: skip
+    assert stage.note == "9 of 11 true pairs found, 11 extracted: precision 0.82"
+
+
 def test_bad_pdfs_are_logged_and_counted_not_fatal(tmp_path):
     from reportlab.pdfgen.canvas import Canvas
 

@@ -33,9 +33,9 @@ def fake_eval(config, model_dir):
 
 
 def test_the_paper_stages_in_demo_order():
-    assert list(stages.STAGES) == ["cpt", "sft", "grpo", "dapo", "clip"]
+    assert list(stages.STAGES) == ["curation", "cpt", "sft", "grpo", "dapo", "clip"]
     assert {e.name: e.records for e in stages.STAGES.values()} == {
-        "cpt": "caption", "sft": "chat", "grpo": "mcq", "dapo": "mcq", "clip": "caption"
+        "curation": None, "cpt": "caption", "sft": "chat", "grpo": "mcq", "dapo": "mcq", "clip": "caption"
     }  # fmt: skip
 
 
@@ -48,9 +48,11 @@ def test_reading_the_registry_imports_no_stage():
 @pytest.mark.parametrize("name", list(stages.STAGES))
 def test_entries_resolve_and_their_demo_configs_are_theirs(name):
     entry = stages.STAGES[name]
-    assert callable(stages.resolve(entry.run))
-    if entry.demo.evaluate:
-        assert callable(stages.resolve(entry.demo.evaluate))
+    for ref in (entry.run, entry.demo.evaluate, entry.demo.run):
+        if ref:
+            assert callable(stages.resolve(ref)), ref
+    assert bool(entry.demo.configs) != bool(entry.demo.run), "a demo runs configs or a function"
+    assert (entry.run is None) == (entry.records is None) == (name == "curation")
     for spec in entry.demo.configs:
         config = load_config(str(stages.CONFIGS / spec))
         assert config.stage == name, spec
@@ -59,9 +61,15 @@ def test_entries_resolve_and_their_demo_configs_are_theirs(name):
 
 def test_train_refuses_an_unknown_stage_and_the_wrong_records(tmp_path, capsys):
     common = ["--config", "configs/demo_sft.py", f"--config.train.out_dir={tmp_path}"]
+    trained = "['cpt', 'sft', 'grpo', 'dapo', 'clip']"
     assert main(["train", *common, "--config.stage=rlhf"]) == 2
     assert capsys.readouterr().err == (
-        "pathor1 train: error: config.stage='rlhf': expected one of ['cpt', 'sft', 'grpo', 'dapo', 'clip']\n"
+        f"pathor1 train: error: config.stage='rlhf': expected one of {trained}\n"
+    )
+    assert main(["train", *common, "--config.stage=curation"]) == 2
+    assert capsys.readouterr().err == (
+        "pathor1 train: error: config.stage='curation': data curation is not a training stage; "
+        f"expected one of {trained}\n"
     )
     assert main(["train", *common, "--config.data.kind=caption"]) == 2
     assert capsys.readouterr().err == (
@@ -109,3 +117,22 @@ def test_demo_walk_starts_from_the_last_run_of_start_from(tmp_path, monkeypatch)
     assert [c["init_from"] for c in CALLS] == ["", a]
     assert CALLS[0]["steps"] == 40 and CALLS[0]["warmup"] == 5
     assert result.evals == {"score": (None, 1.0)}
+
+
+def fake_data_stage(out_dir) -> StageResult:
+    """A demo stage that trains nothing (as curation): writes one file, reports a recall and a note."""
+    out_dir.mkdir(parents=True)
+    (out_dir / "pairs.jsonl").write_text("{}\n")
+    return StageResult("curation", out_dir, None, 0, 0, "recall", None, 0.75, False, note="3 of 4 found")
+
+
+def test_demo_runs_a_data_stage_by_its_function_and_reports_its_note(tmp_path, monkeypatch, capsys):
+    fake = dataclasses.replace(stages.STAGES["curation"], demo=stages.Demo(run="test_stages:fake_data_stage"))
+    monkeypatch.setitem(stages.STAGES, "curation", fake)
+    assert main(["demo", "--out", str(tmp_path), "--stages", "curation"]) == 0
+    assert (tmp_path / "curation" / "pairs.jsonl").exists()
+    assert not (tmp_path / "losses.png").exists()  # no training stage ran: nothing to plot
+    rows = capsys.readouterr().out.splitlines()
+    row = next(line for line in rows if line.startswith("curation "))
+    assert row.split()[:5] == ["curation", "recall", "-", "-", "0.7500"]
+    assert row.endswith("s  3 of 4 found")

@@ -1,11 +1,12 @@
 """`pathor1 demo`: Patho-R1's stages end to end on the embedded pathology data, on CPU, in minutes.
 
-The demo walks the stages of `pathor1_jax.stages.STAGES` that have a demo part, in order: a tiny
-random-init Qwen2.5-VL goes CPT → SFT → GRPO / DAPO (each from the SFT run), then a tiny CLIP through
-PathoCLIP stages I → II. A table of each stage's headline metric at its first and last step, with
-its held-out numbers before and after, is printed, and the curves are plotted to
-`<out>/losses.png`. Each stage writes its checkpoints, `metrics.jsonl`, TensorBoard events and
-plots under `<out>/<stage>/`.
+The demo walks the stages of `pathor1_jax.stages.STAGES` that have a demo part, in order: data
+curation on a generated textbook (pairs found against its truth), a tiny random-init Qwen2.5-VL
+goes CPT → SFT → GRPO / DAPO (each from the SFT run), then a tiny CLIP through PathoCLIP stages
+I → II. A table of each stage's headline metric at its first and last step, with its held-out
+numbers before and after, is printed, and the curves are plotted to `<out>/losses.png`. Each stage
+writes its outputs (checkpoints, `metrics.jsonl`, TensorBoard events and plots; curation: its steps'
+directories) under `<out>/<stage>/`.
 """
 
 from __future__ import annotations
@@ -40,9 +41,11 @@ def summary_table(rows: list[StageResult], seconds: list[float]) -> str:
             f"{name} {'n/a' if before is None else f'{before:.3f}'} -> {after:.3f}"
             for name, (before, after) in row.evals.items()
         )
+        steps = row.end_step if row.metrics_path else "-"
+        first, last = ("-" if v is None else f"{v:.4f}" for v in (row.first, row.last))
         lines.append(
-            f"{row.stage:<10} {row.metric:<11} {row.end_step:>5} {row.first:>9.4f} {row.last:>9.4f} "
-            f"{sec:>6.0f}s  {evals}".rstrip()
+            f"{row.stage:<10} {row.metric:<11} {steps:>5} {first:>9} {last:>9} "
+            f"{sec:>6.0f}s  {evals or row.note}".rstrip()
         )
     return "\n".join(lines)
 
@@ -65,12 +68,16 @@ def run(args: argparse.Namespace) -> int:
         rows.append(run_demo(STAGES[name], stage_dir, ran, args.steps))
         seconds.append(time.perf_counter() - t0)
         ran[name] = stage_dir
-    plot = plot_losses(
-        [(f"{r.stage} ({r.metric})", r.metrics_path) for r in rows],
-        out / "losses.png",
-        keys=[r.metric for r in rows],
-    )
+    trained = [r for r in rows if r.metrics_path]  # curation writes data, not metrics
+    curves = ""
+    if trained:
+        plot = plot_losses(
+            [(f"{r.stage} ({r.metric})", r.metrics_path) for r in trained],
+            out / "losses.png",
+            keys=[r.metric for r in trained],
+        )
+        curves = f" (curves: {plot})"
     print()
     print(summary_table(rows, seconds))
-    print(f"\ncheckpoints, metrics and plots under {out}/ (curves: {plot})")
+    print(f"\noutputs, checkpoints, metrics and plots under {out}/{curves}")
     return 0

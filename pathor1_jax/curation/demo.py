@@ -2,13 +2,17 @@
 cluster (→ generate → qc → sample with an LLM), printing the pairs found against the generator's truth.
 
     pathor1 curate demo --out runs/demo/curation [--llm-url URL --llm-model NAME]
+    pathor1 demo                                  # its first stage: `demo_stage` (no LLM)
 """
 
 from __future__ import annotations
 
 import os
 import re
+from pathlib import Path
 from typing import Any
+
+from pathor1_jax.train.result import StageResult
 
 from .extract import _iou
 
@@ -125,3 +129,17 @@ def run_demo(out: str, workers: int = 2, llm: Any = None) -> dict[str, Any]:
     if llm is None:
         print("\ngenerate, qc, sample: skipped (they need an LLM: --llm-url URL --llm-model NAME)")
     return result
+
+
+def demo_stage(out_dir: Path) -> StageResult:
+    """`pathor1 demo`'s curation stage (`stages.STAGES["curation"]`): `run_demo` without an LLM; its
+    row's metric is the recall of the pairs against the book's truth, its note the counts."""
+    result = run_demo(str(out_dir))
+    found = sum(row["found"] for row in result["rows"])
+    note = (
+        f"{found} of {result['expected']} true pairs found, {result['extracted']} extracted: "
+        f"precision {result['precision']:.2f}"
+    )
+    return StageResult(
+        "curation", Path(out_dir), None, 0, 0, "recall", None, result["recall"], False, note=note
+    )

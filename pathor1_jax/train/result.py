@@ -1,5 +1,5 @@
-"""What a run of any stage returns (CPT, SFT, GRPO, DAPO, PathoCLIP): the `pathor1 train` summary
-line and the rows of the `pathor1 demo` table are read from it."""
+"""What a run of any stage returns (CPT, SFT, GRPO, DAPO, PathoCLIP; curation's demo): the
+`pathor1 train` summary line and the rows of the `pathor1 demo` table are read from it."""
 
 from __future__ import annotations
 
@@ -13,11 +13,12 @@ class StageResult:
     "reward/mean"), and first / last: its value at the first and last step run here (None: no step
     ran). start_step > 0: resumed from that step's checkpoint. preempted: stopped by SIGTERM after
     saving a checkpoint. evals: held-out numbers before and after training, `name → (before, after)`
-    (before None: no starting model to measure), filled in by `pathor1 demo`."""
+    (before None: no starting model to measure), filled in by `pathor1 demo`. A stage that trains
+    nothing (curation) has no metrics_path and no steps; note: what its demo row adds in words."""
 
     stage: str
     out_dir: Path
-    metrics_path: Path
+    metrics_path: Path | None
     start_step: int
     end_step: int
     metric: str
@@ -25,3 +26,4 @@ class StageResult:
     last: float | None
     preempted: bool
     evals: dict[str, tuple[float | None, float]] = dataclasses.field(default_factory=dict)
+    note: str = ""
