@@ -106,10 +106,13 @@ def batch():
 
 @pytest.fixture
 def small_tiles(monkeypatch):
-    """8-row x 32-vocab Pallas tiles (15 rows padded to 16), 32-vocab chunks; Pallas interpreted."""
+    """8-row x 32-vocab Pallas tiles (15 rows padded to 16) over 64-column chunks, 32-column XLA
+    chunks: V = 100 makes the last chunk overlap the one before (columns 36-99 with 36-63 masked,
+    or 68-99 with 68-95 masked); Pallas interpreted."""
     monkeypatch.setenv("PATHOR1_PALLAS_INTERPRET", "1")
-    monkeypatch.setattr(policy_loss, "PALLAS_TILES", (8, 32))
+    monkeypatch.setattr(policy_loss, "pallas_tiles", lambda *a: policy_loss.Tiles(8, 32, 8, 32))
     monkeypatch.setattr(policy_loss, "CHUNKED_VOCAB_TILE", 32)
+    monkeypatch.setattr(policy_loss, "PALLAS_VOCAB_CHUNK", 64)
 
 
 @pytest.mark.parametrize("impl", ["chunked", "pallas"])

@@ -41,3 +41,18 @@ def target_platform() -> str:
     if platform is None and (ctx := logical.current_rules()) is not None:
         platform = mesh_platform(ctx[0])
     return platform or _normalise(jax.default_backend())
+
+
+def _mesh_device_kind(mesh: Mesh | AbstractMesh) -> str | None:
+    if isinstance(mesh, AbstractMesh):
+        return None if mesh.abstract_device is None else mesh.abstract_device.device_kind
+    return None if mesh.devices.size == 0 else mesh.devices.flat[0].device_kind
+
+
+def target_device_kind() -> str:
+    """The device kind ("TPU v5 lite", "TPU v6 lite", ...) of the devices `target_platform()`
+    names, asked in the same order (kernels pick per-chip tiles by it)."""
+    kind = _mesh_device_kind(jax.sharding.get_abstract_mesh())
+    if kind is None and (ctx := logical.current_rules()) is not None:
+        kind = _mesh_device_kind(ctx[0])
+    return kind or jax.devices()[0].device_kind

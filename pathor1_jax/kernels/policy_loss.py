@@ -31,12 +31,32 @@ smaller one, i.e. clipping removes the gradient), `mean_ratio`, `kl` (k3; 0 with
 
 Implementations (`impl`): "xla" (reference: materialises the float32 logits), "chunked" (plain
 JAX loop over vocabulary tiles, custom_vjp), "pallas" (Mosaic TPU kernels; CPU needs
-`PATHOR1_PALLAS_INTERPRET=1`), "auto" (pallas on TPU, chunked elsewhere).
+`PATHOR1_PALLAS_INTERPRET=1`), "auto" (pallas when the target is a TPU — the devices of the mesh in
+context, abstract ones included, else JAX's backend — chunked elsewhere).
+
+Pallas kernels: a forward kernel (online log-sum-exp and the token's logit per row block), a dh
+kernel (rows parallel, vocabulary accumulated) and a dW kernel (vocabulary parallel, rows
+accumulated). They cover the vocabulary's whole tiles only, so no tile is ever masked (a masked
+bf16 weight tile is what Mosaic cannot lay out); the last `V mod tile` columns (384 of Qwen's
+151,936 at 1,024-wide tiles) are one plain-XLA tile merged into the same online log-sum-exp, and
+written into the dW buffer after the kernel. `hidden` is cast to the matmul dtype of
+(hidden, lm_head) first, as the reference's einsum promotes it. Tiles are chosen per chip, head
+dtype and model width by `pallas_tiles` (see there) so every pipelined buffer fits the chip's
+scoped VMEM.
+
+Under `sharding.logical.use_rules(mesh, rules)` the Pallas path runs per shard in `shard_map` (a
+Mosaic kernel is opaque to XLA's partitioner): rows split as the rules split "batch"; the
+vocabulary split as they split "vocab" when that is a different mesh axis (Megatron's
+vocab-parallel cross-entropy: each shard holds `V / n` columns of the head, the row statistics
+are combined with a `pmax`/`psum` of `[rows]` vectors and dh is summed over the vocabulary
+shards), whole otherwise, so no shard ever repeats another's work. dW is reduce-scattered over the
+row shards (summed when the model width does not divide).
 """
 
 from __future__ import annotations
 
 import functools
+import math
 from typing import NamedTuple
 
 import jax
@@ -44,240 +64,448 @@ import jax.numpy as jnp
 from jax import lax
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import tpu as pltpu
+from jax.sharding import Mesh, PartitionSpec
 
 from pathor1_jax.kernels.attention import pallas_interpret
+from pathor1_jax.kernels.flash_attention import MASK_VALUE
+from pathor1_jax.kernels.platform import target_device_kind, target_platform
+from pathor1_jax.sharding import logical
 
 AGG_MODES = ("token-mean", "seq-mean-token-mean", "group-mean-token-mean")
 IMPLS = ("auto", "xla", "chunked", "pallas")
-# Tiles: Pallas (rows, vocab) fit TPU VMEM at D=2048 bf16; chunked XLA takes all rows at once.
-PALLAS_TILES = (256, 1024)
-CHUNKED_VOCAB_TILE = 8192
+CHUNKED_VOCAB_TILE = 8192  # chunked XLA: every row at once, 8192 vocabulary columns per step
+# Pallas: the kernels run over chunks of this many head columns (rounded to the tiles), each
+# all-gathered over the mesh axes that split the head's model dimension, and dW is
+# reduce-scattered chunk by chunk: per-device memory holds one chunk of W and dW, not the head.
+PALLAS_VOCAB_CHUNK = 8192
 
 _NT = (((1,), (1,)), ((), ()))  # a @ b.T
 _TN = (((0,), (0,)), ((), ()))  # a.T @ b
 
 
-class _Config(NamedTuple):
+# ------------------------------------------------------------------------------- tiles per chip
+
+
+class Tiles(NamedTuple):
+    """Pallas block sizes: `rows` x `vocab` for the forward and dh kernels (grid rows x vocabulary),
+    `dw_rows` x `dw_vocab` for the dW kernel (grid vocabulary x rows), and each kernel's Mosaic
+    scoped-VMEM limit in bytes (`vmem_limits` = fwd, dh, dW; None keeps the chip's default)."""
+
+    rows: int
     vocab: int
-    block_rows: int
-    block_vocab: int
-    impl: str  # "chunked" or "pallas"
-    interpret: bool
+    dw_rows: int
+    dw_vocab: int
+    vmem_limits: tuple[int | None, int | None, int | None] = (None, None, None)
+
+
+class _Chip(NamedTuple):
+    scoped_vmem: int  # Mosaic's default scoped-VMEM limit (bytes; libtpu 0.0.42.1 reports it)
+    vmem: int  # VMEM per TensorCore (bytes)
+    ridge: float  # peak bf16 FLOP/s over HBM bytes/s: the FLOPs per byte that make a kernel compute-bound
+
+
+@functools.cache
+def _chips() -> dict[str, _Chip]:
+    def chip(version, scoped_mib: int) -> _Chip:
+        info = pltpu.get_tpu_info_for_chip(version, 1)
+        ridge = info.bf16_ops_per_second / info.mem_bw_bytes_per_second
+        return _Chip(scoped_mib * 2**20, info.vmem_capacity_bytes, ridge)
+
+    v = pltpu.ChipVersion
+    return {"v5e": chip(v.TPU_V5E, 16), "v5p": chip(v.TPU_V5P, 16), "v6e": chip(v.TPU_V6E, 32)}
+
+
+# device_kind (as TPU devices, abstract ones included, report it) -> chip
+_DEVICE_KINDS = {
+    "TPU v5 lite": "v5e",
+    "TPU v5e": "v5e",
+    "TPU v5": "v5p",
+    "TPU v5p": "v5p",
+    "TPU v6 lite": "v6e",
+    "TPU v6e": "v6e",
+}
+DEFAULT_CHIP = "v5e"  # tiles for TPUs not in the table and for interpret mode
+_KERNELS = ("fwd", "dh", "dw")
+
+
+def vmem_bytes(kernel: str, rows: int, cols: int, d: int, h_itemsize: int, w_itemsize: int) -> int:
+    """Scoped VMEM (bytes) one kernel ("fwd", "dh", "dw") needs at a `rows x cols` block.
+
+    Pipelined blocks: hidden `[rows, d]` and the float32 dh `[rows, d]` are single-buffered in
+    fwd/dh (they change once per row of the grid), double-buffered in dW; W `[d, cols]` and the
+    float32 dW `[d, cols]` are double-buffered. Values Mosaic keeps in VMEM: two float32
+    `[rows, cols]` arrays (the logits and their exponentials), the loaded hidden `[rows, d]`, in
+    dh the float32 `[rows, d]` product, and 512 KiB for the `[rows, 1]` columns and Mosaic's
+    internal scratch. This bounds what libtpu 0.0.42.1 reports for all three kernels on v5e, v5p
+    and v6e (rows 256-1024, cols 512-1024, d 256 and 2048; its model of those values is not
+    published, so they were measured by bisecting `vmem_limit_bytes`).
+    """
+    h_block = rows * d * h_itemsize
+    blocks = {
+        "fwd": h_block + 2 * d * cols * w_itemsize,
+        "dh": h_block + 2 * d * cols * w_itemsize + rows * d * 4,
+        "dw": 2 * h_block + 2 * d * cols * w_itemsize + 2 * d * cols * 4,
+    }[kernel]
+    values = 2 * rows * cols * 4 + h_block + (rows * d * 4 if kernel == "dh" else 0) + 2**19
+    return blocks + values
+
+
+def _pow2_at_least(x: float, lo: int, hi: int) -> int:
+    return min(hi, max(lo, 1 << max(0, math.ceil(math.log2(x)))))
+
+
+def pallas_tiles(chip: str, d: int, h_dtype, w_dtype) -> Tiles:
+    """The Pallas tiles for `chip` ("v5e", "v5p", "v6e"), model width `d` and the dtypes of the
+    hidden states and the head (hidden is promoted to the matmul dtype first).
+
+    The forward and dh kernels stream W from HBM once per block of rows, doing `2 * rows` FLOPs
+    per W element: `rows` is the smallest power of two (128-1024) giving twice the chip's ridge
+    point (peak FLOP/s / HBM bytes/s) per W byte. The dW kernel streams the hidden states once per
+    vocabulary block, so its `dw_vocab` follows the same rule with the hidden itemsize. The other
+    dimension is 1024 or 512 (narrower blocks spend >10% of a step on the grid's per-step
+    overhead) when its `vmem_bytes` fits the chip's default scoped VMEM. Otherwise the kernel's
+    limit is raised to the need of the widest of 512, 256, 128 that fits in half the chip's VMEM,
+    plus 25% (justified: a smaller streamed tile would re-read its operand from HBM more often
+    than the chip can feed it); only past that is the streamed dimension halved.
+    """
+    info = _chips()[chip]
+    hs = jnp.promote_types(h_dtype, w_dtype).itemsize
+    ws = jnp.dtype(w_dtype).itemsize
+
+    def choose(kernels: tuple[str, ...], target: int):
+        """(streamed, other, limits) of kernels sharing one tile; the streamed dimension (reused
+        across the grid's inner axis) is rows for fwd/dh and vocab for dW."""
+
+        def need(streamed: int, other: int) -> list[int]:
+            shape = (streamed, other) if kernels[0] != "dw" else (other, streamed)
+            return [vmem_bytes(k, *shape, d, hs, ws) for k in kernels]
+
+        streamed = target
+        while streamed >= 128:
+            for other in (1024, 512):
+                if max(need(streamed, other)) <= info.scoped_vmem:
+                    return streamed, other, [None] * len(kernels)
+            for other in (512, 256, 128):
+                limits = [-(-n * 5 // 4 // 2**20) * 2**20 for n in need(streamed, other)]
+                if max(limits) <= info.vmem // 2:
+                    return streamed, other, [lim if lim > info.scoped_vmem else None for lim in limits]
+            streamed //= 2
+        head = jnp.dtype(w_dtype).name
+        raise ValueError(f"policy loss: no Pallas tiles fit {chip} VMEM at d={d} ({head} head)")
+
+    rows, vocab, (fwd_limit, dh_limit) = choose(("fwd", "dh"), _pow2_at_least(info.ridge * ws, 128, 1024))
+    dw_vocab, dw_rows, (dw_limit,) = choose(("dw",), _pow2_at_least(info.ridge * hs, 128, 1024))
+    return Tiles(rows, vocab, dw_rows, dw_vocab, (fwd_limit, dh_limit, dw_limit))
 
 
 # ------------------------------------------------------------------------------- per-tile math
+# A tile is `[D, bv]` columns of a chunk; `col0` is its first column and `lo` the chunk's first
+# valid column (columns below it belong to the previous chunk: the last chunk overlaps it), both
+# relative to the chunk, as are the tokens (-1 where the token is not in the valid columns).
 
 
-def _tile_logits(h, w, col0: jax.Array | int, vocab: int):
-    """Float32 logits `[n, bv]` of one vocabulary tile; columns >= vocab are -inf, their W zeroed."""
-    col = col0 + lax.broadcasted_iota(jnp.int32, (h.shape[0], w.shape[1]), 1)
-    valid = col < vocab
-    w = jnp.where(valid[:1], w, 0)
+def _tile_logits(h, w, col0, lo):
+    """Float32 logits `[n, bv]` (columns below `lo` set to MASK_VALUE) and their column ids."""
     logits = jnp.dot(h, w, preferred_element_type=jnp.float32)
-    return jnp.where(valid, logits, -jnp.inf), col, w
+    col = col0 + lax.broadcasted_iota(jnp.int32, logits.shape, 1)
+    return jnp.where(col >= lo, logits, MASK_VALUE), col
 
 
-def _tile_stats(h, w, tokens, col0, vocab: int, carry):
-    """Online log-sum-exp update with one tile: carry (m, l, token logit), each `[n, 1]`."""
+def _tile_stats(h, w, tokens, col0, lo, carry):
+    """Online log-sum-exp update with one tile: carry (running max, running sum, token logit),
+    each `[n, 1]` float32; h `[n, D]`, w `[D, bv]`, tokens `[n, 1]`."""
     m, l, tok = carry
-    logits, col, _ = _tile_logits(h, w, col0, vocab)
+    logits, col = _tile_logits(h, w, col0, lo)
     tok = tok + jnp.sum(jnp.where(col == tokens, logits, 0.0), axis=-1, keepdims=True)
     m_new = jnp.maximum(m, logits.max(axis=-1, keepdims=True))
     l = l * jnp.exp(m - m_new) + jnp.exp(logits - m_new).sum(axis=-1, keepdims=True)
     return m_new, l, tok
 
 
-def _tile_dlogits(h, w, tokens, lse, g, col0, vocab: int):
-    """`g * (onehot(y) - softmax)` for one tile `[n, bv]` (float32) and the tile's zero-padded W."""
-    logits, col, w = _tile_logits(h, w, col0, vocab)
-    onehot = (col == tokens).astype(jnp.float32)
-    return g * (onehot - jnp.exp(logits - lse)), w
+def _tile_dlogits(h, w, tokens, lse, g, col0, lo):
+    """`g * (onehot(y) - softmax)` `[n, bv]` (float32) of one tile (0 below `lo`)."""
+    logits, col = _tile_logits(h, w, col0, lo)
+    return g * ((col == tokens).astype(jnp.float32) - jnp.exp(logits - lse))
 
 
-# --------------------------------------------------------------------------------- pallas (TPU)
+def _tile_grads(h, w, tokens, lse, g, lo):
+    """dh `[n, D]` and dW `[D, bv]` (float32) of one plain-XLA tile (the chunked impl's chunk)."""
+    dlogits = _tile_dlogits(h, w, tokens, lse, g, 0, lo)
+    dh = lax.dot_general(dlogits.astype(w.dtype), w, _NT, preferred_element_type=jnp.float32)
+    return dh, lax.dot_general(h, dlogits.astype(h.dtype), _TN, preferred_element_type=jnp.float32)
 
 
-def _fwd_kernel(h_ref, w_ref, tok_ref, m_ref, l_ref, t_ref, *, vocab: int):
-    j = pl.program_id(1)
-
-    @pl.when(j == 0)
-    def _init():
-        m_ref[...] = jnp.full(m_ref.shape, -jnp.inf, jnp.float32)
-        l_ref[...] = jnp.zeros(l_ref.shape, jnp.float32)
-        t_ref[...] = jnp.zeros(t_ref.shape, jnp.float32)
-
-    col0 = j * w_ref.shape[1]
-    carry = (m_ref[...], l_ref[...], t_ref[...])
-    m_ref[...], l_ref[...], t_ref[...] = _tile_stats(h_ref[...], w_ref[...], tok_ref[...], col0, vocab, carry)
-
-
-def _dh_kernel(h_ref, w_ref, tok_ref, lse_ref, g_ref, dh_ref, acc_ref, *, vocab: int):
-    j = pl.program_id(1)
-
-    @pl.when(j == 0)
-    def _init():
-        acc_ref[...] = jnp.zeros(acc_ref.shape, jnp.float32)
-
-    h = h_ref[...]
-    dlogits, w = _tile_dlogits(
-        h, w_ref[...], tok_ref[...], lse_ref[...], g_ref[...], j * w_ref.shape[1], vocab
-    )
-    acc_ref[...] += lax.dot_general(dlogits.astype(w.dtype), w, _NT, preferred_element_type=jnp.float32)
-
-    @pl.when(j == pl.num_programs(1) - 1)
-    def _write():
-        dh_ref[...] = acc_ref[...].astype(dh_ref.dtype)
-
-
-def _dw_kernel(h_ref, w_ref, tok_ref, lse_ref, g_ref, dw_ref, acc_ref, *, vocab: int):
-    j, i = pl.program_id(0), pl.program_id(1)
-
-    @pl.when(i == 0)
-    def _init():
-        acc_ref[...] = jnp.zeros(acc_ref.shape, jnp.float32)
-
-    h = h_ref[...]
-    dlogits, _ = _tile_dlogits(
-        h, w_ref[...], tok_ref[...], lse_ref[...], g_ref[...], j * w_ref.shape[1], vocab
-    )
-    h_t = h.astype(jnp.float32).T.astype(h.dtype)  # [D, bn]: explicit transpose, then an NN matmul (Mosaic)
-    acc_ref[...] += jnp.dot(h_t, dlogits.astype(h.dtype), preferred_element_type=jnp.float32)
-
-    @pl.when(i == pl.num_programs(1) - 1)
-    def _write():
-        dw_ref[...] = acc_ref[...].astype(dw_ref.dtype)
-
-
-def _params(semantics: tuple[str, ...]):
-    return pltpu.CompilerParams(dimension_semantics=semantics)
-
-
-def _pallas_forward(cfg: _Config, h, w, tokens):
-    n, d = h.shape
-    bn, bv = cfg.block_rows, cfg.block_vocab
-    row = pl.BlockSpec((bn, 1), lambda i, j: (i, 0))
-    stats = pl.pallas_call(
-        functools.partial(_fwd_kernel, vocab=cfg.vocab),
-        grid=(n // bn, pl.cdiv(cfg.vocab, bv)),
-        in_specs=[
-            pl.BlockSpec((bn, d), lambda i, j: (i, 0)),
-            pl.BlockSpec((d, bv), lambda i, j: (0, j)),
-            row,
-        ],
-        out_specs=[row, row, row],
-        out_shape=[jax.ShapeDtypeStruct((n, 1), jnp.float32)] * 3,
-        compiler_params=_params(("parallel", "arbitrary")),
-        interpret=cfg.interpret,
-        name="token_logprobs_fwd",
-    )(h, w, tokens)
-    return stats
-
-
-def _pallas_backward(cfg: _Config, h, w, tokens, lse, g):
-    n, d = h.shape
-    bn, bv = cfg.block_rows, cfg.block_vocab
-    nv = pl.cdiv(cfg.vocab, bv)
-    row = pl.BlockSpec((bn, 1), lambda i, j: (i, 0))
-    dh = pl.pallas_call(
-        functools.partial(_dh_kernel, vocab=cfg.vocab),
-        grid=(n // bn, nv),
-        in_specs=[
-            pl.BlockSpec((bn, d), lambda i, j: (i, 0)),
-            pl.BlockSpec((d, bv), lambda i, j: (0, j)),
-            row,
-            row,
-            row,
-        ],
-        out_specs=pl.BlockSpec((bn, d), lambda i, j: (i, 0)),
-        out_shape=jax.ShapeDtypeStruct((n, d), h.dtype),
-        scratch_shapes=[pltpu.VMEM((bn, d), jnp.float32)],
-        compiler_params=_params(("parallel", "arbitrary")),
-        interpret=cfg.interpret,
-        name="token_logprobs_dh",
-    )(h, w, tokens, lse, g)
-    row_t = pl.BlockSpec((bn, 1), lambda j, i: (i, 0))
-    dw = pl.pallas_call(
-        functools.partial(_dw_kernel, vocab=cfg.vocab),
-        grid=(nv, n // bn),
-        in_specs=[
-            pl.BlockSpec((bn, d), lambda j, i: (i, 0)),
-            pl.BlockSpec((d, bv), lambda j, i: (0, j)),
-            row_t,
-            row_t,
-            row_t,
-        ],
-        out_specs=pl.BlockSpec((d, bv), lambda j, i: (0, j)),
-        out_shape=jax.ShapeDtypeStruct((d, cfg.vocab), w.dtype),
-        scratch_shapes=[pltpu.VMEM((d, bv), jnp.float32)],
-        compiler_params=_params(("parallel", "arbitrary")),
-        interpret=cfg.interpret,
-        name="token_logprobs_dw",
-    )(h, w, tokens, lse, g)
-    return dh, dw
-
-
-# ------------------------------------------------------------------------------ chunked (XLA)
-
-
-def _vocab_tiles(cfg: _Config):
-    """(number of full tiles, start and size of the remainder tile or None)."""
-    full = cfg.vocab // cfg.block_vocab
-    rest = cfg.vocab - full * cfg.block_vocab
-    return full, ((full * cfg.block_vocab, rest) if rest else None)
-
-
-def _chunked_forward(cfg: _Config, h, w, tokens):
-    n, bv = h.shape[0], cfg.block_vocab
-    full, rest = _vocab_tiles(cfg)
-
-    def body(j, carry):
-        w_tile = lax.dynamic_slice_in_dim(w, j * bv, bv, axis=1)
-        return _tile_stats(h, w_tile, tokens, j * bv, cfg.vocab, carry)
-
-    carry = (
+def _stats_init(n: int):
+    return (
         jnp.full((n, 1), -jnp.inf, jnp.float32),
         jnp.zeros((n, 1), jnp.float32),
         jnp.zeros((n, 1), jnp.float32),
     )
-    carry = lax.fori_loop(0, full, body, carry)
-    if rest is not None:
-        start, size = rest
-        carry = _tile_stats(h, w[:, start : start + size], tokens, start, cfg.vocab, carry)
-    return carry
 
 
-def _chunked_backward(cfg: _Config, h, w, tokens, lse, g):
-    bv = cfg.block_vocab
-    full, rest = _vocab_tiles(cfg)
+def _merge(a, b):
+    """Two online log-sum-exp states over disjoint columns -> one."""
+    m = jnp.maximum(a[0], b[0])
+    return m, a[1] * jnp.exp(a[0] - m) + b[1] * jnp.exp(b[0] - m), a[2] + b[2]
 
-    def tile(w_tile, col0):
-        dlogits, w_tile = _tile_dlogits(h, w_tile, tokens, lse, g, col0, cfg.vocab)
-        dh = lax.dot_general(dlogits.astype(w.dtype), w_tile, _NT, preferred_element_type=jnp.float32)
-        dw = lax.dot_general(h, dlogits.astype(h.dtype), _TN, preferred_element_type=jnp.float32)
-        return dh, dw.astype(w.dtype)
 
-    def body(j, carry):
-        dh, dw = carry
-        dh_tile, dw_tile = tile(lax.dynamic_slice_in_dim(w, j * bv, bv, axis=1), j * bv)
-        return dh + dh_tile, lax.dynamic_update_slice_in_dim(dw, dw_tile, j * bv, axis=1)
+# --------------------------------------------------------------------------------- pallas (TPU)
+# Every kernel gets the chunk's `lo` as a scalar-prefetch (SMEM) argument.
 
-    carry = (jnp.zeros(h.shape, jnp.float32), jnp.zeros(w.shape, w.dtype))
-    dh, dw = lax.fori_loop(0, full, body, carry)
-    if rest is not None:
-        start, size = rest
-        dh_tile, dw_tile = tile(w[:, start : start + size], start)
-        dh, dw = dh + dh_tile, dw.at[:, start:].set(dw_tile)
+
+def _fwd_kernel(lo_ref, h_ref, w_ref, tok_ref, m_ref, l_ref, t_ref):
+    j = pl.program_id(1)
+
+    @pl.when(j == 0)
+    def _init():
+        m_ref[...], l_ref[...], t_ref[...] = _stats_init(m_ref.shape[0])
+
+    carry = (m_ref[...], l_ref[...], t_ref[...])
+    stats = _tile_stats(h_ref[...], w_ref[...], tok_ref[...], j * w_ref.shape[1], lo_ref[0], carry)
+    m_ref[...], l_ref[...], t_ref[...] = stats
+
+
+def _dh_kernel(lo_ref, h_ref, w_ref, tok_ref, lse_ref, g_ref, dh_ref):
+    j = pl.program_id(1)
+
+    @pl.when(j == 0)
+    def _init():
+        dh_ref[...] = jnp.zeros(dh_ref.shape, jnp.float32)
+
+    w = w_ref[...]
+    col0 = j * w.shape[1]
+    dlogits = _tile_dlogits(h_ref[...], w, tok_ref[...], lse_ref[...], g_ref[...], col0, lo_ref[0])
+    dh_ref[...] += lax.dot_general(dlogits.astype(w.dtype), w, _NT, preferred_element_type=jnp.float32)
+
+
+def _dw_kernel(lo_ref, h_ref, w_ref, tok_ref, lse_ref, g_ref, dw_ref):
+    j, i = pl.program_id(0), pl.program_id(1)
+
+    @pl.when(i == 0)
+    def _init():
+        dw_ref[...] = jnp.zeros(dw_ref.shape, jnp.float32)
+
+    h = h_ref[...]
+    col0 = j * w_ref.shape[1]
+    dlogits = _tile_dlogits(h, w_ref[...], tok_ref[...], lse_ref[...], g_ref[...], col0, lo_ref[0])
+    dw_ref[...] += lax.dot_general(h, dlogits.astype(h.dtype), _TN, preferred_element_type=jnp.float32)
+
+
+def _once_per_row(block_shape, index_map):
+    """A block that changes once per row of the grid (hidden in, dh out): one VMEM buffer; the
+    pipeline waits for its copy once per `chunk / vocab` steps instead of holding a second one."""
+    return pl.BlockSpec(block_shape, index_map, pipeline_mode=pl.Buffered(1))
+
+
+def _pallas(cfg: _Config, kernel, name: str, grid, in_specs, out_specs, out_shape, *args):
+    limit = cfg.tiles.vmem_limits[_KERNELS.index(name)]
+    return pl.pallas_call(
+        kernel,
+        grid_spec=pltpu.PrefetchScalarGridSpec(
+            num_scalar_prefetch=1, grid=grid, in_specs=in_specs, out_specs=out_specs
+        ),
+        out_shape=out_shape,
+        compiler_params=pltpu.CompilerParams(
+            dimension_semantics=("parallel", "arbitrary"), vmem_limit_bytes=limit
+        ),
+        interpret=cfg.interpret,
+        name=f"token_logprobs_{name}",
+    )(*args)
+
+
+def _pallas_stats(cfg: _Config, h, w, tokens, lo):
+    """Statistics (max, sum, token logit; `[n, 1]` each) of one chunk `w` `[D, c]`."""
+    (n, d), t = h.shape, cfg.tiles
+    row = pl.BlockSpec((t.rows, 1), lambda i, j, lo: (i, 0))
+    in_specs = [
+        _once_per_row((t.rows, d), lambda i, j, lo: (i, 0)),
+        pl.BlockSpec((d, t.vocab), lambda i, j, lo: (0, j)),
+        row,
+    ]
+    out_shape = [jax.ShapeDtypeStruct((n, 1), jnp.float32)] * 3
+    grid = (n // t.rows, w.shape[1] // t.vocab)
+    return _pallas(cfg, _fwd_kernel, "fwd", grid, in_specs, [row] * 3, out_shape, lo, h, w, tokens)
+
+
+def _pallas_grads(cfg: _Config, h, w, tokens, lse, g, lo):
+    """dh `[n, D]` and dW `[D, c]` (float32) of one chunk `w` `[D, c]`."""
+    (n, d), t = h.shape, cfg.tiles
+    row = pl.BlockSpec((t.rows, 1), lambda i, j, lo: (i, 0))
+    in_specs = [
+        _once_per_row((t.rows, d), lambda i, j, lo: (i, 0)),
+        pl.BlockSpec((d, t.vocab), lambda i, j, lo: (0, j)),
+        row,
+        row,
+        row,
+    ]
+    out_spec = _once_per_row((t.rows, d), lambda i, j, lo: (i, 0))
+    out_shape = jax.ShapeDtypeStruct((n, d), jnp.float32)
+    grid = (n // t.rows, w.shape[1] // t.vocab)
+    dh = _pallas(cfg, _dh_kernel, "dh", grid, in_specs, out_spec, out_shape, lo, h, w, tokens, lse, g)
+    row = pl.BlockSpec((t.dw_rows, 1), lambda j, i, lo: (i, 0))
+    in_specs = [
+        pl.BlockSpec((t.dw_rows, d), lambda j, i, lo: (i, 0)),
+        pl.BlockSpec((d, t.dw_vocab), lambda j, i, lo: (0, j)),
+        row,
+        row,
+        row,
+    ]
+    out_spec = pl.BlockSpec((d, t.dw_vocab), lambda j, i, lo: (0, j))
+    out_shape = jax.ShapeDtypeStruct(w.shape, jnp.float32)
+    grid = (w.shape[1] // t.dw_vocab, n // t.dw_rows)
+    dw = _pallas(cfg, _dw_kernel, "dw", grid, in_specs, out_spec, out_shape, lo, h, w, tokens, lse, g)
     return dh, dw
+
+
+# ------------------------------------------------------------------- vocabulary chunks, one shard
+
+
+class _Sharding(NamedTuple):
+    mesh: Mesh
+    rows: str | tuple[str, ...] | None  # mesh axes splitting the rows (the batch)
+    embed: str | tuple[str, ...] | None  # mesh axes splitting the head's model dimension (within rows)
+    vocab: str | tuple[str, ...] | None  # mesh axes splitting the head's vocabulary
+
+
+class _Config(NamedTuple):
+    impl: str  # "chunked" or "pallas"
+    vocab: int  # columns of the head one shard holds
+    chunk: int  # columns per step of the loop over the vocabulary (pallas: a multiple of the tiles)
+    tiles: Tiles | None  # pallas only
+    interpret: bool
+    sharding: _Sharding | None  # pallas under a mesh: per shard in shard_map
+
+
+def _axes(axes) -> tuple[str, ...]:
+    return () if axes is None else (axes,) if isinstance(axes, str) else tuple(axes)
+
+
+def _over_chunks(cfg: _Config, w, tokens, body, carry):
+    """`carry = body(w_chunk, start, tokens_chunk, lo, carry)` over this shard's vocabulary in
+    `cfg.chunk`-column chunks: the last one first, aligned to end at the last column (its first
+    `lo` columns repeat the previous chunk's and are masked), then the whole chunks in order, so
+    every chunk has one shape and each kernel is compiled once. Each chunk is all-gathered over
+    the mesh axes that split the head's model dimension, so the whole head never is; tokens
+    become relative to the chunk (-1 when outside its valid columns)."""
+    sharding, c, v = cfg.sharding, cfg.chunk, cfg.vocab
+    full, rest = divmod(v, c)
+    tail = int(rest > 0)
+
+    def step(j, carry):
+        start, lo = (j - tail) * c, 0
+        if tail:
+            start = jnp.where(j == 0, v - c, start)
+            lo = jnp.where(j == 0, c - rest, 0)
+        w_chunk = lax.dynamic_slice_in_dim(w, start, c, axis=1)
+        if sharding is not None and sharding.embed is not None:
+            w_chunk = lax.all_gather(w_chunk, sharding.embed, axis=0, tiled=True)
+        rel = tokens - start
+        rel = jnp.where((rel >= lo) & (rel < c), rel, -1)
+        return body(w_chunk, start, rel, jnp.asarray(lo, jnp.int32).reshape(1), carry)
+
+    return lax.fori_loop(0, full + tail, step, carry)
+
+
+def _shard_rows(cfg: _Config, h, tokens, *columns):
+    """`[B, T, ...]` -> `[n, ...]` rows (padded to the Pallas row blocks), tokens as an int32
+    `[n, 1]` column made relative to this shard's first vocabulary column, `[B, T]` as columns."""
+    b, t, _ = h.shape
+    n = b * t
+    pad = 0
+    if cfg.impl == "pallas":
+        block = max(cfg.tiles.rows, cfg.tiles.dw_rows)
+        pad = -(-n // block) * block - n
+
+    def rows(x):
+        return jnp.pad(x.reshape(n, -1), ((0, pad), (0, 0)))
+
+    offset = 0
+    if cfg.sharding is not None and cfg.sharding.vocab is not None:
+        offset = lax.axis_index(cfg.sharding.vocab) * cfg.vocab
+    return n, rows(h), rows(tokens.astype(jnp.int32) - offset), *(rows(c) for c in columns)
+
+
+def _local_forward(cfg: _Config, h, w, tokens):
+    """log-prob and log-sum-exp `[B, T]` of this shard's rows (combined over vocabulary shards)."""
+    b, t, _ = h.shape
+    n, h, tokens = _shard_rows(cfg, h.astype(jnp.promote_types(h.dtype, w.dtype)), tokens)
+
+    def body(w_chunk, start, tokens, lo, carry):
+        if cfg.impl == "pallas":
+            return _merge(carry, _pallas_stats(cfg, h, w_chunk, tokens, lo))
+        return _tile_stats(h, w_chunk, tokens, 0, lo[0], carry)
+
+    m, l, tok = _over_chunks(cfg, w, tokens, body, _stats_init(h.shape[0]))
+    if cfg.sharding is not None and cfg.sharding.vocab is not None:
+        axes = cfg.sharding.vocab
+        m_all = lax.pmax(m, axes)
+        m, l, tok = m_all, lax.psum(l * jnp.exp(m - m_all), axes), lax.psum(tok, axes)
+    lse = m + jnp.log(l)
+    return (tok - lse)[:n].reshape(b, t), lse[:n].reshape(b, t)
+
+
+def _local_backward(cfg: _Config, h, w, tokens, lse, g):
+    """dh `[B, T, D]` of this shard's rows; dW of this shard's block of the head, summed over
+    the row shards (reduce-scattered over the model-dimension axes, summed over the others)."""
+    b, t, d = h.shape
+    n, hc, tokens, lse, g = _shard_rows(cfg, h.astype(jnp.promote_types(h.dtype, w.dtype)), tokens, lse, g)
+    sharding = cfg.sharding
+
+    def reduce(dw):
+        if sharding is None:
+            return dw
+        if sharding.embed is not None:
+            dw = lax.psum_scatter(dw, sharding.embed, scatter_dimension=0, tiled=True)
+        others = tuple(a for a in _axes(sharding.rows) if a not in _axes(sharding.embed))
+        return lax.psum(dw, others) if others else dw
+
+    def body(w_chunk, start, tokens, lo, carry):
+        dh, dw = carry
+        if cfg.impl == "pallas":
+            dh_chunk, dw_chunk = _pallas_grads(cfg, hc, w_chunk, tokens, lse, g, lo)
+        else:
+            dh_chunk, dw_chunk = _tile_grads(hc, w_chunk, tokens, lse, g, lo[0])
+        dw_chunk = reduce(dw_chunk).astype(w.dtype)
+        return dh + dh_chunk, lax.dynamic_update_slice_in_dim(dw, dw_chunk, start, axis=1)
+
+    carry = (jnp.zeros(hc.shape, jnp.float32), jnp.zeros(w.shape, w.dtype))
+    dh, dw = _over_chunks(cfg, w, tokens, body, carry)
+    if sharding is not None and sharding.vocab is not None:
+        dh = lax.psum(dh, sharding.vocab)
+    return dh[:n].reshape(b, t, d).astype(h.dtype), dw
 
 
 # ------------------------------------------------------------------------------------ custom_vjp
 
 
+def _shard_mapped(cfg: _Config, fn, in_specs, out_specs):
+    if cfg.sharding is None:
+        return functools.partial(fn, cfg)
+    return jax.shard_map(
+        functools.partial(fn, cfg),
+        mesh=cfg.sharding.mesh,
+        in_specs=in_specs,
+        out_specs=out_specs,
+        check_vma=False,
+    )
+
+
+def _specs(cfg: _Config):
+    """PartitionSpecs of `[B, T]` rows, hidden `[B, T, D]` and the head `[D, V]` (or Nones)."""
+    s = cfg.sharding or _Sharding(None, None, None, None)
+    return PartitionSpec(s.rows, None), PartitionSpec(s.rows, None, None), PartitionSpec(s.embed, s.vocab)
+
+
 def _forward(cfg: _Config, h, w, tokens):
-    fn = _pallas_forward if cfg.impl == "pallas" else _chunked_forward
-    m, l, tok = fn(cfg, h, w, tokens)
-    lse = m + jnp.log(l)
-    return tok - lse, lse  # [N, 1] each
+    row, hidden, head = _specs(cfg)
+    return _shard_mapped(cfg, _local_forward, (hidden, head, row), (row, row))(h, w, tokens)
+
+
+def _backward(cfg: _Config, h, w, tokens, lse, g):
+    row, hidden, head = _specs(cfg)
+    return _shard_mapped(cfg, _local_backward, (hidden, head, row, row, row), (hidden, head))(
+        h, w, tokens, lse, g
+    )
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
@@ -292,9 +520,8 @@ def _fused_fwd(cfg: _Config, h, w, tokens):
 
 def _fused_bwd(cfg: _Config, res, g):
     h, w, tokens, lse = res
-    fn = _pallas_backward if cfg.impl == "pallas" else _chunked_backward
-    dh, dw = fn(cfg, h, w, tokens, lse, g.astype(jnp.float32))
-    return dh.astype(h.dtype), dw.astype(w.dtype), None
+    dh, dw = _backward(cfg, h, w, tokens, lse, g.astype(jnp.float32))
+    return dh, dw, None
 
 
 _fused_logprobs.defvjp(_fused_fwd, _fused_bwd)
@@ -310,18 +537,43 @@ def token_logprobs_reference(hidden: jax.Array, lm_head: jax.Array, tokens: jax.
     return jnp.take_along_axis(logp, tokens[..., None].astype(jnp.int32), axis=-1)[..., 0]
 
 
-def _resolve_impl(impl: str) -> str:
+def _resolve_impl(impl: str, platform: str) -> str:
     if impl not in IMPLS:
         raise ValueError(f"policy loss: unknown impl {impl!r}; expected one of {IMPLS}")
-    on_tpu = jax.default_backend() == "tpu"
     if impl == "auto":
-        return "pallas" if on_tpu else "chunked"
-    if impl == "pallas" and not on_tpu and not pallas_interpret():
+        return "pallas" if platform == "tpu" else "chunked"
+    if impl == "pallas" and platform != "tpu" and not pallas_interpret():
         raise ValueError(
-            f"policy loss: impl 'pallas' needs a TPU (backend is {jax.default_backend()!r}); "
-            "set PATHOR1_PALLAS_INTERPRET=1 to interpret it"
+            f"policy loss: impl 'pallas' needs a TPU target (the mesh's devices or the backend are "
+            f"{platform!r}); set PATHOR1_PALLAS_INTERPRET=1 to interpret it"
         )
     return impl
+
+
+def _sharding(b: int, d: int, vocab: int) -> _Sharding | None:
+    """How the Pallas path splits over the mesh of `use_rules` (None outside one; module doc)."""
+    ctx = logical.current_rules()
+    if ctx is None:
+        return None
+    mesh, rules = ctx
+
+    def size(axes) -> int:
+        return math.prod(mesh.shape[a] for a in _axes(axes))
+
+    rows = logical.logical_to_spec(("batch",), rules)[0]
+    rows = rows if b % size(rows) == 0 else None
+    embed, vocab_axes = logical.logical_to_spec(("embed", "vocab"), rules)
+    if not set(_axes(embed)) <= set(_axes(rows)) or d % size(embed):
+        embed = None  # the head is all-gathered once at the shard_map boundary instead
+    if set(_axes(vocab_axes)) & set(_axes(rows)) or vocab % size(vocab_axes):
+        vocab_axes = None
+    return _Sharding(mesh, rows, embed, vocab_axes)
+
+
+def _fit_rows(tiles: Tiles, n: int) -> Tiles:
+    """Row blocks no taller than one shard's row count (rounded up to a power of two)."""
+    cap = _pow2_at_least(n, 8, 1 << 30)
+    return tiles._replace(rows=min(tiles.rows, cap), dw_rows=min(tiles.dw_rows, cap))
 
 
 def token_logprobs(
@@ -335,8 +587,9 @@ def token_logprobs(
     """Log-probability `[B, T]` (float32) of `tokens` under `softmax(hidden @ lm_head / temperature)`.
 
     hidden `[B, T, D]`, lm_head `[D, V]`, tokens `[B, T]` int. Tiled over the vocabulary for
-    impl "chunked"/"pallas" (see module doc), with tiles `PALLAS_TILES` / `CHUNKED_VOCAB_TILE`.
-    `temperature` (a Python float > 0) divides the hidden states before the dispatch.
+    impl "chunked" (`CHUNKED_VOCAB_TILE` columns per step) and "pallas" (tiles from
+    `pallas_tiles` for the target chip), see the module doc. `temperature` (a Python float > 0)
+    divides the hidden states before the dispatch.
     """
     if hidden.ndim != 3 or lm_head.ndim != 2 or hidden.shape[-1] != lm_head.shape[0]:
         raise ValueError(
@@ -348,19 +601,28 @@ def token_logprobs(
         raise ValueError(f"token_logprobs: temperature must be > 0, got {temperature}")
     if temperature != 1.0:
         hidden = hidden / jnp.asarray(temperature, hidden.dtype)  # logits / T = (hidden / T) @ W
-    impl = _resolve_impl(impl)
+    impl = _resolve_impl(impl, target_platform())
     if impl == "xla":
         return token_logprobs_reference(hidden, lm_head, tokens)
-    b, t, d = hidden.shape
-    vocab = lm_head.shape[1]
-    n = b * t
-    block_rows, block_vocab = PALLAS_TILES if impl == "pallas" else (n, CHUNKED_VOCAB_TILE)
-    block_vocab = min(block_vocab, vocab)
-    n_pad = -(-n // block_rows) * block_rows
-    cfg = _Config(vocab, block_rows, block_vocab, impl, impl == "pallas" and pallas_interpret())
-    h = jnp.pad(hidden.reshape(n, d), ((0, n_pad - n), (0, 0)))
-    tok = jnp.pad(tokens.reshape(n).astype(jnp.int32), (0, n_pad - n))[:, None]
-    return _fused_logprobs(cfg, h, lm_head, tok)[:n, 0].reshape(b, t)
+    (b, t, d), vocab = hidden.shape, lm_head.shape[1]
+    if impl == "chunked":
+        cfg = _Config("chunked", vocab, min(CHUNKED_VOCAB_TILE, vocab), None, False, None)
+        return _fused_logprobs(cfg, hidden, lm_head, tokens)
+    sharding = _sharding(b, d, vocab)
+    rows = b * t
+    if sharding is not None:
+        vocab //= math.prod(sharding.mesh.shape[a] for a in _axes(sharding.vocab))
+        rows //= math.prod(sharding.mesh.shape[a] for a in _axes(sharding.rows))
+    chip = _DEVICE_KINDS.get(target_device_kind(), DEFAULT_CHIP)
+    tiles = _fit_rows(pallas_tiles(chip, d, hidden.dtype, lm_head.dtype), rows)
+    tile = max(tiles.vocab, tiles.dw_vocab)
+    chunk = min(-(-PALLAS_VOCAB_CHUNK // tile), vocab // tile) * tile
+    if not chunk:
+        raise ValueError(
+            f"policy loss: impl 'pallas' needs at least {tile} vocabulary columns per shard, got {vocab}"
+        )
+    cfg = _Config("pallas", vocab, chunk, tiles, pallas_interpret(), sharding)
+    return _fused_logprobs(cfg, hidden, lm_head, tokens)
 
 
 def _masked_mean(x: jax.Array, mask: jax.Array) -> jax.Array:
