@@ -212,3 +212,52 @@ def test_temperature_log_probs_and_loss_match_the_tempered_softmax(batch, impl, 
         assert max_rel_err(grad, ref_grad) <= TOL
     with pytest.raises(ValueError, match="temperature must be > 0"):
         token_logprobs(hidden, lm_head, tokens, temperature=0.0)
+
+
+SHARDED = r"""
+import os
+os.environ["PATHOR1_PALLAS_INTERPRET"] = "1"
+import jax, jax.numpy as jnp
+jax.config.update("jax_default_matmul_precision", "highest")
+from pathor1_jax.kernels import policy_loss
+from pathor1_jax.kernels.policy_loss import Tiles, clipped_policy_loss
+from pathor1_jax.sharding.logical import use_rules
+from pathor1_jax.sharding.mesh import make_mesh
+from pathor1_jax.sharding.rules import preset
+
+policy_loss.pallas_tiles = lambda *a: Tiles(8, 32, 8, 32)
+policy_loss.PALLAS_VOCAB_CHUNK = 64
+ks = jax.random.split(jax.random.key(0), 5)
+B, T, D, V = 8, 5, 16, 200
+hidden = jax.random.normal(ks[0], (B, T, D))
+lm_head = 0.3 * jax.random.normal(ks[1], (D, V))
+tokens = jax.random.randint(ks[2], (B, T), 0, V)
+old = jax.random.normal(ks[3], (B, T)) - 5.0
+adv = jax.random.normal(ks[4], (B,))
+mask = jnp.ones((B, T)).at[:, 0].set(0.0)
+
+def loss(impl, h, w):
+    return clipped_policy_loss(h, w, tokens, old, adv, mask, eps_low=0.2, eps_high=0.28, impl=impl)[0]
+
+ref, ref_grads = jax.value_and_grad(lambda h, w: loss("xla", h, w), argnums=(0, 1))(hidden, lm_head)
+mesh = make_mesh({"data": 2, "fsdp": 2, "tensor": 2})
+# fsdp_tp: rows over data x fsdp, head chunks gathered over fsdp, vocabulary split over tensor;
+# fsdp: rows over all three axes, dW reduce-scattered over fsdp and summed over data x tensor.
+for rules in ("fsdp_tp", "fsdp"):
+    with use_rules(mesh, preset(rules)):
+        fn = lambda h, w: loss("pallas", h, w)
+        assert "shard_map" in str(jax.make_jaxpr(fn)(hidden, lm_head))
+        out, grads = jax.jit(jax.value_and_grad(fn, argnums=(0, 1)))(hidden, lm_head)
+    errs = [float(jnp.max(jnp.abs(a - b)) / jnp.max(jnp.abs(b))) for a, b in zip((out, *grads), (ref, *ref_grads))]
+    print(rules, "max_rel_errs", errs)
+    assert max(errs) <= 1e-5, (rules, errs)
+"""
+
+
+@pytest.mark.multidevice
+def test_pallas_policy_loss_under_mesh_runs_per_shard():
+    """Under `use_rules` the kernels run in shard_map on 8 devices and equal the unsharded reference."""
+    from multidevice import run_on_8_devices
+
+    out = run_on_8_devices(SHARDED)
+    assert "fsdp_tp max_rel_errs" in out and "fsdp max_rel_errs" in out
