@@ -1,18 +1,24 @@
 """Kernel benchmarks: flash attention (Pallas vs XLA) and the fused policy loss (tiled vs unfused).
 
-On a GPU/TPU: attention forward+backward at T in {1k, 4k, 8k, 16k}, 16 q heads, 2 kv heads, D=128,
-bf16, causal; policy loss at V=151,936, T=4096, D=2048 (bf16 inputs), time and peak memory.
-Without an accelerator it says so, times small shapes (XLA vs Pallas interpret mode: interpreter
-timings say nothing about kernel speed), and reports the XLA compiler's memory estimate of the
-policy loss at the full shape (compiled, not run; float32 there).
+On a GPU/TPU (compiled kernels): attention forward+backward at T in {1k, 4k, 8k, 16k}, 16 q heads,
+2 kv heads, D=128, bf16, causal; policy loss at V=151,936, T=4096, D=2048 (bf16 inputs), time and
+peak memory. Without an accelerator it says so, times small shapes (XLA vs Pallas interpret mode:
+interpreter timings say nothing about kernel speed), reports the XLA:CPU compiler's memory
+estimate of the policy loss at the full shape (compiled, not run; float32 there), and, with
+libtpu installed, compiles the policy loss for a TPU topology ahead of time (`--topology`,
+default v5e:4x4 = v5e-16): per-device temporaries of xla / chunked / pallas at the GRPO 3B
+shape (16 groups x 8 responses x 1024 tokens, D 2048, float32 and bfloat16 head, FSDP rules),
+the Mosaic kernels compiled and the compile times.
 
-    python bench/kernels.py [--iters 5]
+    python bench/kernels.py [--iters 5] [--topology v5e:4x4]
 """
 
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import os
+import re
 import statistics
 import time
 
@@ -93,11 +99,55 @@ def bench_policy_loss(t, d, vocab, dtype, impls, iters: int, run: bool) -> None:
         print(f"| {impl} | {ms} | {peak:.3f} | {peak / peak_xla:.3f} | {temp:.3f} | {temp / temp_xla:.3f} |")
 
 
+def tpu_aot_policy_loss(topology: str) -> None:
+    """Per-device memory of the policy loss fwd+bwd compiled by libtpu for `topology` (no TPU)."""
+    from jax.experimental import topologies
+    from jax.sharding import NamedSharding
+
+    from pathor1_jax.sharding.logical import logical_to_spec, use_rules
+    from pathor1_jax.sharding.mesh import make_mesh
+    from pathor1_jax.sharding.rules import preset
+
+    devices = topologies.get_topology_desc(platform="tpu", topology_name=topology).devices
+    mesh, rules = make_mesh({"data": 1, "fsdp": -1, "tensor": 1}, devices), preset("fsdp")
+    b, r, d, vocab = 16 * 8, 1024, 2048, 151_936
+    print(f"\n## policy loss fwd+bwd compiled for {topology} ({len(devices)} x {devices[0].device_kind}),")
+    print(f"GRPO 3B mini-batch: {b} x {r} tokens ({b * r // len(devices)} rows per device), D={d}, V={vocab}")
+    print("| head | impl | temporaries / device (GiB) | temp / xla | Mosaic kernels | compile (s) |")
+    print("|---|---|---|---|---|---|")
+
+    def sds(shape, dtype, axes):
+        return jax.ShapeDtypeStruct(shape, dtype, sharding=NamedSharding(mesh, logical_to_spec(axes, rules)))
+
+    for head in (jnp.float32, jnp.bfloat16):
+        args = (
+            sds((b, r, d), jnp.bfloat16, ("batch", "length", "embed")),
+            sds((d, vocab), head, ("embed", "vocab")),
+            sds((b, r), jnp.int32, ("batch", "length")),
+            sds((b, r), jnp.float32, ("batch", "length")),
+            sds((b,), jnp.float32, ("batch",)),
+            sds((b, r), jnp.float32, ("batch", "length")),
+        )
+        temps = {}
+        for impl in ("xla", "chunked", "pallas"):
+            start = time.perf_counter()
+            with jax.set_mesh(mesh), use_rules(mesh, rules):
+                compiled = loss_step(impl).lower(*args).compile()
+            seconds = time.perf_counter() - start
+            temps[impl] = compiled.memory_analysis().temp_size_in_bytes
+            kernels = sorted(set(re.findall(r"token_logprobs_[a-z]+", compiled.as_text()))) or ["-"]
+            print(
+                f"| {jnp.dtype(head).name} | {impl} | {temps[impl] / 2**30:.3f} | "
+                f"{temps[impl] / temps['xla']:.3f} | {', '.join(kernels)} | {seconds:.0f} |"
+            )
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
     parser.add_argument("--iters", type=int, default=5)
+    parser.add_argument("--topology", default="v5e:4x4", help="TPU topology for the AOT table (CPU host)")
     args = parser.parse_args()
     backend = jax.default_backend()
     print(f"device: {jax.devices()[0].device_kind} ({backend}), jax {jax.__version__}")
@@ -107,12 +157,17 @@ def main() -> None:
         fused = "pallas" if backend == "tpu" else "chunked"
         bench_policy_loss(4096, 2048, 151_936, jnp.bfloat16, ["xla", fused], args.iters, run=True)
         return
-    print("no accelerator present: interpret-mode timings at small shapes (not kernel speed)")
+    print("no accelerator present: Pallas runs interpreted; timings at small shapes (not kernel speed)")
     os.environ["PATHOR1_PALLAS_INTERPRET"] = "1"
     bench_attention([128, 256], 4, 2, 64, jnp.float32, "pallas_tpu", args.iters)
     bench_policy_loss(256, 128, 4096, jnp.float32, ["xla", "chunked", "pallas"], args.iters, run=True)
     # float32: XLA:CPU upcasts a bf16 lm_head to float32 for its dots, which would hide the tiling.
     bench_policy_loss(4096, 2048, 151_936, jnp.float32, ["xla", "chunked"], args.iters, run=False)
+    if importlib.util.find_spec("libtpu") is None:
+        print("\nlibtpu not installed: no TPU ahead-of-time table (pip install 'jax[tpu]')")
+        return
+    os.environ["PATHOR1_PALLAS_INTERPRET"] = "0"
+    tpu_aot_policy_loss(args.topology)
 
 
 if __name__ == "__main__":

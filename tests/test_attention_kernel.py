@@ -1,6 +1,7 @@
 """Pallas flash attention (interpret mode on CPU) against the plain-jnp reference, and the dispatch."""
 
 import logging
+import re
 
 import jax
 import jax.numpy as jnp
@@ -227,3 +228,29 @@ def test_pallas_attention_under_mesh_runs_per_shard():
     from multidevice import run_on_8_devices
 
     assert "max_rel_errs" in run_on_8_devices(SHARDED)
+
+
+def test_triton_kernels_lower_for_cuda():
+    """The GPU path (fwd, dq, dk/dv; GQA, causal, packed segments) lowers to Triton custom calls for
+    platform "cuda" on this CPU host (compiling them needs a GPU)."""
+    from jax import export
+
+    triton = "__gpu$xla.gpu.triton"
+
+    def loss(q, k, v):
+        ids = (jnp.arange(256) >= 100).astype(jnp.int32)[None]
+        out = flash_attention(q, k, v, segment_ids=ids, causal=True, backend="gpu", block_q=64, block_k=64)
+        return jnp.sum(out.astype(jnp.float32))
+
+    args = [jax.ShapeDtypeStruct((1, 256, 8, 64), jnp.bfloat16)]
+    args += [jax.ShapeDtypeStruct((1, 256, 2, 64), jnp.bfloat16)] * 2
+    exported = export.export(
+        jax.jit(jax.grad(loss, argnums=(0, 1, 2))),
+        platforms=("cuda",),
+        disabled_checks=[export.DisabledSafetyCheck.custom_call(triton)],
+    )(*args)
+    module = exported.mlir_module()
+    calls = [line for line in module.splitlines() if f"stablehlo.custom_call @{triton}" in line]
+    names = sorted(re.search(r'name = "flash_attention_(\w+)"', line).group(1) for line in calls)
+    assert exported.platforms == ("cuda",)
+    assert names == ["dkv", "dq", "fwd"]

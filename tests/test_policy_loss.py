@@ -214,6 +214,29 @@ def test_temperature_log_probs_and_loss_match_the_tempered_softmax(batch, impl, 
         token_logprobs(hidden, lm_head, tokens, temperature=0.0)
 
 
+@pytest.mark.parametrize("chip", ["v5e", "v5p", "v6e"])
+@pytest.mark.parametrize(
+    ("d", "head"), [(2048, jnp.bfloat16), (2048, jnp.float32), (3584, jnp.bfloat16), (3584, jnp.float32)]
+)
+def test_pallas_tiles_fit_the_chips_vmem(chip, d, head):
+    """At the RL configs' widths and head dtypes every kernel's VMEM need fits its limit: the chip's
+    default scoped VMEM, or a raised limit within half the chip's VMEM (the Mosaic compile of
+    these tiles is in test_kernels_tpu.py)."""
+    chip_info = policy_loss._chips()[chip]
+    tiles = policy_loss.pallas_tiles(chip, d, jnp.bfloat16, head)
+    itemsize = jnp.dtype(head).itemsize  # bf16 hidden states are promoted to the head's dtype
+    shapes = {
+        "fwd": (tiles.rows, tiles.vocab),
+        "dh": (tiles.rows, tiles.vocab),
+        "dw": (tiles.dw_rows, tiles.dw_vocab),
+    }
+    for (kernel, shape), limit in zip(shapes.items(), tiles.vmem_limits, strict=True):
+        need = policy_loss.vmem_bytes(kernel, *shape, d, itemsize, itemsize)
+        assert need <= (limit or chip_info.scoped_vmem), (kernel, need, limit)
+        assert limit is None or chip_info.scoped_vmem < limit <= chip_info.vmem // 2
+    assert min(tiles.vocab, tiles.dw_vocab) >= 128 and tiles.vocab % 128 == tiles.dw_vocab % 128 == 0
+
+
 SHARDED = r"""
 import os
 os.environ["PATHOR1_PALLAS_INTERPRET"] = "1"
@@ -248,7 +271,8 @@ for rules in ("fsdp_tp", "fsdp"):
         fn = lambda h, w: loss("pallas", h, w)
         assert "shard_map" in str(jax.make_jaxpr(fn)(hidden, lm_head))
         out, grads = jax.jit(jax.value_and_grad(fn, argnums=(0, 1)))(hidden, lm_head)
-    errs = [float(jnp.max(jnp.abs(a - b)) / jnp.max(jnp.abs(b))) for a, b in zip((out, *grads), (ref, *ref_grads))]
+    pairs = zip((out, *grads), (ref, *ref_grads))
+    errs = [float(jnp.max(jnp.abs(a - b)) / jnp.max(jnp.abs(b))) for a, b in pairs]
     print(rules, "max_rel_errs", errs)
     assert max(errs) <= 1e-5, (rules, errs)
 """
