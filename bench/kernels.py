@@ -135,7 +135,7 @@ def tpu_aot_policy_loss(topology: str) -> None:
                 compiled = loss_step(impl).lower(*args).compile()
             seconds = time.perf_counter() - start
             temps[impl] = compiled.memory_analysis().temp_size_in_bytes
-            kernels = sorted(set(re.findall(r"token_logprobs_[a-z]+", compiled.as_text()))) or ["-"]
+            kernels = sorted(set(re.findall(r"token_logprobs_(?:fwd|dh|dw)\b", compiled.as_text()))) or ["-"]
             print(
                 f"| {jnp.dtype(head).name} | {impl} | {temps[impl] / 2**30:.3f} | "
                 f"{temps[impl] / temps['xla']:.3f} | {', '.join(kernels)} | {seconds:.0f} |"

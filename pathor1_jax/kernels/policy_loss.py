@@ -36,21 +36,25 @@ context, abstract ones included, else JAX's backend — chunked elsewhere).
 
 Pallas kernels: a forward kernel (online log-sum-exp and the token's logit per row block), a dh
 kernel (rows parallel, vocabulary accumulated) and a dW kernel (vocabulary parallel, rows
-accumulated). They cover the vocabulary's whole tiles only, so no tile is ever masked (a masked
-bf16 weight tile is what Mosaic cannot lay out); the last `V mod tile` columns (384 of Qwen's
-151,936 at 1,024-wide tiles) are one plain-XLA tile merged into the same online log-sum-exp, and
-written into the dW buffer after the kernel. `hidden` is cast to the matmul dtype of
-(hidden, lm_head) first, as the reference's einsum promotes it. Tiles are chosen per chip, head
-dtype and model width by `pallas_tiles` (see there) so every pipelined buffer fits the chip's
-scoped VMEM.
+accumulated), called over `PALLAS_VOCAB_CHUNK`-column chunks of the head (statistics merged and dh
+summed between chunks in XLA). Every chunk has one shape, so each kernel is compiled once: the last
+chunk ends at the last column and its first `lo` columns, which repeat the previous chunk's, are
+masked (logits set to MASK_VALUE by comparing the column with `lo`, a scalar-prefetch argument;
+the token ids of those columns are -1). No weight tile is ever masked or padded — a masked bf16
+weight tile is what Mosaic cannot lay out, and Qwen's 151,936 columns are no multiple of a wide
+tile. `hidden` is cast to the matmul dtype of (hidden, lm_head) first, as the reference's einsum
+promotes it. Tiles are chosen per chip, head dtype and model width by `pallas_tiles` (see there)
+so every buffer fits the chip's scoped VMEM.
 
 Under `sharding.logical.use_rules(mesh, rules)` the Pallas path runs per shard in `shard_map` (a
-Mosaic kernel is opaque to XLA's partitioner): rows split as the rules split "batch"; the
-vocabulary split as they split "vocab" when that is a different mesh axis (Megatron's
-vocab-parallel cross-entropy: each shard holds `V / n` columns of the head, the row statistics
-are combined with a `pmax`/`psum` of `[rows]` vectors and dh is summed over the vocabulary
-shards), whole otherwise, so no shard ever repeats another's work. dW is reduce-scattered over the
-row shards (summed when the model width does not divide).
+Mosaic kernel is opaque to XLA's partitioner): rows split as the rules split "batch"; each chunk
+of the head all-gathered over the mesh axes that split "embed" (when they are among the row axes;
+otherwise the head is gathered at the boundary) and its dW reduce-scattered back over them and
+summed over the other row axes, so no device ever holds the whole head or its gradient; the
+vocabulary split as the rules split "vocab" when that is a different mesh axis (Megatron's
+vocab-parallel cross-entropy: each shard holds `V / n` columns, the row statistics are combined
+with a `pmax`/`psum` of `[rows]` vectors and dh is summed over the vocabulary shards), whole
+otherwise, so no device repeats another's work.
 """
 
 from __future__ import annotations
@@ -99,7 +103,7 @@ class Tiles(NamedTuple):
 
 
 class _Chip(NamedTuple):
-    scoped_vmem: int  # Mosaic's default scoped-VMEM limit (bytes; libtpu 0.0.42.1 reports it)
+    scoped_vmem: int  # Mosaic's default scoped-VMEM limit (bytes), as libtpu 0.0.42.1 reports it
     vmem: int  # VMEM per TensorCore (bytes)
     ridge: float  # peak bf16 FLOP/s over HBM bytes/s: the FLOPs per byte that make a kernel compute-bound
 
@@ -313,15 +317,18 @@ def _pallas(cfg: _Config, kernel, name: str, grid, in_specs, out_specs, out_shap
     )(*args)
 
 
+def _row_specs(tiles: Tiles, d: int, columns: int):
+    """BlockSpecs of the fwd/dh kernels (grid: row blocks x vocabulary blocks): the `[rows, 1]`
+    column spec, and the inputs hidden, W tile and `columns` such columns."""
+    row = pl.BlockSpec((tiles.rows, 1), lambda i, j, lo: (i, 0))
+    hidden = _once_per_row((tiles.rows, d), lambda i, j, lo: (i, 0))
+    return row, [hidden, pl.BlockSpec((d, tiles.vocab), lambda i, j, lo: (0, j)), *[row] * columns]
+
+
 def _pallas_stats(cfg: _Config, h, w, tokens, lo):
     """Statistics (max, sum, token logit; `[n, 1]` each) of one chunk `w` `[D, c]`."""
     (n, d), t = h.shape, cfg.tiles
-    row = pl.BlockSpec((t.rows, 1), lambda i, j, lo: (i, 0))
-    in_specs = [
-        _once_per_row((t.rows, d), lambda i, j, lo: (i, 0)),
-        pl.BlockSpec((d, t.vocab), lambda i, j, lo: (0, j)),
-        row,
-    ]
+    row, in_specs = _row_specs(t, d, 1)
     out_shape = [jax.ShapeDtypeStruct((n, 1), jnp.float32)] * 3
     grid = (n // t.rows, w.shape[1] // t.vocab)
     return _pallas(cfg, _fwd_kernel, "fwd", grid, in_specs, [row] * 3, out_shape, lo, h, w, tokens)
@@ -330,26 +337,15 @@ def _pallas_stats(cfg: _Config, h, w, tokens, lo):
 def _pallas_grads(cfg: _Config, h, w, tokens, lse, g, lo):
     """dh `[n, D]` and dW `[D, c]` (float32) of one chunk `w` `[D, c]`."""
     (n, d), t = h.shape, cfg.tiles
-    row = pl.BlockSpec((t.rows, 1), lambda i, j, lo: (i, 0))
-    in_specs = [
-        _once_per_row((t.rows, d), lambda i, j, lo: (i, 0)),
-        pl.BlockSpec((d, t.vocab), lambda i, j, lo: (0, j)),
-        row,
-        row,
-        row,
-    ]
+    _, in_specs = _row_specs(t, d, 3)
     out_spec = _once_per_row((t.rows, d), lambda i, j, lo: (i, 0))
     out_shape = jax.ShapeDtypeStruct((n, d), jnp.float32)
     grid = (n // t.rows, w.shape[1] // t.vocab)
     dh = _pallas(cfg, _dh_kernel, "dh", grid, in_specs, out_spec, out_shape, lo, h, w, tokens, lse, g)
+    # dW: grid vocabulary blocks x row blocks
     row = pl.BlockSpec((t.dw_rows, 1), lambda j, i, lo: (i, 0))
-    in_specs = [
-        pl.BlockSpec((t.dw_rows, d), lambda j, i, lo: (i, 0)),
-        pl.BlockSpec((d, t.dw_vocab), lambda j, i, lo: (0, j)),
-        row,
-        row,
-        row,
-    ]
+    hidden = pl.BlockSpec((t.dw_rows, d), lambda j, i, lo: (i, 0))
+    in_specs = [hidden, pl.BlockSpec((d, t.dw_vocab), lambda j, i, lo: (0, j)), row, row, row]
     out_spec = pl.BlockSpec((d, t.dw_vocab), lambda j, i, lo: (0, j))
     out_shape = jax.ShapeDtypeStruct(w.shape, jnp.float32)
     grid = (w.shape[1] // t.dw_vocab, n // t.dw_rows)
