@@ -104,7 +104,7 @@ def tpu_aot_policy_loss(topology: str) -> None:
     from jax.experimental import topologies
     from jax.sharding import NamedSharding
 
-    from pathor1_jax.sharding.logical import logical_to_spec, use_rules
+    from pathor1_jax.logical import logical_to_spec, use_rules
     from pathor1_jax.sharding.mesh import make_mesh
     from pathor1_jax.sharding.rules import preset
 

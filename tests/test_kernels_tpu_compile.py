@@ -27,7 +27,7 @@ from tpu import topology_devices, tpu_mesh
 
 from pathor1_jax.kernels import policy_loss
 from pathor1_jax.kernels.flash_attention import flash_attention
-from pathor1_jax.sharding.logical import logical_to_spec, use_rules
+from pathor1_jax.logical import logical_to_spec, use_rules
 from pathor1_jax.sharding.mesh import make_mesh
 from pathor1_jax.sharding.rules import fsdp
 

@@ -244,7 +244,7 @@ import jax, jax.numpy as jnp
 jax.config.update("jax_default_matmul_precision", "highest")
 from pathor1_jax.kernels import policy_loss
 from pathor1_jax.kernels.policy_loss import Tiles, clipped_policy_loss
-from pathor1_jax.sharding.logical import use_rules
+from pathor1_jax.logical import use_rules
 from pathor1_jax.sharding.mesh import make_mesh
 from pathor1_jax.sharding.rules import preset
 

@@ -46,7 +46,7 @@ tile. `hidden` is cast to the matmul dtype of (hidden, lm_head) first, as the re
 promotes it. Tiles are chosen per chip, head dtype and model width by `pallas_tiles` (see there)
 so every buffer fits the chip's scoped VMEM.
 
-Under `sharding.logical.use_rules(mesh, rules)` the Pallas path runs per shard in `shard_map` (a
+Under `logical.use_rules(mesh, rules)` the Pallas path runs per shard in `shard_map` (a
 Mosaic kernel is opaque to XLA's partitioner): rows split as the rules split "batch"; each chunk
 of the head all-gathered over the mesh axes that split "embed" (when they are among the row axes;
 otherwise the head is gathered at the boundary) and its dW reduce-scattered back over them and
@@ -70,10 +70,10 @@ from jax.experimental import pallas as pl
 from jax.experimental.pallas import tpu as pltpu
 from jax.sharding import Mesh, PartitionSpec
 
+from pathor1_jax import logical
 from pathor1_jax.kernels.attention import pallas_interpret
 from pathor1_jax.kernels.flash_attention import MASK_VALUE
 from pathor1_jax.kernels.platform import target_device_kind, target_platform
-from pathor1_jax.sharding import logical
 
 AGG_MODES = ("token-mean", "seq-mean-token-mean", "group-mean-token-mean")
 IMPLS = ("auto", "xla", "chunked", "pallas")
