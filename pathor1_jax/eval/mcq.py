@@ -107,7 +107,7 @@ def load_for_eval(
     a run keeps its config's).
     """
     from pathor1_jax.data.pipeline import get_processor, processor_spec_from_config
-    from pathor1_jax.sharding.params import shard_model
+    from pathor1_jax.sharding.params import shard_model, state_shardings
     from pathor1_jax.train.checkpoint import restore_params
     from pathor1_jax.train.run import model_config, model_factory
 
@@ -116,7 +116,9 @@ def load_for_eval(
         config = ml_collections.ConfigDict(json.loads((path / RUN_CONFIG).read_text()))
     elif (path / "config.json").exists():
         kwargs = {} if dtype is None else {"dtype": dtype}
-        model = qwen2_5_vl.load_pretrained(path, mesh=mesh, rules=rules, **kwargs)
+        if mesh is not None:
+            kwargs["shardings"] = partial(state_shardings, mesh=mesh, rules=rules)
+        model = qwen2_5_vl.load_pretrained(path, **kwargs)
         return model, QwenVLProcessor(path, path, rope_config=model.config)
     else:
         raise UserError(
