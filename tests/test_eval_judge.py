@@ -210,3 +210,39 @@ def test_unparsable_without_a_judge_counts_wrong():
     predictions = [prediction(MCQ[2], "plain", ("It could be either.", 4, "stop"))]
     (row,) = build_report(predictions)["mcq"]
     assert (row["accuracy"], row["unparsed"], row["judge_resolved"]) == (0.0, 1, 0)
+
+
+class CountingBackend:
+    """Answers every question with its id; fails after `fail_after` questions (a crash mid-run)."""
+
+    batch_size = 2
+
+    def __init__(self, fail_after: int | None = None):
+        self.asked: list[str] = []
+        self.fail_after = fail_after
+
+    def generate(self, chats, max_tokens):
+        if self.fail_after is not None and len(self.asked) >= self.fail_after:
+            raise RuntimeError("endpoint went away")
+        self.asked += [rid for rid, _ in chats]
+        return [(f"<answer>{rid}</answer>", 3, "stop") for rid, _ in chats]
+
+
+def test_generation_resumes_from_the_predictions_file(tmp_path):
+    from pathor1_jax.eval.vlm import PREDICTIONS, generate_missing
+
+    records = MCQ + VQA
+    styles = ["patho_r1", "patho_r1_cod"]
+    first = CountingBackend(fail_after=4)
+    with pytest.raises(RuntimeError, match="went away"):
+        generate_missing(records, styles, first, tmp_path, max_new_tokens=8, progress=False)
+    assert len((tmp_path / PREDICTIONS).read_text().splitlines()) == 4  # two batches were written
+    with open(tmp_path / PREDICTIONS, "a") as f:
+        f.write('{"id": "torn')  # a write cut by a kill
+    second = CountingBackend()
+    predictions = generate_missing(records, styles, second, tmp_path, max_new_tokens=8, progress=False)
+    assert len(second.asked) == 2 * len(records) - 4  # only what was missing
+    assert sorted((p["prompt_style"], p["id"]) for p in predictions) == sorted(
+        (s, r.id) for s in styles for r in records
+    )
+    assert len((tmp_path / PREDICTIONS).read_text().splitlines()) == 2 * len(records)

@@ -63,7 +63,8 @@ def server(checkpoint, tmp_path_factory):
     port = _free_port()
     log_path = tmp_path_factory.mktemp("serve_log") / "server.log"
     flags = {"--model": str(checkpoint), "--port": str(port), "--max-batch": "8", "--max-model-len": "256",
-             "--batch-wait-ms": "100", "--mesh": "fsdp=-1", "--sharding": "fsdp"}  # fmt: skip
+             "--batch-wait-ms": "100", "--mesh": "fsdp=-1", "--sharding": "fsdp",
+             "--warmup": "60:8"}  # fmt: skip
     command = [sys.executable, "-m", "pathor1_jax.cli", "serve", *[x for kv in flags.items() for x in kv]]
     xla_flags = (os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=8").strip()
     env = {**os.environ, "JAX_PLATFORMS": "cpu", "XLA_FLAGS": xla_flags, "NPROC": "16"}  # see multidevice.py
@@ -123,6 +124,9 @@ def test_models_and_health(server, client):
     assert [m.id for m in client.models.list().data] == [NAME]
     health = http(f"{server}/health")[1]
     assert health["status"] == "ok" and health["model"] == NAME and health["devices"] == 8
+    assert (
+        health["engine_compiled_shapes"] == 1 and health["engine_batches"] == 2
+    )  # --warmup: 8 rows, 2 modes
 
 
 def test_text_and_image_greedy_equal_in_process_generate(client, local):

@@ -175,6 +175,10 @@ def test_serve_and_eval_vlm_bad_flags_are_one_line_errors(tmp_path, capsys):
         port = str(busy.getsockname()[1])
         assert main(["serve", "--model", str(tmp_path), "--port", port]) == 2
         assert "cannot listen there" in _error_line(capsys)
+    assert main(["serve", "--model", str(tmp_path), "--port", "0", "--warmup", "512"]) == 2
+    assert "expected PROMPT_TOKENS:MAX_TOKENS" in _error_line(capsys)
+    assert main(["serve", "--model", str(tmp_path), "--port", "0", "--warmup", "8000:2048"]) == 2
+    assert "fit --max-model-len 8192" in _error_line(capsys)
     assert main(["serve", "--model", str(tmp_path), "--port", "0", "--max-batch", "0"]) == 2
     assert _error_line(capsys).endswith("--max-batch must be >= 1, got 0")
     assert main(["serve", "--model", str(tmp_path), "--port", "0"]) == 2

@@ -13,6 +13,7 @@ from __future__ import annotations
 import argparse
 import socket
 import sys
+import time
 from pathlib import Path
 
 from pathor1_jax.errors import UserError
@@ -31,6 +32,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--default-max-tokens", type=int, default=2048, help="max_tokens when a request omits it"
     )
+    parser.add_argument(
+        "--warmup",
+        default="",
+        metavar="PROMPT_TOKENS:MAX_TOKENS",
+        help="before serving, compile every batch size for text prompts up to this size, e.g. 512:2048",
+    )
 
 
 def check_port(host: str, port: int) -> None:
@@ -40,6 +47,18 @@ def check_port(host: str, port: int) -> None:
             s.bind((host, port))
         except OSError as e:
             raise UserError(f"--host {host} --port {port}: cannot listen there ({e.strerror or e})") from None
+
+
+def parse_warmup(text: str, max_model_len: int) -> tuple[int, int] | None:
+    if not text:
+        return None
+    try:
+        prompt, new = (int(x) for x in text.split(":"))
+    except ValueError:
+        raise UserError(f"--warmup {text}: expected PROMPT_TOKENS:MAX_TOKENS, e.g. 512:2048") from None
+    if prompt < 1 or new < 1 or prompt + new > max_model_len:
+        raise UserError(f"--warmup {text}: sizes must be >= 1 and fit --max-model-len {max_model_len}")
+    return prompt, new
 
 
 def run(args: argparse.Namespace) -> int:
@@ -52,7 +71,15 @@ def run(args: argparse.Namespace) -> int:
     from pathor1_jax.serve.scheduler import Scheduler
 
     check_port(args.host, args.port)
+    warmup = parse_warmup(args.warmup, args.max_model_len)
     engine = engine_from_args(args)
+    if warmup:
+        start = time.perf_counter()
+        batches = engine.warmup(*warmup)
+        print(
+            f"pathor1 serve: warmed up {batches} batch shapes in {time.perf_counter() - start:.0f} s",
+            file=sys.stderr,
+        )
     name = args.served_model_name or Path(args.model).resolve().name
     scheduler = Scheduler(engine, max_queue=args.max_queue, batch_wait_s=args.batch_wait_ms / 1000).start()
     app = create_app(scheduler, name, default_max_tokens=args.default_max_tokens)

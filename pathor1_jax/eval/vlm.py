@@ -30,6 +30,7 @@ from __future__ import annotations
 
 import argparse
 import base64
+import dataclasses
 import io
 import json
 import os
@@ -60,7 +61,9 @@ def read_eval_records(sources: Sequence[str]) -> list[MCQRecord | VQARecord]:
     records: list[MCQRecord | VQARecord] = []
     for source in sources:
         if source == "demo":
-            records += demo_records("mcq", "test")
+            records += [
+                dataclasses.replace(r, benchmark="demo", split="test") for r in demo_records("mcq", "test")
+            ]
         elif source.endswith(".tsv"):
             records += read_vlmevalkit_tsv(source).records
         else:

@@ -121,6 +121,14 @@ def _fmt(value) -> str:
     return "–" if value is None else f"{value:.2f}" if isinstance(value, float) else str(value)
 
 
+def by_benchmark(rows: Sequence[dict]) -> dict[tuple[str, str], list[dict]]:
+    """A table's rows by (benchmark, split), in first-seen order: one paper table each."""
+    out: dict[tuple[str, str], list[dict]] = defaultdict(list)
+    for r in rows:
+        out[(r["benchmark"], r["split"])].append(r)
+    return out
+
+
 def _title(benchmark: str, split: str) -> str:
     return " · ".join(x for x in (benchmark or "(no benchmark)", split) if x)
 
@@ -134,9 +142,7 @@ def markdown(report: dict) -> str:
     lines = ["# VLM evaluation", ""]
     if "settings" in report:
         lines += ["Settings: `" + json.dumps(report["settings"], ensure_ascii=False) + "`", ""]
-    mcq_groups: dict[tuple[str, str], list[dict]] = defaultdict(list)
-    for r in report["mcq"]:
-        mcq_groups[(r["benchmark"], r["split"])].append(r)
+    mcq_groups = by_benchmark(report["mcq"])
     if mcq_groups:
         lines += ["## Multiple choice (accuracy %)", ""]
         lines += ["Unparsable answers count as wrong; *judge-resolved* were read by the LLM judge.", ""]
@@ -166,9 +172,7 @@ def markdown(report: dict) -> str:
             [style, *[cell.get((b, s, style), {}).get("accuracy") for b, s in columns]] for style in styles
         ]
         lines += [*_table(header, body), ""]
-    open_groups: dict[tuple[str, str], list[dict]] = defaultdict(list)
-    for r in report["open"]:
-        open_groups[(r["benchmark"], r["split"])].append(r)
+    open_groups = by_benchmark(report["open"])
     if open_groups:
         lines += ["## Open-ended (LLM judge)", ""]
         lines += [
@@ -246,10 +250,7 @@ def plot(report: dict, path: Path) -> None:
     import matplotlib.pyplot as plt
 
     panels: list[tuple[str, list[str], dict[str, list[float | None]]]] = []
-    mcq_groups: dict[tuple[str, str], list[dict]] = defaultdict(list)
-    for r in report["mcq"]:
-        mcq_groups[(r["benchmark"], r["split"])].append(r)
-    for (benchmark, split), rows in mcq_groups.items():
+    for (benchmark, split), rows in by_benchmark(report["mcq"]).items():
         labels = [*category_order({c for r in rows for c in r["categories"]}), "Overall"]
         values = {
             r["prompt_style"]: [
@@ -280,7 +281,8 @@ def plot(report: dict, path: Path) -> None:
         width = 0.8 / max(1, len(values))
         for k, (style, heights) in enumerate(values.items()):
             xs = [i + k * width for i in range(len(labels))]
-            ax.bar(xs, [0.0 if h is None else h for h in heights], width, label=style)
+            bars = ax.bar(xs, [0.0 if h is None else h for h in heights], width, label=style)
+            ax.bar_label(bars, labels=["" if h is None else f"{h:.1f}" for h in heights], fontsize=6)
         ax.set_xticks(
             [i + 0.4 - width / 2 for i in range(len(labels))], labels, rotation=30, ha="right", fontsize=8
         )

@@ -18,6 +18,7 @@ sharding rules, the batch split like training batches.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import math
 import threading
@@ -189,10 +190,10 @@ class Engine:
 
     # --------------------------------------------------------------------------------- generation
 
-    def _inputs(self, rows: Sequence[Row], num_rows: int) -> tuple[dict, int, int]:
+    def _inputs(self, rows: Sequence[Row], num_rows: int, new_tokens: int) -> tuple[dict, int, int]:
         """Padded device inputs of a batch, its prompt and new-token buckets."""
         prompt_len = next_power_of_two(max(len(r.prompt.input_ids) for r in rows), MIN_PROMPT_BUCKET)
-        new = next_power_of_two(max(r.params.max_tokens for r in rows), MIN_NEW_BUCKET)
+        new = next_power_of_two(max(new_tokens, *(r.params.max_tokens for r in rows)), MIN_NEW_BUCKET)
         ids = np.full((num_rows, prompt_len), self.pad, np.int32)
         mask = np.zeros_like(ids)
         mask[len(rows) :, -1] = 1  # padding rows: one pad token, finished from the start
@@ -236,21 +237,45 @@ class Engine:
                 out[k] = jax.device_put(v, NamedSharding(self.mesh, logical_to_spec(axes, self.rules)))
         return out
 
+    def row_bucket(self, rows: int) -> int:
+        """Rows a batch of `rows` is padded to: a power of two, times the batch's devices."""
+        return min(self.max_batch, -(-next_power_of_two(rows) // self.batch_unit) * self.batch_unit)
+
+    def warmup(self, prompt_tokens: int, max_tokens: int) -> int:
+        """Compile, before any request, what batches of prompts up to `prompt_tokens` tokens asking up
+        to `max_tokens` new tokens run (text only): every row bucket, greedy and sampled. Returns
+        the number of batches run (one decode chunk each)."""
+        prompt = EncodedPrompt(
+            np.full(min(prompt_tokens, self.max_model_len - max_tokens), self.pad, np.int32)
+        )
+        buckets = sorted({self.row_bucket(2**k) for k in range(self.max_batch.bit_length())})
+        for rows in buckets:
+            for temperature in (0.0, 1.0):
+                self.run_padded([Row(prompt, SamplingParams(1, temperature))], rows, max_tokens)
+        return 2 * len(buckets)
+
+    def run_padded(self, rows: Sequence[Row], num_rows: int, new_tokens: int) -> list[RowResult]:
+        """`run` in a given row bucket and new-token bucket (for `warmup`)."""
+        with self._lock, self._rules():
+            return self._run(rows, num_rows=num_rows, new_tokens=new_tokens)
+
+    def _rules(self):
+        return contextlib.nullcontext() if self.mesh is None else use_rules(self.mesh, self.rules)
+
     def run(self, rows: Sequence[Row], on_text: Callable[[int, str], None] | None = None) -> list[RowResult]:
         """Generate every row (at most `max_batch`); `on_text(row, new_text)` streams text as it comes."""
         if not rows:
             return []
         if len(rows) > self.max_batch:
             raise ValueError(f"{len(rows)} rows, more than max_batch={self.max_batch}")
-        with self._lock:
-            if self.mesh is None:
-                return self._run(rows, on_text)
-            with use_rules(self.mesh, self.rules):
-                return self._run(rows, on_text)
+        with self._lock, self._rules():
+            return self._run(rows, on_text)
 
-    def _run(self, rows: Sequence[Row], on_text: Callable[[int, str], None] | None) -> list[RowResult]:
-        num_rows = min(self.max_batch, -(-next_power_of_two(len(rows)) // self.batch_unit) * self.batch_unit)
-        x, prompt_len, new = self._inputs(rows, num_rows)
+    def _run(
+        self, rows: Sequence[Row], on_text=None, *, num_rows: int = 0, new_tokens: int = 0
+    ) -> list[RowResult]:
+        num_rows = num_rows or self.row_bucket(len(rows))
+        x, prompt_len, new = self._inputs(rows, num_rows, new_tokens)
         pixels = x["pixel_values"]
         self.shapes.add((num_rows, prompt_len, prompt_len + new, None if pixels is None else pixels.shape[0]))
         self._batches += 1
