@@ -23,6 +23,7 @@ from pathor1_jax.errors import EXIT_INTERRUPTED, EXIT_USAGE, Pathor1Error
 COMMANDS: dict[str, tuple[str, str]] = {
     "generate": ("pathor1_jax.commands.generate", "generate text from an image and a prompt"),
     "shardings": ("pathor1_jax.commands.shardings", "show each parameter's sharding and memory per device"),
+    "compile": ("pathor1_jax.commands.compile", "compile a config's step for a TPU slice (no TPU needed)"),
     "train": ("pathor1_jax.commands.train", "train one stage (cpt, sft, grpo, dapo, clip) from a config"),
     "eval": ("pathor1_jax.commands.eval", "evaluate: MCQ accuracy, CLIP zero-shot / retrieval / few-shot"),
     "curate": ("pathor1_jax.commands.curate", "data curation: PDFs -> pairs -> subfields, CoT, QC, RL MCQs"),

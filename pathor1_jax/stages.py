@@ -54,7 +54,10 @@ class StageEntry:
     paper describes it. records: the record kind (`data.records`) it trains on; a config whose
     `data.kind` differs is refused. run: `"module:function"`, `(config, out_dir | None) ->
     StageResult` (out_dir None: `config.train.out_dir`). records and run None: a stage that
-    `pathor1 train` does not run (curation)."""
+    `pathor1 train` does not run (curation). compile: `"module:function"`, `(config, mesh,
+    rules, num_hosts) -> train.aot.AotStep`: the stage's step with abstract state and batch, for
+    `pathor1 compile` (ahead-of-time compilation for a TPU slice). batch_key: the config key of its
+    batch (per process), which `pathor1 compile --max-batch` searches."""
 
     name: str
     title: str
@@ -62,6 +65,8 @@ class StageEntry:
     records: str | None
     run: str | None
     demo: Demo | None = None
+    compile: str | None = None
+    batch_key: str = "data.batch_size"
 
 
 STAGES: dict[str, StageEntry] = {
@@ -73,11 +78,11 @@ STAGES: dict[str, StageEntry] = {
         ),
         StageEntry(
             "cpt", "continued pretraining", "§3.2", "caption", "pathor1_jax.train.run:run_lm",
-            Demo(("demo_cpt.py",)),
+            Demo(("demo_cpt.py",)), compile="pathor1_jax.train.run:lm_aot_step",
         ),
         StageEntry(
             "sft", "chain-of-thought SFT", "§3.3", "chat", "pathor1_jax.train.run:run_lm",
-            Demo(("demo_sft.py",), start_from=("cpt",)),
+            Demo(("demo_sft.py",), start_from=("cpt",)), compile="pathor1_jax.train.run:lm_aot_step",
         ),
         StageEntry(
             "grpo", "GRPO (Eqs. 1, 3)", "§3.4", "mcq", "pathor1_jax.rl.train:run_rl",

@@ -19,7 +19,7 @@ from jax.sharding import PartitionSpec
 
 from pathor1_jax import logical
 from pathor1_jax.kernels.flash_attention import flash_attention, tpu_vmem_bytes
-from pathor1_jax.kernels.platform import target_platform
+from pathor1_jax.kernels.platform import note_impl, target_platform
 
 logger = logging.getLogger(__name__)
 
@@ -156,6 +156,7 @@ def attention(
         raise ValueError(f"attention: unknown impl {impl!r}; expected one of {IMPLS}")
     if impl == "auto":
         impl = select_impl(q.shape[1], k.shape[1], q.shape[3], itemsize=q.dtype.itemsize)
+    note_impl("attention", impl)
     if impl == "xla":
         return attention_reference(q, k, v, segment_ids=segment_ids, causal=causal, sm_scale=sm_scale)
     platform, target = impl.removeprefix("pallas_"), target_platform()

@@ -12,6 +12,10 @@ devices in the mesh while `jax.default_backend()` still says "cpu", so the mesh 
 
 from __future__ import annotations
 
+import contextlib
+import contextvars
+from collections.abc import Iterator
+
 import jax
 from jax.sharding import AbstractMesh, Mesh
 
@@ -56,3 +60,27 @@ def target_device_kind() -> str:
     if kind is None and (ctx := logical.current_rules()) is not None:
         kind = _mesh_device_kind(ctx[0])
     return kind or jax.devices()[0].device_kind
+
+
+_IMPLS: contextvars.ContextVar[dict[str, set[str]] | None] = contextvars.ContextVar(
+    "pathor1_kernel_impls", default=None
+)
+
+
+@contextlib.contextmanager
+def recording_impls() -> Iterator[dict[str, set[str]]]:
+    """Within this context, kernels record the implementation they trace (`note_impl`): yields
+    `{op: {impl, ...}}`, e.g. `{"attention": {"pallas_tpu", "xla"}}` (what `pathor1 compile` shows)."""
+    impls: dict[str, set[str]] = {}
+    token = _IMPLS.set(impls)
+    try:
+        yield impls
+    finally:
+        _IMPLS.reset(token)
+
+
+def note_impl(op: str, impl: str) -> None:
+    """Record that `op` ("attention", "policy_loss") traced `impl`, inside `recording_impls`."""
+    impls = _IMPLS.get()
+    if impls is not None:
+        impls.setdefault(op, set()).add(impl)

@@ -73,7 +73,7 @@ from jax.sharding import Mesh, PartitionSpec
 from pathor1_jax import logical
 from pathor1_jax.kernels.attention import pallas_interpret
 from pathor1_jax.kernels.flash_attention import MASK_VALUE
-from pathor1_jax.kernels.platform import target_device_kind, target_platform
+from pathor1_jax.kernels.platform import note_impl, target_device_kind, target_platform
 
 AGG_MODES = ("token-mean", "seq-mean-token-mean", "group-mean-token-mean")
 IMPLS = ("auto", "xla", "chunked", "pallas")
@@ -598,6 +598,7 @@ def token_logprobs(
     if temperature != 1.0:
         hidden = hidden / jnp.asarray(temperature, hidden.dtype)  # logits / T = (hidden / T) @ W
     impl = _resolve_impl(impl, target_platform())
+    note_impl("policy_loss", impl)
     if impl == "xla":
         return token_logprobs_reference(hidden, lm_head, tokens)
     (b, t, d), vocab = hidden.shape, lm_head.shape[1]

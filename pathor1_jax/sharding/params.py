@@ -86,8 +86,8 @@ def layouts(state: nnx.State, mesh: Mesh | AbstractMesh, rules: Rules) -> list[P
             )
         )
     if errors:
-        more = f"\n... and {len(errors) - 10} more" if len(errors) > 10 else ""
-        raise ConfigError("\n".join(errors[:10]) + more)
+        more = f"; and {len(errors) - 10} more" if len(errors) > 10 else ""
+        raise ConfigError("; ".join(errors[:10]) + more)  # one line (the CLI's error contract)
     return out
 
 

@@ -18,21 +18,25 @@ from pathlib import Path
 import jax
 import jax.numpy as jnp
 import ml_collections
+import numpy as np
 from flax import nnx
 from jax.sharding import Mesh
 
+from pathor1_jax.errors import ConfigError
 from pathor1_jax.logical import Rules
 from pathor1_jax.models import qwen2_5_vl
 from pathor1_jax.models.qwen2_5_vl.presets import preset
 from pathor1_jax.sharding.mesh import make_mesh
 from pathor1_jax.sharding.params import state_shardings
 from pathor1_jax.sharding.rules import rules_from_config
+from pathor1_jax.train.aot import AotStep, qwen_flops, sds
 from pathor1_jax.train.checkpoint import restore_params
 from pathor1_jax.train.cpt import cpt_step
 from pathor1_jax.train.lm import offset_to_block, prepare_batch
 from pathor1_jax.train.result import StageResult
 from pathor1_jax.train.sft import sft_step
-from pathor1_jax.train.trainer import Stage, Trainer
+from pathor1_jax.train.step import StepSpec, abstract_state
+from pathor1_jax.train.trainer import Stage, Trainer, batch_field_sharding, batch_parts
 
 STEPS = {"cpt": cpt_step, "sft": sft_step}
 
@@ -114,3 +118,74 @@ def run_lm(config: ml_collections.ConfigDict, out_dir: str | Path | None = None)
     init = initial_params(config.model, layout)
     trainer = Trainer(config, stage, model_factory(config.model, cfg), data, out_dir, init)
     return trainer.fit()
+
+
+def image_patch_budget(data: ml_collections.ConfigDict, cfg: qwen2_5_vl.Qwen2_5_VLConfig) -> int:
+    """The most pixel patches one image of `data` can have (`max_pixels`, in patch² units)."""
+    return int(data.max_pixels) // cfg.vision.patch_size**2
+
+
+def lm_aot_step(config: ml_collections.ConfigDict, mesh: Mesh, rules: Rules, num_hosts: int) -> AotStep:
+    """The CPT/SFT optimizer step as `pathor1 train` runs it on `mesh` (e.g. over a TPU topology's
+    abstract devices) with `num_hosts` processes, each feeding `data.batch_size` rows of
+    `data.max_len` tokens and `data.max_patches` image patches per micro-batch, `train.grad_accum`
+    micro-batches per step: the jitted step, its spec, and abstract state and batch."""
+    from pathor1_jax.train.optim import make_optimizer
+
+    cfg = model_config(config.model)
+    freeze = tuple(config.get("freeze") or ())
+    tx, _ = make_optimizer(config.optim, max(int(config.train.steps), 1), freeze)
+    graphdef, state = abstract_state(model_factory(config.model, cfg), tx, mesh, rules)
+    spec = StepSpec(graphdef=graphdef, tx=tx, freeze=freeze)
+    data = config.data
+    accum, length = int(config.train.grad_accum), int(data.max_len)
+    rows, patches = int(data.batch_size) * num_hosts, int(data.max_patches or 0) * num_hosts
+    parts = batch_parts(mesh, rules)
+    if rows % parts:
+        raise ConfigError(
+            f"config.data.batch_size={data.batch_size} rows x {num_hosts} hosts = {rows} rows do not split "
+            f"over the {parts} devices the rules give the batch"
+        )
+    unit = cfg.vision.spatial_merge_size**2
+    if patches % unit or (num_hosts > 1 and patches % parts):
+        raise ConfigError(
+            f"config.data.max_patches={data.max_patches}: {patches} patches over {num_hosts} hosts must be a "
+            f"multiple of {unit}" + (f" and split over {parts} devices" if num_hosts > 1 else "")
+        )
+    multi = num_hosts > 1
+
+    def field(key, shape, dtype=np.int32):
+        return sds((accum, *shape), dtype, batch_field_sharding(key, mesh, rules, multi))
+
+    batch = {
+        "input_ids": field("input_ids", (rows, length)),
+        "labels": field("labels", (rows, length)),
+        "segment_ids": field("segment_ids", (rows, length)),
+        "position_ids": field("position_ids", (3, rows, length)),
+        "image_feature_index": field("image_feature_index", (rows, length)),
+        "pixel_values": field("pixel_values", (patches, cfg.vision.patch_dim), np.float32)
+        if patches
+        else None,
+        "vision_index": qwen2_5_vl.VisionIndex(
+            window_index=field("vision_index", (patches // unit,)),
+            window_segment_ids=field("vision_index", (patches,)),
+            frame_segment_ids=field("vision_index", (patches,)),
+            rotary_pos_ids=field("vision_index", (patches, 2)),
+        )
+        if patches
+        else None,
+    }
+    flops = accum * qwen_flops(
+        cfg,
+        state["params"],
+        freeze,
+        rows=rows,
+        length=length,
+        patches=patches,
+        image_patches=image_patch_budget(data, cfg),
+        head_positions=rows * length,
+        remat=str(config.model.get("remat", "none")),
+    )
+    shapes = {"rows": rows * accum, "tokens": rows * length * accum, "patches": patches * accum,
+              "micro-batches": accum}  # fmt: skip
+    return AotStep(STEPS[config.stage], (spec, state, batch), flops, shapes)

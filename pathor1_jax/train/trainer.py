@@ -93,26 +93,35 @@ def stack_micro_batches(micro_batches: list[dict]) -> dict:
     return {k: jax.tree.map(lambda *xs: np.stack(xs), *[m[k] for m in micro_batches]) for k in keys}
 
 
-def put_batch(batch: dict, mesh: Mesh, rules) -> dict:
-    """Host batch → global arrays: token fields split on the mesh's batch axes, the rest replicated."""
+def batch_field_sharding(key: str, mesh: Mesh, rules, multi_process: bool) -> NamedSharding:
+    """The layout of a stacked batch field: token fields split on the mesh's batch axes (at
+    `BATCH_AXIS`), pixel patches too across processes (`PATCH_AXIS`), anything else replicated."""
     spec = batch_spec(rules)
+    if key in BATCH_AXIS:
+        return NamedSharding(mesh, PartitionSpec(*([None] * BATCH_AXIS[key]), spec[0]))
+    if multi_process and key in PATCH_AXIS:
+        return NamedSharding(mesh, PartitionSpec(*([None] * PATCH_AXIS[key]), spec[0]))
+    if multi_process:
+        raise NotImplementedError(f"batch field {key!r}: no known batch axis to feed it per process")
+    return NamedSharding(mesh, PartitionSpec())
+
+
+def batch_parts(mesh: Mesh, rules) -> int:
+    """How many ways the rules split the batch dimension on `mesh`."""
+    return math.prod(mesh.shape[a] for a in _names(batch_spec(rules)[0]))
+
+
+def put_batch(batch: dict, mesh: Mesh, rules) -> dict:
+    """Host batch → global arrays laid out by `batch_field_sharding`."""
     out = {}
     for key, value in batch.items():
-        if key in BATCH_AXIS:
-            axis = BATCH_AXIS[key]
-            parts = math.prod(mesh.shape[a] for a in _names(spec[0]))
-            if value.shape[axis] % parts:
-                raise ValueError(
-                    f"batch field {key!r}: batch size {value.shape[axis]} is not divisible by the "
-                    f"{parts} devices of mesh axes {spec[0]!r}"
-                )
-            sharding = NamedSharding(mesh, PartitionSpec(*([None] * axis), spec[0]))
-        elif jax.process_count() > 1 and key in PATCH_AXIS:
-            sharding = NamedSharding(mesh, PartitionSpec(*([None] * PATCH_AXIS[key]), spec[0]))
-        elif jax.process_count() > 1:
-            raise NotImplementedError(f"batch field {key!r}: no known batch axis to feed it per process")
-        else:
-            sharding = NamedSharding(mesh, PartitionSpec())
+        parts = batch_parts(mesh, rules)
+        if key in BATCH_AXIS and value.shape[BATCH_AXIS[key]] % parts:
+            raise ValueError(
+                f"batch field {key!r}: batch size {value.shape[BATCH_AXIS[key]]} is not divisible by the "
+                f"{parts} devices of mesh axes {batch_spec(rules)[0]!r}"
+            )
+        sharding = batch_field_sharding(key, mesh, rules, jax.process_count() > 1)
         out[key] = jax.tree.map(
             lambda x, s=sharding: jax.make_array_from_process_local_data(s, np.asarray(x)), value
         )
