@@ -87,10 +87,12 @@ STAGES: dict[str, StageEntry] = {
         StageEntry(
             "grpo", "GRPO (Eqs. 1, 3)", "§3.4", "mcq", "pathor1_jax.rl.train:run_rl",
             Demo(("grpo_tiny.py",), start_from=("cpt", "sft"), evaluate="pathor1_jax.eval.demo:held_out_mcq"),
+            compile="pathor1_jax.rl.train:rl_aot_step", batch_key="rl.groups_per_minibatch",
         ),
         StageEntry(
             "dapo", "DAPO (Eqs. 2, 4)", "§3.4", "mcq", "pathor1_jax.rl.train:run_rl",
             Demo(("dapo_tiny.py",), start_from=("cpt", "sft"), evaluate="pathor1_jax.eval.demo:held_out_mcq"),
+            compile="pathor1_jax.rl.train:rl_aot_step", batch_key="rl.groups_per_minibatch",
         ),
         StageEntry(
             "clip", "PathoCLIP, two-stage contrastive", "§3.2, App. B.1", "caption",
@@ -99,6 +101,7 @@ STAGES: dict[str, StageEntry] = {
                 ("pathoclip_tiny.py:stage1", "pathoclip_tiny.py:stage2"),
                 evaluate="pathor1_jax.eval.demo:held_out_zero_shot",
             ),
+            compile="pathor1_jax.train.clip_stage:clip_aot_step",
         ),
     )
 }  # fmt: skip
@@ -131,9 +134,7 @@ def run(config: ml_collections.ConfigDict, out_dir: str | Path | None = None) ->
     return resolve(entry.run)(config, out_dir)
 
 
-def run_demo(
-    entry: StageEntry, out_dir: Path, ran: dict[str, Path], steps: int | None = None
-) -> StageResult:
+def run_demo(entry: StageEntry, out_dir: Path, ran: dict[str, Path], steps: int | None = None) -> StageResult:
     """`entry`'s demo stage under `out_dir`, starting from the runs of the stages `ran` so far (name →
     run directory, in order); `steps` shortens (or lengthens) each run, its warmup kept below it."""
     from pathor1_jax.train.config import load_config

@@ -119,6 +119,18 @@ def test_tiny_config_on_v5e_8_fits_and_writes_the_report(tiny_v5e_8):
 
 
 @pytest.mark.libtpu
+def test_grpo_policy_update_compiles_the_mosaic_policy_loss(capsys):
+    """The RL stages' hook: GRPO's policy update (tiny model, 2 groups x 4 samples of 96 + 48 tokens)
+    for v5e-8, its fused policy loss compiled by Mosaic per shard (forward, dh, dW kernels)."""
+    code, out, _ = compile_cli(capsys, "--config", "configs/grpo_tiny.py", "--topology", "v5e-8")
+    assert code == 0
+    assert "step: rows 8, tokens 1,152, response tokens 384, patches 128" in out
+    assert "attention: xla; policy loss: pallas" in out
+    kernels = out.split("Mosaic kernels (tpu_custom_call): ")[1].splitlines()[0]
+    assert all(f"token_logprobs_{k} x" in kernels for k in ("fwd", "dh", "dw")), kernels
+
+
+@pytest.mark.libtpu
 def test_a_config_that_cannot_fit_exits_1(capsys):
     """7B with pure data parallelism on v5e-16: every chip holds all f32 weights and AdamW moments."""
     code, _, err = compile_cli(

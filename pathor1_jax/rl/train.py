@@ -15,23 +15,38 @@ from functools import partial
 from pathlib import Path
 
 import ml_collections
+import numpy as np
 from flax import nnx
+from jax.sharding import Mesh, NamedSharding, PartitionSpec
 from tqdm import tqdm
 
 from pathor1_jax.data.pipeline import get_processor, load_source, processor_spec_from_config
 from pathor1_jax.data.prompts import DEFAULT_PROMPT_STYLE, prompt_style
-from pathor1_jax.logical import use_rules
+from pathor1_jax.errors import ConfigError
+from pathor1_jax.logical import Rules, use_rules
+from pathor1_jax.models import qwen2_5_vl
 from pathor1_jax.rl import rewards
 from pathor1_jax.rl.prompts import PromptStream, decode_response
 from pathor1_jax.rl.rollout import rollout
-from pathor1_jax.rl.step import PAPER_AGG, SHORT_BATCH, LossConfig, RolloutSampler, ShortBatchError, rl_step
-from pathor1_jax.sharding.multihost import is_main_process
+from pathor1_jax.rl.step import (
+    PAPER_AGG,
+    SHORT_BATCH,
+    LossConfig,
+    RolloutSampler,
+    ShortBatchError,
+    jit_update,
+    rl_step,
+)
+from pathor1_jax.sharding.multihost import batch_spec, is_main_process
 from pathor1_jax.sharding.params import create_sharded
+from pathor1_jax.train.aot import AotStep, qwen_flops, sds
 from pathor1_jax.train.defaults import base_config
 from pathor1_jax.train.metrics import MetricsWriter, plot_losses
+from pathor1_jax.train.optim import make_optimizer
 from pathor1_jax.train.result import StageResult
-from pathor1_jax.train.run import initial_params, model_config, model_factory
-from pathor1_jax.train.trainer import Stage, Trainer, _Preemption, on_mesh
+from pathor1_jax.train.run import image_patch_budget, initial_params, model_config, model_factory
+from pathor1_jax.train.step import StepSpec, abstract_state
+from pathor1_jax.train.trainer import Stage, Trainer, _Preemption, batch_parts, on_mesh
 
 ALGOS = ("grpo", "dapo")
 
@@ -279,3 +294,76 @@ def run_rl(config: ml_collections.ConfigDict, out_dir: str | Path | None = None)
     out_dir.mkdir(parents=True, exist_ok=True)
     (out_dir / "run_config.json").write_text(config.to_json_best_effort(indent=2))
     return RLTrainer(config, out_dir).fit()
+
+
+def rl_aot_step(config: ml_collections.ConfigDict, mesh: Mesh, rules: Rules, num_hosts: int) -> AotStep:
+    """One GRPO / DAPO policy update (`rl.step.jit_update`) at the config's largest mini-batch:
+    `rl.groups_per_minibatch × rl.group_size` rows (global: the rollout batch is the run's, not a
+    process's) of `rl.prompt_len + rl.max_new_tokens` tokens, each row with its prompt's image at
+    `data.max_pixels` (every row carries its own copy of the group's image, as `sequence_inputs`
+    feeds them), π_old and (GRPO with β ≠ 0) π_ref log-probs. Rows are split over the mesh's batch
+    axes, patches too across hosts, as the trainer lays out the LM stages' batches."""
+    rl = config.rl
+    cfg = model_config(config.model)
+    freeze = tuple(config.get("freeze") or ())
+    tx, _ = make_optimizer(config.optim, max(int(config.train.steps), 1), freeze)
+    graphdef, state = abstract_state(model_factory(config.model, cfg), tx, mesh, rules)
+    spec, loss_cfg = StepSpec(graphdef=graphdef, tx=tx, freeze=freeze), loss_config(rl)
+    rows = int(rl.groups_per_minibatch) * int(rl.group_size)
+    response = int(rl.max_new_tokens)
+    length = int(rl.prompt_len) + response
+    parts = batch_parts(mesh, rules)
+    if rows % parts:
+        raise ConfigError(
+            f"config.rl.groups_per_minibatch x group_size = {rows} rows do not split over the {parts} "
+            "devices the rules give the batch"
+        )
+    image = image_patch_budget(config.data, cfg) if config.data.get("max_pixels") else 0
+    patches = rows * image
+    split = batch_spec(rules)[0]
+
+    def field(shape, dtype=np.int32, axis=0, split_it=True):
+        spec = PartitionSpec(*([None] * axis), split) if split_it else PartitionSpec()
+        return sds(shape, dtype, NamedSharding(mesh, spec))
+
+    per_patch = dict(split_it=num_hosts > 1)  # patches: each process's own block across hosts
+    unit = cfg.vision.spatial_merge_size**2
+    inputs = {
+        "input_ids": field((rows, length)),
+        "segment_ids": field((rows, length)),
+        "pixel_values": field((patches, cfg.vision.patch_dim), np.float32, **per_patch) if patches else None,
+        "position_ids": field((3, rows, length), axis=1),
+        "vision_index": qwen2_5_vl.VisionIndex(
+            window_index=field((patches // unit,), **per_patch),
+            window_segment_ids=field((patches,), **per_patch),
+            frame_segment_ids=field((patches,), **per_patch),
+            rotary_pos_ids=field((patches, 2), **per_patch),
+        )
+        if patches
+        else None,
+        "targets": field((rows, response)),
+        "response_mask": field((rows, response)),
+    }
+    with_ref = loss_cfg.algo == "grpo" and loss_cfg.beta != 0.0
+    args = (
+        spec,
+        loss_cfg,
+        state,
+        inputs,
+        field((rows, response), np.float32),
+        field((rows,), np.float32),
+        field((rows, response), np.float32) if with_ref else None,
+    )
+    flops = qwen_flops(
+        cfg,
+        state["params"],
+        freeze,
+        rows=rows,
+        length=length,
+        patches=patches,
+        image_patches=image,
+        head_positions=rows * response,
+        remat=str(config.model.get("remat", "none")),
+    )
+    shapes = {"rows": rows, "tokens": rows * length, "response tokens": rows * response, "patches": patches}
+    return AotStep(jit_update, args, flops, shapes)

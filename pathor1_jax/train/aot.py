@@ -36,7 +36,7 @@ from pathor1_jax.sharding.topology import GIB, Topology
 
 COLLECTIVES = ("all-reduce", "all-gather", "reduce-scatter", "collective-permute", "all-to-all")
 _COLLECTIVE = re.compile(r"\b(" + "|".join(COLLECTIVES) + r")(?:-start)?\(")
-_KERNEL_NAME = re.compile(r'kernel_name\\?"?\s*[:=]\s*\\?"([A-Za-z0-9_]+)')
+_KERNEL_NAME = re.compile(r"^\s*(?:ROOT\s+)?%([A-Za-z_][A-Za-z0-9_]*?)(?:\.\d+)?\s*=")  # the instruction
 _OOM = re.compile(r"HLO temporaries \(([\d.]+)([KMGT])\).*?available HBM \(([\d.]+)([KMGT])\)", re.S)
 _UNITS = {"K": 2**10, "M": 2**20, "G": 2**30, "T": 2**40}
 
@@ -177,7 +177,9 @@ def count_collectives(hlo: str) -> dict[str, int]:
 
 
 def mosaic_kernels(hlo: str) -> dict[str, int]:
-    """Mosaic (Pallas TPU) kernels of an HLO module's text: name → number of custom calls."""
+    """Mosaic (Pallas TPU) kernels of an HLO module's text: name (the pallas_call's, which names the
+    custom-call instruction: `%token_logprobs_fwd.8 = ... custom_call_target="tpu_custom_call"`) →
+    number of custom calls."""
     counts: dict[str, int] = {}
     for line in hlo.splitlines():
         if '"tpu_custom_call"' not in line:
@@ -357,3 +359,29 @@ def qwen_flops(
     upstream = upstream or dec_train
     flops += 2.0 * head_n * head_positions * train_multiplier(head_train, upstream, remat=True)
     return flops
+
+
+CLIP_PARTS = {
+    "vision": ("vision_model.", "visual_projection"),
+    "text": ("text_model.", "text_projection"),
+}
+
+
+def clip_flops(cfg, params: Any, freeze: tuple[str, ...], *, rows: int, remat: str = "none") -> float:
+    """Analytic FLOPs of one CLIP contrastive step on `rows` image–caption pairs: both towers
+    forward + backward (full attention over the class token and patches, causal over the caption's
+    tokens), and the global batch's `rows × rows` similarity matrix both ways."""
+    counts = param_counts(params, freeze, CLIP_PARTS)
+    full = remat == "full"
+    vision, text = cfg.vision, cfg.text
+    seq = vision.num_patches + 1
+    vision_flops = 2.0 * counts["vision"][0] * rows * seq + vision.num_hidden_layers * attention_flops(
+        rows, seq, seq, vision.num_attention_heads, vision.hidden_size // vision.num_attention_heads
+    )
+    length = text.max_position_embeddings
+    text_flops = 2.0 * counts["text"][0] * rows * length + text.num_hidden_layers * attention_flops(
+        rows, length, (length + 1) / 2, text.num_attention_heads, text.hidden_size // text.num_attention_heads
+    )
+    flops = vision_flops * train_multiplier(counts["vision"][1], False, full and counts["vision"][1])
+    flops += text_flops * train_multiplier(counts["text"][1], False, full and counts["text"][1])
+    return flops + 2.0 * rows * rows * cfg.projection_dim * 3  # logits: forward, d(image), d(text)

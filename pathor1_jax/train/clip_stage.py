@@ -20,18 +20,22 @@ import ml_collections
 import numpy as np
 import optax
 from flax import nnx
+from jax.sharding import Mesh
 
 from pathor1_jax.data.images import load_image
 from pathor1_jax.data.records import CaptionRecord
-from pathor1_jax.logical import current_rules, logical_to_spec
+from pathor1_jax.errors import ConfigError
+from pathor1_jax.logical import Rules, current_rules, logical_to_spec
 from pathor1_jax.models import clip
 from pathor1_jax.models.clip.preprocess import preprocess
 from pathor1_jax.models.clip.tokenizer import CLIPTokenizer
+from pathor1_jax.train.aot import AotStep, clip_flops, sds
 from pathor1_jax.train.checkpoint import restore_params
 from pathor1_jax.train.contrastive import clip_loss, sharded_clip_loss
+from pathor1_jax.train.optim import make_optimizer
 from pathor1_jax.train.result import StageResult
-from pathor1_jax.train.step import StepSpec, zero_frozen
-from pathor1_jax.train.trainer import Stage, Trainer
+from pathor1_jax.train.step import StepSpec, abstract_state, zero_frozen
+from pathor1_jax.train.trainer import Stage, Trainer, batch_field_sharding, batch_parts
 
 
 def base_clip_config() -> ml_collections.ConfigDict:
@@ -155,7 +159,39 @@ def run_clip(config: ml_collections.ConfigDict, out_dir: str | Path | None = Non
     (out_dir / "run_config.json").write_text(config.to_json_best_effort(indent=2))
     data = clip_batches(caption_records(config.data), cfg, int(config.data.batch_size), int(config.data.seed))
     stage = Stage(name="clip", step=contrastive_step, prepare=lambda b: b)
-    seed = int(config.model.seed)
-    trainer = Trainer(config, stage, lambda: clip.CLIPModel(cfg, rngs=nnx.Rngs(seed)), data, out_dir,
-                      initial_params(config.model))  # fmt: skip
+    init = initial_params(config.model)
+    trainer = Trainer(config, stage, model_factory(config.model, cfg), data, out_dir, init)
     return trainer.fit()
+
+
+def model_factory(model: ml_collections.ConfigDict, cfg: clip.CLIPConfig):
+    seed = int(model.seed)
+    return lambda: clip.CLIPModel(cfg, rngs=nnx.Rngs(seed))
+
+
+def clip_aot_step(config: ml_collections.ConfigDict, mesh: Mesh, rules: Rules, num_hosts: int) -> AotStep:
+    """The contrastive step as `pathor1 train` runs it on `mesh` with `num_hosts` processes, each
+    feeding `data.batch_size` image–caption pairs: the jitted step, abstract state and batch."""
+    cfg = model_config(config.model)
+    freeze = tuple(config.get("freeze") or ())
+    tx, _ = make_optimizer(config.optim, max(int(config.train.steps), 1), freeze)
+    graphdef, state = abstract_state(model_factory(config.model, cfg), tx, mesh, rules)
+    rows = int(config.data.batch_size) * num_hosts
+    parts = batch_parts(mesh, rules)
+    if rows % parts:
+        raise ConfigError(
+            f"config.data.batch_size={config.data.batch_size} pairs x {num_hosts} hosts = {rows} do not "
+            f"split over the {parts} devices the rules give the batch"
+        )
+    size, length = cfg.vision.image_size, cfg.text.max_position_embeddings
+
+    def field(key, shape, dtype):
+        return sds((1, rows, *shape), dtype, batch_field_sharding(key, mesh, rules, num_hosts > 1))
+
+    batch = {
+        "images": field("images", (size, size, 3), np.float32),
+        "input_ids": field("input_ids", (length,), np.int32),
+    }
+    spec = StepSpec(graphdef=graphdef, tx=tx, freeze=freeze)
+    flops = clip_flops(cfg, state["params"], freeze, rows=rows, remat=str(config.model.get("remat", "none")))
+    return AotStep(contrastive_step, (spec, state, batch), flops, {"pairs": rows})
