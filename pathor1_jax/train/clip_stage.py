@@ -159,14 +159,10 @@ def run_clip(config: ml_collections.ConfigDict, out_dir: str | Path | None = Non
     (out_dir / "run_config.json").write_text(config.to_json_best_effort(indent=2))
     data = clip_batches(caption_records(config.data), cfg, int(config.data.batch_size), int(config.data.seed))
     stage = Stage(name="clip", step=contrastive_step, prepare=lambda b: b)
-    init = initial_params(config.model)
-    trainer = Trainer(config, stage, model_factory(config.model, cfg), data, out_dir, init)
+    seed = int(config.model.seed)
+    trainer = Trainer(config, stage, lambda: clip.CLIPModel(cfg, rngs=nnx.Rngs(seed)), data, out_dir,
+                      initial_params(config.model))  # fmt: skip
     return trainer.fit()
-
-
-def model_factory(model: ml_collections.ConfigDict, cfg: clip.CLIPConfig):
-    seed = int(model.seed)
-    return lambda: clip.CLIPModel(cfg, rngs=nnx.Rngs(seed))
 
 
 def clip_aot_step(config: ml_collections.ConfigDict, mesh: Mesh, rules: Rules, num_hosts: int) -> AotStep:
@@ -175,7 +171,7 @@ def clip_aot_step(config: ml_collections.ConfigDict, mesh: Mesh, rules: Rules, n
     cfg = model_config(config.model)
     freeze = tuple(config.get("freeze") or ())
     tx, _ = make_optimizer(config.optim, max(int(config.train.steps), 1), freeze)
-    graphdef, state = abstract_state(model_factory(config.model, cfg), tx, mesh, rules)
+    graphdef, state = abstract_state(lambda: clip.CLIPModel(cfg, rngs=nnx.Rngs(0)), tx, mesh, rules)
     rows = int(config.data.batch_size) * num_hosts
     parts = batch_parts(mesh, rules)
     if rows % parts:
