@@ -17,7 +17,7 @@ pytest.importorskip("reportlab")
 from pathor1_jax.curation.demo import _cer as cer  # noqa: E402
 from pathor1_jax.curation.demo_book import make_book  # noqa: E402
 from pathor1_jax.curation.extract import _iou, extract_pdf  # noqa: E402
-from pathor1_jax.curation.io import read_jsonl  # noqa: E402
+from pathor1_jax.curation.io import read_jsonl, write_jsonl  # noqa: E402
 from pathor1_jax.curation.steps import Runner, run_extract, run_filter, run_qc  # noqa: E402
 
 
@@ -168,44 +168,56 @@ def test_rerun_skips_finished_units_and_output_is_stable(small_pdfs, monkeypatch
     assert not [p for p in os.listdir(out / "shards") if ".tmp" in p]
 
 
+def assert_same_files(a, b, *, shards: bool = True) -> None:
+    """Every file under directories `a` and `b` (outputs, reports, crops and, with `shards`, the unit
+    shards and their reports) byte-equal."""
+    files = {
+        d: {
+            p.relative_to(d).as_posix(): p
+            for p in d.rglob("*")
+            if p.is_file() and (shards or p.relative_to(d).parts[0] != "shards")
+        }
+        for d in (a, b)
+    }
+    assert sorted(files[a]) == sorted(files[b])
+    for name, path in files[a].items():
+        assert path.read_bytes() == files[b][name].read_bytes(), name
+
+
 def test_filter_dedups_the_repeated_tile_and_beam_equals_local(small_pdfs):
-    beam = pytest.importorskip("apache_beam")
-    del beam
+    """The Beam DirectRunner and the local process pool write byte-identical outputs for extract,
+    filter and qc (apache-beam is in the test extra: this test runs in CI, never skipped)."""
     local, via_beam = small_pdfs / "local", small_pdfs / "beam"
+    beam = Runner("beam", 1, ("--runner=DirectRunner",))
     run_extract(str(small_pdfs / "pdfs"), str(local / "extract"), Runner("local", 2))
-    run_extract(
-        str(small_pdfs / "pdfs"), str(via_beam / "extract"), Runner("beam", 1, ("--runner=DirectRunner",))
-    )
-    assert (local / "extract" / "pairs.jsonl").read_bytes() == (
-        via_beam / "extract" / "pairs.jsonl"
-    ).read_bytes()
+    run_extract(str(small_pdfs / "pdfs"), str(via_beam / "extract"), beam)
+    assert len(read_jsonl(local / "extract" / "pairs.jsonl")) == 4
+    assert_same_files(local / "extract", via_beam / "extract")
     run_filter(str(local / "extract"), str(local / "filter"))
-    run_filter(
-        str(via_beam / "extract"), str(via_beam / "filter"), Runner("beam", 1, ("--runner=DirectRunner",))
-    )
-    assert (local / "filter" / "pairs.jsonl").read_bytes() == (
-        via_beam / "filter" / "pairs.jsonl"
-    ).read_bytes()
+    run_filter(str(via_beam / "extract"), str(via_beam / "filter"), beam)
+    # filter's unit shards name and hold their input directory (local/ or beam/): outputs compared
+    assert_same_files(local / "filter", via_beam / "filter", shards=False)
     rejected = read_jsonl(local / "filter" / "rejected.jsonl")
     assert [r["reasons"] for r in rejected] == [["duplicate_exact"]]
-    qc_in = local / "qc_in.jsonl"
-    qc_in.write_text(
-        json.dumps(
+    qc_in = small_pdfs / "qc_in.jsonl"
+    answers = ["<think>a b c d e f g h i j</think><answer>B</answer>", "<answer>B</answer>"]  # 2nd: rejected
+    write_jsonl(
+        qc_in,
+        [
             {
-                "id": "c1",
-                "messages": [
-                    {"role": "user", "content": "q"},
-                    {"role": "assistant", "content": "<think>a b c d e f g h i j</think><answer>B</answer>"},
-                ],
+                "id": f"c{i}",
+                "messages": [{"role": "user", "content": "q"}, {"role": "assistant", "content": answer}],
                 "task": "reasoning",
                 "caption": "x",
             }
-        )
-        + "\n"
+            for i, answer in enumerate(answers)
+        ],
     )
     run_qc(str(qc_in), str(local / "qc"))
-    run_qc(str(qc_in), str(via_beam / "qc"), Runner("beam", 1, ("--runner=DirectRunner",)))
-    assert (local / "qc" / "chat.jsonl").read_bytes() == (via_beam / "qc" / "chat.jsonl").read_bytes()
+    run_qc(str(qc_in), str(via_beam / "qc"), beam)
+    passed, rejected = (read_jsonl(local / "qc" / name) for name in ("chat.jsonl", "rejected.jsonl"))
+    assert [r["id"] for r in passed] == ["c0"] and [r["id"] for r in rejected] == ["c1"]
+    assert_same_files(local / "qc", via_beam / "qc")
 
 
 def test_llm_fallback_for_inline_refs_keeps_only_substrings(tmp_path):
