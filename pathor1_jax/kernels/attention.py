@@ -3,7 +3,9 @@
 Layout `[B, T, H, D]` for queries and `[B, S, K, D]` for keys/values, with K dividing H (GQA).
 Masking is expressed with segment ids only: a query attends to a key iff their segment ids are
 equal (and, when `causal`, the key is not in the query's future). Padding, sequence packing,
-Qwen2.5-VL vision windows and per-image attention are all segment ids.
+Qwen2.5-VL vision windows and per-image attention are all segment ids. When segments are contiguous
+runs much shorter than the sequence (vision windows and images), `block_sparse=True` visits only the
+key blocks that can share a segment with each query block (`blocked_attention`).
 """
 
 from __future__ import annotations
@@ -18,6 +20,7 @@ import jax.numpy as jnp
 from jax.sharding import PartitionSpec
 
 from pathor1_jax import logical
+from pathor1_jax.kernels.blocked_attention import blocked_attention
 from pathor1_jax.kernels.flash_attention import flash_attention, tpu_vmem_bytes
 from pathor1_jax.kernels.platform import note_impl, target_platform
 
@@ -141,6 +144,7 @@ def attention(
     causal: bool = False,
     sm_scale: float | None = None,
     impl: str = "auto",
+    block_sparse: bool = False,
 ) -> jax.Array:
     """Dispatch to an attention implementation (see module doc for the masking semantics).
 
@@ -151,12 +155,19 @@ def attention(
     least one block of length, the TPU VMEM budget; other lengths are padded), else xla (the reason
     is logged once). CPU always runs xla under "auto". A Pallas impl needs its platform in
     `target_platform()`, or `PATHOR1_PALLAS_INTERPRET=1` to run it interpreted (tests on CPU).
+
+    block_sparse: self-attention (one `[B, T]` segment_ids, not causal) whose equal ids form short
+    contiguous runs; xla then runs `blocked_attention` (memory O(T · block) instead of O(T²)).
     """
     if impl not in IMPLS:
         raise ValueError(f"attention: unknown impl {impl!r}; expected one of {IMPLS}")
+    if block_sparse and (causal or segment_ids is None or isinstance(segment_ids, tuple)):
+        raise ValueError("attention: block_sparse needs self-attention segment_ids [B, T] and causal=False")
     if impl == "auto":
         impl = select_impl(q.shape[1], k.shape[1], q.shape[3], itemsize=q.dtype.itemsize)
-    note_impl("attention", impl)
+    note_impl("attention", "xla_blocked" if impl == "xla" and block_sparse else impl)
+    if impl == "xla" and block_sparse:
+        return blocked_attention(q, k, v, segment_ids, sm_scale=sm_scale)
     if impl == "xla":
         return attention_reference(q, k, v, segment_ids=segment_ids, causal=causal, sm_scale=sm_scale)
     platform, target = impl.removeprefix("pallas_"), target_platform()
