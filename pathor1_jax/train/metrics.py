@@ -1,22 +1,62 @@
 """Metrics: one JSON object per step in `metrics.jsonl` and the same scalars in TensorBoard, written
-by process 0 only; loss curves as PNG (matplotlib, Agg backend) at the end of a run."""
+by process 0 only; loss curves as PNG (matplotlib, Agg backend) at the end of a run.
+
+The file is strict JSON Lines: a non-finite value (a diverging loss) is written as `null` and its
+key listed in the record's `"nonfinite_keys"`. Readers drop a torn last line (a process killed
+mid-write) with a warning; a malformed line elsewhere is an error naming file and line.
+"""
 
 from __future__ import annotations
 
 import json
+import logging
+import math
 import os
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 
 import jax
 
+from pathor1_jax.errors import UserError
+
+log = logging.getLogger(__name__)
+
 METRICS_FILE = "metrics.jsonl"
+NONFINITE_KEYS = "nonfinite_keys"
 
 
 def read_metrics(path: str | Path) -> list[dict]:
-    """All records of a metrics JSONL file."""
-    with open(path) as f:
-        return [json.loads(line) for line in f if line.strip()]
+    """All records of a metrics JSONL file; a torn last line is dropped with a warning."""
+    with open(path, encoding="utf-8", errors="replace") as f:
+        lines = f.read().split("\n")
+    records = []
+    for number, line in enumerate(lines, start=1):
+        if not line.strip():
+            continue
+        try:
+            records.append(json.loads(line))
+        except ValueError as e:
+            if all(not rest.strip() for rest in lines[number:]):
+                log.warning("%s:%d: dropped a torn last line (%s)", path, number, e)
+                break
+            raise UserError(f"{path}:{number}: not a JSON object ({e})") from e
+    return records
+
+
+def json_record(step: int, scalars: Mapping[str, float]) -> dict:
+    """`{"step": n, key: value, ...}` with non-finite values as null, their keys in `nonfinite_keys`."""
+    record: dict = {"step": int(step)}
+    bad = []
+    for key, value in scalars.items():
+        value = float(value)
+        if math.isfinite(value):
+            record[key] = value
+        else:
+            record[key] = None
+            bad.append(key)
+    if bad:
+        record[NONFINITE_KEYS] = bad
+    return record
 
 
 class MetricsWriter:
@@ -48,8 +88,7 @@ class MetricsWriter:
     def write(self, step: int, scalars: Mapping[str, float]) -> None:
         if not self.enabled:
             return
-        record = {"step": int(step), **{k: float(v) for k, v in scalars.items()}}
-        self._file.write(json.dumps(record) + "\n")
+        self._file.write(json.dumps(json_record(step, scalars), allow_nan=False) + "\n")
         self._file.flush()
         for name, value in scalars.items():
             self._tb.add_scalar(name, float(value), int(step))
@@ -77,7 +116,7 @@ def plot_losses(
     keys = list(keys) if keys is not None else [key] * len(runs)
     fig, axes = plt.subplots(1, len(runs), figsize=(4.5 * len(runs), 3.5), squeeze=False)
     for ax, (label, path), name in zip(axes[0], runs, keys, strict=True):
-        records = [r for r in read_metrics(path) if name in r]
+        records = [r for r in read_metrics(path) if r.get(name) is not None]
         if records:
             ax.plot([r["step"] for r in records], [r[name] for r in records], lw=1.5)
         else:
