@@ -127,11 +127,6 @@ def test_image_count_mismatch_is_a_clear_error(proc, images, placeholders):
         proc.encode(_chat("bad", images=images, placeholders=placeholders))
 
 
-def test_literal_image_pad_in_text_is_a_mismatch(proc):
-    with pytest.raises(ImageCountError, match="renders 2 <\\|image_pad\\|> token"):
-        proc.encode(_chat("bad", text="see <|image_pad|>"))
-
-
 @pytest.fixture(scope="module")
 def demo_examples(proc):
     return [proc.encode(r) for r in demo_records("chat", "train")[:14]]

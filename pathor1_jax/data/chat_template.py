@@ -4,11 +4,16 @@
 checkpoints (`chat_template.json`): a default system prompt when the chat has none, one
 `<|vision_start|><|image_pad|><|vision_end|>` per image, `<|im_start|>role\\n...<|im_end|>\\n` per turn.
 It is rendered with the same Jinja settings as transformers' `apply_chat_template`.
+
+Text is text: `render_pieces` tells the template's own characters from the messages' text, so that
+a tokenizer can keep special-token strings inside message text (`<|im_end|>`, `<|image_pad|>`)
+as plain characters — only the template inserts control tokens (see `QwenVLProcessor`).
 """
 
 from __future__ import annotations
 
 import functools
+import re
 from importlib import resources
 
 from jinja2.sandbox import ImmutableSandboxedEnvironment
@@ -51,6 +56,38 @@ def render_messages(messages, *, add_generation_prompt: bool = False) -> str:
     if messages and isinstance(messages[0], Message):
         messages = messages_to_json(messages)
     return _compiled().render(messages=messages, add_generation_prompt=add_generation_prompt)
+
+
+_MARK = ("\ue000", "\ue001")  # private-use characters around a text's index while rendering
+
+
+def render_pieces(messages, *, add_generation_prompt: bool = False) -> list[tuple[str, bool]]:
+    """The rendered chat as `(piece, is_text)` pieces whose concatenation is `render_messages(...)`:
+    `is_text` for a message's text as written, False for what the template adds around it."""
+    messages = messages_to_json(messages) if messages and isinstance(messages[0], Message) else messages
+    texts: list[str] = []
+
+    def mark(text: str) -> str:
+        texts.append(text)
+        return f"{_MARK[0]}{len(texts) - 1}{_MARK[1]}"
+
+    marked = []
+    for m in messages:
+        if isinstance(m["content"], str):
+            marked.append({**m, "content": mark(m["content"])})
+        else:
+            parts = [{**p, "text": mark(p["text"])} if p.get("type") == "text" else p for p in m["content"]]
+            marked.append({**m, "content": parts})
+    if any(c in t for t in texts for c in _MARK):  # a text holding the marks: no pieces to tell apart
+        return [(render_messages(messages, add_generation_prompt=add_generation_prompt), True)]
+    rendered = render_messages(marked, add_generation_prompt=add_generation_prompt)
+    pieces: list[tuple[str, bool]] = []
+    for i, chunk in enumerate(re.split(f"{_MARK[0]}(\\d+){_MARK[1]}", rendered)):
+        if i % 2:
+            pieces.append((texts[int(chunk)], True))
+        elif chunk:
+            pieces.append((chunk, False))
+    return pieces
 
 
 def render_with_spans(record: ChatRecord) -> tuple[str, list[tuple[int, int]]]:

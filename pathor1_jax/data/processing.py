@@ -21,7 +21,7 @@ import numpy as np
 
 from pathor1_jax.errors import UserError
 
-from .chat_template import render_messages, render_with_spans
+from .chat_template import render_pieces, render_with_spans
 from .images import load_image
 from .prompts import CAPTION_PROMPT, DEFAULT_PROMPT_STYLE, caption_to_chat, mcq_prompt_messages
 from .records import CaptionRecord, ChatRecord, MCQRecord, Record, VQARecord
@@ -97,6 +97,7 @@ class QwenVLProcessor:
                 f"{self.config.image_token_id}"
             )
         self.pad_token_id = int(self.tokenizer.pad_token_id)
+        self.special_tokens = tuple(self.tokenizer.all_special_tokens)  # never parsed from message text
         self.caption_prompt = caption_prompt
 
     def as_chat(self, record: Record) -> ChatRecord:
@@ -109,12 +110,32 @@ class QwenVLProcessor:
             )
         return record
 
+    def tokenize_pieces(self, pieces: list[tuple[str, bool]]) -> tuple[np.ndarray, np.ndarray]:
+        """Token ids and each token's start character of a rendered chat (`render_pieces`), where
+        special-token strings inside message text stay text (`<|im_end|>` → `<`, `|`, `im`, ...):
+        only the template's own `<|im_start|>`, `<|image_pad|>`, ... become control tokens. A chat
+        whose texts hold no such string is tokenized in one call, exactly as transformers does."""
+        if not any(is_text and any(t in piece for t in self.special_tokens) for piece, is_text in pieces):
+            pieces = [("".join(p for p, _ in pieces), False)]
+        ids: list[int] = []
+        starts: list[int] = []
+        offset = 0
+        for piece, is_text in pieces:
+            encoded = self.tokenizer(
+                piece, add_special_tokens=False, return_offsets_mapping=True, split_special_tokens=is_text
+            )
+            ids.extend(encoded["input_ids"])
+            starts.extend(offset + start for start, _ in encoded["offset_mapping"])
+            offset += len(piece)
+        return np.asarray(ids, dtype=np.int32), np.asarray(starts, dtype=np.int64)
+
     def tokenize_chat(self, record: ChatRecord) -> tuple[np.ndarray, np.ndarray]:
         """Token ids (one `<|image_pad|>` per image) and labels of a chat, before image expansion."""
         text, spans = render_with_spans(record)
-        encoded = self.tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
-        ids = np.asarray(encoded["input_ids"], dtype=np.int32)
-        starts = np.asarray([start for start, _ in encoded["offset_mapping"]], dtype=np.int64)
+        pieces = render_pieces(record.messages)
+        if "".join(p for p, _ in pieces) != text:
+            raise ValueError(f"record {record.id!r}: the chat renders differently piece by piece")
+        ids, starts = self.tokenize_pieces(pieces)
         in_span = np.zeros(ids.shape, dtype=bool)
         for lo, hi in spans:
             in_span |= (starts >= lo) & (starts < hi)
@@ -141,8 +162,7 @@ class QwenVLProcessor:
             record = ChatRecord(id=record.id, messages=mcq_prompt_messages(record, style))
         if images is None:
             images = [load_image(ref, record_id=record.id) for ref in record.all_images()]
-        text = render_messages(record.messages, add_generation_prompt=True)
-        ids = np.asarray(self.tokenizer(text, add_special_tokens=False)["input_ids"], dtype=np.int32)
+        ids, _ = self.tokenize_pieces(render_pieces(record.messages, add_generation_prompt=True))
         return self._with_images(record, ids, np.full(ids.shape, IGNORE_INDEX, np.int32), images)
 
     def _with_images(self, chat: ChatRecord, ids: np.ndarray, labels: np.ndarray, images: list) -> dict:
