@@ -156,3 +156,35 @@ def test_bad_topologies_and_layouts_are_one_line_errors(capsys, argv, message):
     assert code == 2
     assert message in err
     assert len(err.strip().splitlines()) == 1, err
+
+
+@pytest.mark.parametrize("per_row, fixed, expected", [(1.0, 2.0, 52), (0.3, 1.0, 196), (20.0, 1.0, None)])
+def test_max_batch_finds_the_largest_fitting_batch_in_few_compiles(per_row, fixed, expected, capsys):
+    """A fake compiler whose per-device GiB grow linearly with data.batch_size (per host) on v5e-16
+    (16 chips, 4 hosts: candidates are multiples of 4): the search ends on the largest batch that fits
+    after a handful of compiles."""
+    from types import SimpleNamespace
+
+    import ml_collections
+
+    from pathor1_jax.commands.compile import max_batch
+
+    topo = parse_topology("v5e-16")
+    compiled = []
+
+    def compile_config(config):
+        value = int(config.data.batch_size)
+        compiled.append(value)
+        total = int((fixed + per_row * value / 4) * GIB)  # value / 4 rows per device
+        return SimpleNamespace(total=total, hbm_bytes=topo.chip.hbm_bytes, fits=total <= topo.chip.hbm_bytes,
+                               compile_seconds=1.0, shapes={"rows": value * 4}, topology=topo)  # fmt: skip
+
+    config = ml_collections.ConfigDict({"data": {"batch_size": 4, "max_patches": 64}})
+    report, value = max_batch(config, "data.batch_size", topo, compile_config)
+    if expected is None:
+        assert report is None and value == 4
+        return
+    assert value == expected and report.fits
+    assert len(compiled) <= 4, compiled  # 2 to find the line, its crossing, one unit past it
+    assert not compile_config(ml_collections.ConfigDict({"data": {"batch_size": value + 4}})).fits
+    assert "rows per device" in capsys.readouterr().err

@@ -66,29 +66,36 @@ def _with_batch(config, key: str, value: int):
     return config
 
 
+def compiler(config, topo):
+    """`config → CompileReport` for configs of `config`'s stage, mesh and rules on `topo` (a
+    `sharding.topology.Topology`): the stage's `compile` hook, compiled by `train.aot.compile_step`."""
+    from pathor1_jax import stages
+    from pathor1_jax.sharding.mesh import make_mesh
+    from pathor1_jax.sharding.rules import rules_from_config
+    from pathor1_jax.sharding.topology import topology_devices
+    from pathor1_jax.train.aot import compile_step
+
+    entry = stages.get(config.get("stage", ""))
+    if entry.compile is None:
+        raise UserError(f"stage {entry.name!r} has no ahead-of-time step to compile")
+    mesh = make_mesh(dict(config.mesh), topology_devices(topo))
+    rules = rules_from_config(config.get("sharding"))
+    build = stages.resolve(entry.compile)
+    return lambda cfg: compile_step(build(cfg, mesh, rules, topo.num_hosts), mesh, rules, topo)
+
+
 def run(args: argparse.Namespace) -> int:
     from pathor1_jax import stages
     from pathor1_jax.outputs import check_writable_file
-    from pathor1_jax.sharding.mesh import make_mesh
-    from pathor1_jax.sharding.rules import rules_from_config
-    from pathor1_jax.sharding.topology import parse_topology, topology_devices
-    from pathor1_jax.train.aot import compile_step
+    from pathor1_jax.sharding.topology import parse_topology
     from pathor1_jax.train.config import load_config
 
     config = load_config(args.config, args.overrides)
     entry = stages.get(config.get("stage", ""))
-    if entry.compile is None:
-        raise UserError(f"stage {entry.name!r} has no ahead-of-time step to compile")
     topo = parse_topology(args.topology, args.slices)
     if args.json:
         check_writable_file(args.json, "--json")
-    mesh = make_mesh(dict(config.mesh), topology_devices(topo))
-    rules = rules_from_config(config.get("sharding"))
-    build = stages.resolve(entry.compile)
-
-    def compile_config(cfg):
-        return compile_step(build(cfg, mesh, rules, topo.num_hosts), mesh, rules, topo)
-
+    compile_config = compiler(config, topo)
     print(f"pathor1 compile: {args.config} ({entry.name}) for {topo.describe()}", flush=True)
     if args.max_batch:
         report, batch = max_batch(config, entry.batch_key, topo, compile_config)
@@ -97,6 +104,9 @@ def run(args: argparse.Namespace) -> int:
     else:
         report = compile_config(config)
     print(report.text())
+    if args.max_batch:
+        per_device = rows_per_device(report)
+        print(f"largest batch that fits: {entry.batch_key}={batch} ({per_device:g} rows per device)")
     if args.json:
         with open(args.json, "w") as f:
             json.dump(report.to_json(), f, indent=2)
@@ -106,12 +116,26 @@ def run(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+def rows_per_device(report) -> float:
+    """Rows (image–caption pairs for CLIP) each device processes per micro-batch."""
+    shapes = report.shapes
+    rows = shapes.get("rows", shapes.get("pairs", 0)) / shapes.get("micro-batches", 1)
+    return rows / report.topology.num_devices
+
+
+def _rows_per_unit(config, key: str, hosts: int) -> int:
+    """Global rows one unit of batch `key` adds: a row per host for a per-process batch, a group of
+    `rl.group_size` samples for RL's (global) mini-batch of groups."""
+    return int(config.rl.group_size) if key == "rl.groups_per_minibatch" else hosts
+
+
 def max_batch(config, key: str, topo, compile_config):
-    """`(report, value)`: the largest value of batch `key` that fits (its report), searched by
-    doubling from the config's value, then bisecting; `(None, smallest tried)` when none fits.
-    Candidates are multiples of the smallest batch that splits evenly over the slice."""
-    hosts = topo.num_hosts
-    unit = topo.num_devices // math.gcd(topo.num_devices, hosts)  # per-host rows that fill every device
+    """`(report, value)`: the largest value of batch `key` that fits (its report); `(None, smallest
+    tried)` when none fits. Candidates are multiples of the smallest value whose rows split evenly
+    over the slice. Memory grows linearly with the batch, so once two values fit the next candidate
+    is where that line meets the chip's HBM (a compile that fits takes minutes, one that does not
+    is refused in seconds); otherwise the search doubles, then bisects."""
+    unit = topo.num_devices // math.gcd(topo.num_devices, _rows_per_unit(config, key, topo.num_hosts))
     start = max(unit, int(_get(config, key)) // unit * unit)
     tried: dict[int, object] = {}
 
@@ -119,35 +143,44 @@ def max_batch(config, key: str, topo, compile_config):
         if value not in tried:
             report = compile_config(_with_batch(config, key, value))
             tried[value] = report
-            per_device = value * hosts / topo.num_devices
             verdict = "fits" if report.fits else "does not fit"
             print(
-                f"  {key}={value} ({per_device:g} per device): {report.total / 2**30:.2f} GiB, {verdict} "
-                f"({report.compile_seconds:.0f} s)",
+                f"  {key}={value} ({rows_per_device(report):g} rows per device): {report.total / 2**30:.2f} "
+                f"GiB, {verdict} ({report.compile_seconds:.0f} s)",
                 file=sys.stderr,
                 flush=True,
             )
         return tried[value].fits
 
+    def line() -> int | None:
+        """Where the line through the two largest fitting batches meets the chip's HBM."""
+        fitting = sorted(v for v, r in tried.items() if r.fits)
+        if len(fitting) < 2:
+            return None
+        (v1, r1), (v2, r2) = ((v, tried[v]) for v in fitting[-2:])
+        slope = (r2.total - r1.total) / (v2 - v1)
+        return int(v2 + (r2.hbm_bytes - r2.total) / slope) // unit * unit if slope > 0 else None
+
     if not fits(start):
         low, high = 0, start
-        if start == unit:
-            return None, start
+        while high > unit:
+            candidate = max(unit, high // 2 // unit * unit)
+            if fits(candidate):
+                low = candidate
+                break
+            high = candidate
+        if low == 0:
+            return None, unit
     else:
         low, high = start, None
-        while high is None:
-            if fits(low * 2):
-                low *= 2
-            else:
-                high = low * 2
-    while high - low > unit:  # bisect on multiples of `unit`
-        mid = (low + high) // 2 // unit * unit
-        if mid in (low, high):
-            break
-        if fits(mid):
-            low = mid
+    aim = True  # follow the line until it misses once, then bisect
+    while high is None or high - low > unit:
+        guess = line() if aim else None
+        if guess is None:
+            guess = 2 * low if high is None else (low + high) // 2 // unit * unit
+        candidate = max(low + unit, guess if high is None else min(guess, high - unit))
+        if fits(candidate):
+            low = candidate
         else:
-            high = mid
-    if low == 0:
-        return None, unit
+            high, aim = candidate, candidate == low + unit
     return tried[low], low
