@@ -45,6 +45,6 @@ def test_shardings_table_of_a_clip_config(capsys):
     assert main(["shardings", "--config", CONFIG, "--devices", "8"]) == 0
     table = capsys.readouterr().out
     assert "text_model.token_embedding.embedding" in table and "(vocab, embed)" in table
-    assert (
-        "vision_model.layers.0.self_attn.q_proj.kernel" in table and "(vision_embed, vision_heads)" in table
-    )
+    # layers stacked (scanned): one row per stacked parameter, its leading axis named "layers"
+    assert "vision_model.layers.self_attn.q_proj.kernel" in table
+    assert "(layers, vision_embed, vision_heads)" in table

@@ -237,19 +237,20 @@ def test_shardings_command_7b_on_256_devices(capsys):
     assert f"per device: optimizer state {8 * per_device + 8:,} B" in out
     assert f"per device: total params + optimizer state {12 * per_device + 8:,} B" in out
     assert "mesh: data=1, fsdp=256, tensor=1 (256 devices)" in out
+    # the decoder layers stacked (scanned): one row for all 28 layers' up_proj
     row = next(
-        line
-        for line in out.splitlines()
-        if line.startswith("model.language_model.layers.0.mlp.up_proj.kernel")
+        line for line in out.splitlines() if line.startswith("model.language_model.layers.mlp.up_proj.kernel")
     )
     assert row.split()[1:] == [
-        "3584x18944",
+        "28x3584x18944",
         "float32",
-        "(embed,",
+        "(layers,",
+        "embed,",
         "mlp)",
-        "('fsdp',",
+        "(None,",
+        "'fsdp',",
         "None)",
-        str(4 * 3584 * 18944 // 256),
+        str(4 * 28 * 3584 * 18944 // 256),
     ]
 
     # bfloat16 parameters get bfloat16 moments (optax's default); --mesh overrides the config's mesh
@@ -264,7 +265,7 @@ def test_shardings_command_7b_on_256_devices(capsys):
     assert cli_main(["shardings", "--config", str(config), "--devices", "1024",
                      "--mesh", "fsdp=1,tensor=1024", "--preset", "fsdp_tp"]) == 2  # fmt: skip
     err = capsys.readouterr().err
-    assert "parameter model.language_model.layers.0.self_attn.k_proj.kernel: dimension 1 " in err
+    assert "parameter model.language_model.layers.self_attn.k_proj.kernel: dimension 2 " in err
     assert "(logical axis 'kv_heads', size 512) is not divisible by mesh axes 'tensor' of size 1024" in err
 
 

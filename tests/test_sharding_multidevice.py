@@ -94,6 +94,25 @@ for p, v in nnx.to_flat_state(nnx.state(loaded)):
 # sliced reads: up.weight [32, 16] split (tensor, fsdp) is read in [16, 8] pieces, never whole
 assert {s for n, s in reads if n == "up.weight"} == {(16, 8)}, reads
 assert {s for n, s in reads if n == "norm.weight_minus_one"} == {(16,)}
+# a stacked (scanned) parameter from one tensor per layer: each device reads its slice of each layer
+from pathor1_jax.models.scan import stack_layers
+
+class Stacked(nnx.Module):
+    def __init__(self, rngs):
+        self.layers = stack_layers([Linear(16, 32, use_bias=False, axes=("embed", "mlp"), rngs=rngs)
+                                    for _ in range(3)])
+
+stacked_ref = np.asarray(Stacked(nnx.Rngs(2)).layers.kernel.get_value())  # [3, 16, 32]
+layer_tensors = {f"l{i}.weight": np.ascontiguousarray(stacked_ref[i].T) for i in range(3)}
+save_file(layer_tensors, str(tmp / "s.safetensors"))
+reads.clear()
+source = Source(("l0.weight", "l1.weight", "l2.weight"), perm=(1, 0))
+stacked = load_sharded(lambda: Stacked(nnx.Rngs(0)), tmp / "s.safetensors", {"layers.kernel": source},
+                       mesh, rules)
+x = stacked.layers.kernel.get_value()
+assert x.sharding.spec == P(None, "fsdp", "tensor"), x.sharding  # ("layers", "embed", "mlp")
+np.testing.assert_array_equal(np.asarray(x), stacked_ref)
+assert {s for _, s in reads} == {(16, 8)} and len(reads) == 3 * 8, reads  # [32/2, 16/2] per layer, device
 try:
     partial = {k: v for k, v in sources.items() if k != "down.kernel"}
     load_sharded(lambda: Toy(nnx.Rngs(1)), tmp, partial, where)

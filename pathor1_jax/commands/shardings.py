@@ -52,7 +52,8 @@ def model_builder(config: ml_collections.ConfigDict, param_dtype):
         from pathor1_jax.train.clip_stage import model_config
 
         cfg = model_config(config.model)
-        return lambda: clip.CLIPModel(cfg, rngs=nnx.Rngs(0))
+        scan = bool(config.model.get("scan_layers", True))
+        return lambda: clip.CLIPModel(cfg, rngs=nnx.Rngs(0), scan_layers=scan)
     model = config.get("model")
     if model is None:
         raise ConfigError("config has no `model` block")
@@ -73,8 +74,9 @@ def model_builder(config: ml_collections.ConfigDict, param_dtype):
             "config.model: expected `hf_config` (a HF config.json dict), HF fields with `model_type`, "
             "`path` to a checkpoint folder, or `preset` (tiny, 3b, 7b)"
         )
+    scan = bool(model.get("scan_layers", True))  # stacked layers: one row per stacked parameter
     return lambda: qwen2_5_vl.Qwen2_5_VLForConditionalGeneration(
-        cfg, rngs=nnx.Rngs(0), param_dtype=param_dtype
+        cfg, rngs=nnx.Rngs(0), param_dtype=param_dtype, scan_layers=scan
     )
 
 

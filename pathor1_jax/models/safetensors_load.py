@@ -8,6 +8,8 @@ The model side supplies a mapping from our parameter paths (`"model.layers.0.mlp
 to a `Source`: the checkpoint tensor name, plus either a permutation (`perm`, slice-friendly: our
 array is `tensor.transpose(perm)`, e.g. `(1, 0)` for PyTorch `[out, in]` → `[in, out]`) or a general
 `transform` of the whole tensor (reshapes, splits of fused weights), which reads the full tensor once.
+A `Source` naming several tensors is a stack of layers (`models/scan.py`): our array is those tensors,
+each laid out as above, stacked on a new leading axis; a device reads only its layers' slices.
 """
 
 from __future__ import annotations
@@ -27,11 +29,20 @@ from pathor1_jax.models.layers import path_str
 
 @dataclass(frozen=True)
 class Source:
-    """Where one parameter comes from: `transform(tensor)` or `tensor.transpose(perm)`."""
+    """Where one parameter comes from: `transform(tensor)` or `tensor.transpose(perm)`; with a tuple
+    of names, those tensors (one per layer, each so transformed) stacked on a new leading axis."""
 
-    name: str
+    name: str | tuple[str, ...]
     perm: tuple[int, ...] | None = None
     transform: Callable[[np.ndarray], np.ndarray] | None = None
+
+    @property
+    def names(self) -> tuple[str, ...]:
+        return self.name if isinstance(self.name, tuple) else (self.name,)
+
+    @property
+    def stacked(self) -> bool:
+        return isinstance(self.name, tuple)
 
 
 def tensor_files(path: str | Path) -> dict[str, Path]:
@@ -94,10 +105,10 @@ class CheckpointReader:
         return tensor[tuple(slice(s.start, s.stop) for s in index)]
 
 
-def _global_shape(reader: CheckpointReader, source: Source) -> tuple[int, ...] | None:
+def _global_shape(reader: CheckpointReader, name: str, source: Source) -> tuple[int, ...] | None:
     if source.transform is not None:
         return None
-    shape = reader.shape(source.name)
+    shape = reader.shape(name)
     return tuple(shape[p] for p in source.perm) if source.perm else shape
 
 
@@ -105,34 +116,47 @@ def load_array(
     reader: CheckpointReader, source: Source, path: str, shape: tuple[int, ...], dtype, sharding
 ) -> jax.Array:
     """One parameter as a global `jax.Array` in `sharding`, each device reading only its slice."""
-    found = _global_shape(reader, source)
-    if found is not None and found != tuple(shape):
+    shape = tuple(shape)
+    if source.stacked and shape[:1] != (len(source.names),):
         raise ValueError(
-            f"parameter {path}: checkpoint tensor {source.name!r} gives shape {found}, "
-            f"model expects {tuple(shape)}"
+            f"parameter {path}: {len(source.names)} stacked checkpoint tensors, model expects shape {shape}"
         )
-    full: list[np.ndarray] = []
+    tensor_shape = shape[1:] if source.stacked else shape  # of one (transformed) checkpoint tensor
+    for name in source.names:
+        found = _global_shape(reader, name, source)
+        if found is not None and found != tensor_shape:
+            raise ValueError(
+                f"parameter {path}: checkpoint tensor {name!r} gives shape {found}, "
+                f"model expects {tensor_shape}"
+            )
+    full: dict[str, np.ndarray] = {}
+
+    def read(name: str, index: tuple[slice, ...]) -> np.ndarray:
+        if source.transform is not None:
+            if name not in full:
+                value = np.asarray(source.transform(reader.read(name)))
+                if value.shape != tensor_shape:
+                    raise ValueError(
+                        f"parameter {path}: transformed tensor {name!r} has shape {value.shape}, "
+                        f"model expects {tensor_shape}"
+                    )
+                full[name] = value
+            return full[name][index].astype(dtype)
+        if source.perm is None:
+            return reader.read(name, index).astype(dtype)
+        src_index = [slice(None)] * len(index)
+        for ours, theirs in enumerate(source.perm):
+            src_index[theirs] = index[ours]
+        return reader.read(name, tuple(src_index)).transpose(source.perm).astype(dtype)
 
     def callback(index: tuple[slice, ...]) -> np.ndarray:
         index = tuple(slice(*s.indices(n)[:2]) for s, n in zip(index, shape, strict=False))
-        if source.transform is not None:
-            if not full:
-                value = np.asarray(source.transform(reader.read(source.name)))
-                if value.shape != tuple(shape):
-                    raise ValueError(
-                        f"parameter {path}: transformed tensor {source.name!r} has shape {value.shape}, "
-                        f"model expects {tuple(shape)}"
-                    )
-                full.append(value)
-            return full[0][index].astype(dtype)
-        if source.perm is None:
-            return reader.read(source.name, index).astype(dtype)
-        src_index = [slice(None)] * len(shape)
-        for ours, theirs in enumerate(source.perm):
-            src_index[theirs] = index[ours]
-        return reader.read(source.name, tuple(src_index)).transpose(source.perm).astype(dtype)
+        if not source.stacked:
+            return read(source.name, index)
+        layers = range(*index[0].indices(shape[0]))
+        return np.stack([read(source.names[i], index[1:]) for i in layers])
 
-    return jax.make_array_from_callback(tuple(shape), sharding, callback)
+    return jax.make_array_from_callback(shape, sharding, callback)
 
 
 def load_sharded(

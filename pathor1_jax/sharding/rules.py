@@ -23,6 +23,7 @@ LOGICAL_AXES: tuple[str, ...] = (
     "vocab", "embed", "heads", "kv_heads", "mlp",
     "vision_embed", "vision_heads", "vision_mlp", "vision_patch", "vision_merge",
     "clip_proj",
+    "layers",  # the stacked-layer axis of scanned models (`models/scan.py`): no preset splits it
 )  # fmt: skip
 
 

@@ -42,7 +42,15 @@ def base_clip_config() -> ml_collections.ConfigDict:
     """Every key of a PathoCLIP run (configs/pathoclip_*.py change what differs)."""
     config = ml_collections.ConfigDict()
     config.stage = "clip"
-    config.model = dict(preset="tiny", path="", open_clip_file="", init_from="", seed=0)
+    config.model = dict(
+        preset="tiny",
+        path="",
+        open_clip_file="",
+        init_from="",
+        seed=0,
+        scan_layers=True,  # each tower's layers stacked under one scanned body
+        remat="none",  # per-layer rematerialisation: none | full | dots | dots_no_batch
+    )
     config.data = dict(source="demo", split="train", include="", batch_size=16, seed=0)
     config.optim = dict(
         lr=5e-4, warmup_steps=5, min_lr_ratio=0.1, b1=0.9, b2=0.98, eps=1e-6, weight_decay=0.1, clip_norm=1.0
@@ -138,10 +146,11 @@ def initial_params(model: ml_collections.ConfigDict):
     path = Path(source)
     if (path / "checkpoints").is_dir():
         return lambda like: restore_params(path / "checkpoints", like)
+    scan = bool(model.scan_layers)
     if (path / "config.json").exists():
-        loaded = clip.load_pretrained(path)
+        loaded = clip.load_pretrained(path, scan_layers=scan)
     elif path.is_file():
-        loaded = clip.load_open_clip(path, model.preset)
+        loaded = clip.load_open_clip(path, model.preset, scan_layers=scan)
     else:
         raise FileNotFoundError(f"config.model.init_from={source!r}: not a run directory, HF folder or file")
     params = nnx.to_pure_dict(nnx.state(loaded, nnx.Param))
@@ -160,8 +169,9 @@ def run_clip(config: ml_collections.ConfigDict, out_dir: str | Path | None = Non
     data = clip_batches(caption_records(config.data), cfg, int(config.data.batch_size), int(config.data.seed))
     stage = Stage(name="clip", step=contrastive_step, prepare=lambda b: b)
     seed = int(config.model.seed)
-    trainer = Trainer(config, stage, lambda: clip.CLIPModel(cfg, rngs=nnx.Rngs(seed)), data, out_dir,
-                      initial_params(config.model))  # fmt: skip
+    layers = dict(scan_layers=bool(config.model.scan_layers), remat=str(config.model.remat))
+    trainer = Trainer(config, stage, lambda: clip.CLIPModel(cfg, rngs=nnx.Rngs(seed), **layers), data,
+                      out_dir, initial_params(config.model))  # fmt: skip
     return trainer.fit()
 
 

@@ -18,6 +18,8 @@ def base_config(stage: str) -> ml_collections.ConfigDict:
         dtype="float32",  # compute dtype
         param_dtype="float32",  # master weights
         attention_impl="auto",
+        scan_layers=True,  # decoder layers / vision blocks stacked under one scanned body
+        remat="none",  # per-layer rematerialisation: none | full | dots | dots_no_batch
         seed=0,
     )
     config.data = default_data_config()

@@ -1,6 +1,7 @@
 """AdamW with linear warmup + cosine decay, global-norm clipping, and parameters frozen by regex.
 
-Parameters are addressed by their dotted path in the model (`model.visual.blocks.0.attn.qkv.kernel`).
+Parameters are addressed by their dotted path in the model (`model.visual.blocks.attn.qkv.kernel`;
+stacked layers have one path for all layers, `model.visual.blocks.0.attn.qkv.kernel` when unrolled).
 A parameter whose path matches any `freeze` pattern (`re.search`) gets `optax.set_to_zero()`: no
 update, no optimizer state, and (see `step.py`) no gradient computed for it.
 """

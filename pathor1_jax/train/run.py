@@ -3,7 +3,8 @@ its data, its starting weights, then `Trainer.fit`. The Qwen2.5-VL helpers here 
 `model_factory`, `initial_params`) are shared with the RL stages and evaluation.
 
 `config.stage` picks the step (`cpt` or `sft`); `config.model` is the Qwen2.5-VL (`preset`,
-`hf_config` or `path` to a HF checkpoint, plus `dtype` / `param_dtype` / `attention_impl`), and
+`hf_config` or `path` to a HF checkpoint, plus `dtype` / `param_dtype` / `attention_impl` /
+`scan_layers` / `remat`), and
 `config.model.init_from` where the weights start: "" (random init), a HF checkpoint folder
 (config.json + safetensors), or a previous run's directory (its latest checkpoint's params).
 """
@@ -60,8 +61,13 @@ def model_factory(
     dtype, param_dtype = jnp.dtype(model.dtype), jnp.dtype(model.param_dtype)
     return lambda: qwen2_5_vl.Qwen2_5_VLForConditionalGeneration(
         cfg, rngs=nnx.Rngs(int(model.seed)), dtype=dtype, param_dtype=param_dtype,
-        attention_impl=model.attention_impl,
+        attention_impl=model.attention_impl, **layer_options(model),
     )  # fmt: skip
+
+
+def layer_options(model: ml_collections.ConfigDict) -> dict:
+    """`scan_layers` and `remat` of a `config.model` block, as model constructor arguments."""
+    return {"scan_layers": bool(model.scan_layers), "remat": str(model.remat)}
 
 
 def initial_params(
@@ -84,7 +90,9 @@ def initial_params(
         def from_hf(like: dict) -> dict:
             dtype, param_dtype = jnp.dtype(model.dtype), jnp.dtype(model.param_dtype)
             shardings = None if layout is None else partial(state_shardings, mesh=layout[0], rules=layout[1])
-            loaded = qwen2_5_vl.load_pretrained(path, dtype, param_dtype=param_dtype, shardings=shardings)
+            loaded = qwen2_5_vl.load_pretrained(
+                path, dtype, param_dtype=param_dtype, shardings=shardings, **layer_options(model)
+            )
             params = nnx.to_pure_dict(nnx.state(loaded, nnx.Param))
             return jax.tree.map(lambda x, ref: jax.device_put(x, ref.sharding), params, like)
 

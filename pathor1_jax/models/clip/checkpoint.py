@@ -19,6 +19,8 @@ import numpy as np
 from flax import nnx
 from safetensors.numpy import load_file
 
+from pathor1_jax.models.scan import layer_paths
+
 from .config import PRESETS, CLIPConfig
 from .modeling import CLIPModel
 
@@ -44,26 +46,37 @@ def _to_ours(path: tuple, value: np.ndarray) -> np.ndarray:
     return np.ascontiguousarray(value.T)  # Linear [out, in] → [in, out]
 
 
-def _fill(config: CLIPConfig, tensors: Mapping[str, np.ndarray], where: str, dtype) -> CLIPModel:
-    abstract = nnx.eval_shape(lambda: CLIPModel(config, dtype=dtype))
+def _fill(
+    config: CLIPConfig, tensors: Mapping[str, np.ndarray], where: str, dtype, scan_layers: bool
+) -> CLIPModel:
+    abstract = nnx.eval_shape(lambda: CLIPModel(config, dtype=dtype, scan_layers=scan_layers))
     graphdef, state = nnx.split(abstract)
-    leaves = []
-    for path, var in nnx.to_flat_state(state):
+    stacks = abstract.layer_stacks()
+
+    def read(path: tuple, shape: tuple[int, ...]) -> np.ndarray:
         name = _hf_name(path)
         if name not in tensors:
             raise ValueError(f"{where}: checkpoint has no tensor {name!r}")
         value = _to_ours(path, np.asarray(tensors[name]))
-        if tuple(value.shape) != tuple(var.shape):
+        if tuple(value.shape) != tuple(shape):
             raise ValueError(
-                f"{where}: tensor {name!r} has shape {tuple(value.shape)}; the config needs "
-                f"{tuple(var.shape)}"
+                f"{where}: tensor {name!r} has shape {tuple(value.shape)}; the config needs {tuple(shape)}"
             )
+        return value
+
+    leaves = []
+    for path, var in nnx.to_flat_state(state):
+        per_layer = layer_paths(path, stacks)  # a stacked variable: each layer's tensor, stacked
+        if per_layer is None:
+            value = read(path, var.shape)
+        else:
+            value = np.stack([read(p, var.shape[1:]) for p in per_layer])
         leaves.append((path, var.replace(jnp.asarray(value, dtype=var.dtype))))
     return nnx.merge(graphdef, nnx.from_flat_state(leaves))
 
 
-def load_pretrained(path: str | os.PathLike, dtype=jnp.float32) -> CLIPModel:
-    """A HF `CLIPModel` directory: config.json + model.safetensors."""
+def load_pretrained(path: str | os.PathLike, dtype=jnp.float32, *, scan_layers: bool = True) -> CLIPModel:
+    """A HF `CLIPModel` directory: config.json + model.safetensors (`scan_layers`: see `CLIPModel`)."""
     path = Path(path)
     if not (path / "config.json").exists():
         raise ValueError(f"{path}: no config.json")
@@ -71,7 +84,7 @@ def load_pretrained(path: str | os.PathLike, dtype=jnp.float32) -> CLIPModel:
     weights = path / "model.safetensors"
     if not weights.exists():
         raise ValueError(f"{path}: no model.safetensors (only safetensors checkpoints are read)")
-    return _fill(config, load_file(weights), str(path), dtype)
+    return _fill(config, load_file(weights), str(path), dtype, scan_layers)
 
 
 def open_clip_to_hf(state: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
@@ -129,7 +142,9 @@ def open_clip_to_hf(state: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
     return out
 
 
-def load_open_clip(file: str | os.PathLike, model_name: str | CLIPConfig, dtype=jnp.float32) -> CLIPModel:
+def load_open_clip(
+    file: str | os.PathLike, model_name: str | CLIPConfig, dtype=jnp.float32, *, scan_layers: bool = True
+) -> CLIPModel:
     """An open_clip checkpoint file (`.safetensors`, or `.bin`/`.pt` via `torch.load(weights_only=True)`).
 
     model_name: "ViT-B-16", "ViT-L-14" (OpenAI quick-GELU towers), "tiny", or a `CLIPConfig`.
@@ -155,4 +170,4 @@ def load_open_clip(file: str | os.PathLike, model_name: str | CLIPConfig, dtype=
     else:
         raise ValueError(f"{file}: expected .safetensors, .bin, .pt or .pth")
     config = dataclasses.replace(config, text=dataclasses.replace(config.text, eos_token_id=2))
-    return _fill(config, open_clip_to_hf(state), str(file), dtype)
+    return _fill(config, open_clip_to_hf(state), str(file), dtype, scan_layers)

@@ -4,7 +4,8 @@ Image tower: Conv2d patch embedding (as a matmul on flattened patches), class to
 positions, pre-LN transformer, `post_layernorm` of the class token, `visual_projection`.
 Text tower: token + learned position embeddings, causal pre-LN transformer, `final_layer_norm`,
 pooling at the end-of-text token, `text_projection`. Attention goes through
-`pathor1_jax.kernels.attention.attention`.
+`pathor1_jax.kernels.attention.attention`. Each tower's layers are stacked and scanned by default
+(`scan_layers`, `remat`: see `models/scan.py`); checkpoints keep HF's per-layer names.
 """
 
 from __future__ import annotations
@@ -15,6 +16,7 @@ from flax import nnx
 
 from pathor1_jax.kernels.attention import attention
 from pathor1_jax.models.layers import Embed, LayerNorm, Linear, param
+from pathor1_jax.models.scan import check_remat, run_layers, stack_layers
 
 from .config import CLIPConfig, CLIPTextConfig, CLIPVisionConfig
 
@@ -71,22 +73,25 @@ class CLIPEncoderLayer(nnx.Module):
         return x + self.fc2(self.act(self.fc1(self.layer_norm2(x))))
 
 
-def _encoder(config, axes, *, causal, rngs, dtype, attention_impl) -> nnx.List:
-    return nnx.List(
-        [
-            CLIPEncoderLayer(
-                config, axes, causal=causal, rngs=rngs, dtype=dtype, attention_impl=attention_impl
-            )
-            for _ in range(config.num_hidden_layers)
-        ]
-    )
+def _encoder(config, axes, *, causal, rngs, dtype, attention_impl, scan_layers: bool) -> nnx.Module:
+    layers = [
+        CLIPEncoderLayer(config, axes, causal=causal, rngs=rngs, dtype=dtype, attention_impl=attention_impl)
+        for _ in range(config.num_hidden_layers)
+    ]
+    return stack_layers(layers) if scan_layers else nnx.List(layers)
+
+
+def _run_encoder(layers: nnx.Module, x: jax.Array, remat: str) -> jax.Array:
+    return run_layers(layers, lambda layer, x, _: (layer(x), None), x, remat=remat)[0]
 
 
 class CLIPVisionTransformer(nnx.Module):
     AXES = ("vision_embed", "vision_heads", "vision_mlp")
 
-    def __init__(self, config: CLIPVisionConfig, *, rngs, dtype, attention_impl):
-        self.config, self.dtype = config, dtype
+    def __init__(
+        self, config: CLIPVisionConfig, *, rngs, dtype, attention_impl, scan_layers: bool, remat: str
+    ):
+        self.config, self.dtype, self.remat = config, dtype, check_remat(remat)
         d, p = config.hidden_size, config.patch_size
         self.patch_embedding = Linear(
             config.num_channels * p * p,
@@ -102,7 +107,13 @@ class CLIPVisionTransformer(nnx.Module):
         )
         self.pre_layrnorm = LayerNorm(d, eps=config.layer_norm_eps, axis="vision_embed", rngs=rngs)
         self.layers = _encoder(
-            config, self.AXES, causal=False, rngs=rngs, dtype=dtype, attention_impl=attention_impl
+            config,
+            self.AXES,
+            causal=False,
+            rngs=rngs,
+            dtype=dtype,
+            attention_impl=attention_impl,
+            scan_layers=scan_layers,
         )
         self.post_layernorm = LayerNorm(d, eps=config.layer_norm_eps, axis="vision_embed", rngs=rngs)
 
@@ -116,24 +127,28 @@ class CLIPVisionTransformer(nnx.Module):
         x = self.patch_embedding(patches.reshape(b, (h // p) * (w // p), c * p * p))  # [B, N, D]
         cls = jnp.broadcast_to(self.class_embedding[...].astype(x.dtype), (b, 1, x.shape[-1]))
         x = jnp.concatenate([cls, x], axis=1) + self.position_embedding[...].astype(x.dtype)
-        x = self.pre_layrnorm(x)
-        for layer in self.layers:
-            x = layer(x)
+        x = _run_encoder(self.layers, self.pre_layrnorm(x), self.remat)
         return self.post_layernorm(x[:, 0])
 
 
 class CLIPTextTransformer(nnx.Module):
     AXES = ("embed", "heads", "mlp")
 
-    def __init__(self, config: CLIPTextConfig, *, rngs, dtype, attention_impl):
-        self.config = config
+    def __init__(self, config: CLIPTextConfig, *, rngs, dtype, attention_impl, scan_layers: bool, remat: str):
+        self.config, self.remat = config, check_remat(remat)
         d = config.hidden_size
         self.token_embedding = Embed(config.vocab_size, d, rngs=rngs, dtype=dtype)
         self.position_embedding = param(
             rngs, nnx.initializers.normal(0.01), (config.max_position_embeddings, d), (None, "embed")
         )
         self.layers = _encoder(
-            config, self.AXES, causal=True, rngs=rngs, dtype=dtype, attention_impl=attention_impl
+            config,
+            self.AXES,
+            causal=True,
+            rngs=rngs,
+            dtype=dtype,
+            attention_impl=attention_impl,
+            scan_layers=scan_layers,
         )
         self.final_layer_norm = LayerNorm(d, eps=config.layer_norm_eps, axis="embed", rngs=rngs)
 
@@ -150,9 +165,7 @@ class CLIPTextTransformer(nnx.Module):
                 f"text length {t} exceeds max_position_embeddings {self.config.max_position_embeddings}"
             )
         x = self.token_embedding(input_ids) + self.position_embedding[:t].astype(self.token_embedding.dtype)
-        for layer in self.layers:
-            x = layer(x)
-        x = self.final_layer_norm(x)
+        x = self.final_layer_norm(_run_encoder(self.layers, x, self.remat))
         if self.config.eos_token_id == 2:
             pool = jnp.argmax(input_ids, axis=-1)
         else:
@@ -168,10 +181,15 @@ class CLIPModel(nnx.Module):
         rngs: nnx.Rngs | None = None,
         dtype=jnp.float32,
         attention_impl: str = "auto",
+        scan_layers: bool = True,
+        remat: str = "none",
     ):
+        """scan_layers: each tower's layers stacked and scanned (default) or unrolled; remat: the
+        per-layer rematerialisation policy (`models.scan.REMAT_POLICIES`)."""
         rngs = nnx.Rngs(0) if rngs is None else rngs
         self.config = config
-        kw = dict(rngs=rngs, dtype=dtype, attention_impl=attention_impl)
+        self.scan_layers = scan_layers
+        kw = dict(rngs=rngs, dtype=dtype, attention_impl=attention_impl, scan_layers=scan_layers, remat=remat)
         self.text_model = CLIPTextTransformer(config.text, **kw)
         self.vision_model = CLIPVisionTransformer(config.vision, **kw)
         proj = dict(use_bias=False, rngs=rngs, dtype=dtype)
@@ -182,6 +200,15 @@ class CLIPModel(nnx.Module):
             config.text.hidden_size, config.projection_dim, axes=("embed", "clip_proj"), **proj
         )
         self.logit_scale = param(rngs, nnx.initializers.constant(config.logit_scale_init_value), (), ())
+
+    def layer_stacks(self) -> dict[tuple, int]:
+        """Path → depth of each stacked layer stack (none when unrolled), for the checkpoint names."""
+        if not self.scan_layers:
+            return {}
+        return {
+            ("text_model", "layers"): self.config.text.num_hidden_layers,
+            ("vision_model", "layers"): self.config.vision.num_hidden_layers,
+        }
 
     def encode_image(self, pixel_values: jax.Array) -> jax.Array:
         """`[B, H, W, 3]` normalised pixels → projected image features `[B, P]` (not normalised)."""

@@ -2,7 +2,9 @@
 
 Tensor names follow the transformers 5 layout (`model.visual.*`, `model.language_model.*`,
 `lm_head.weight`); the original hub layout (`visual.*`, `model.layers.*`) is read too. Only
-safetensors are read or written: never pickle, never remote code.
+safetensors are read or written: never pickle, never remote code. Checkpoints always hold one
+tensor per layer (`model.language_model.layers.3.mlp.up_proj.weight`); a scanned model's stacked
+parameter is the stack of its layers' tensors (`models/scan.py`).
 """
 
 from __future__ import annotations
@@ -25,6 +27,7 @@ from safetensors.numpy import save_file
 
 from pathor1_jax.models.layers import path_str
 from pathor1_jax.models.safetensors_load import Source, load_sharded
+from pathor1_jax.models.scan import layer_paths
 
 from .config import Qwen2_5_VLConfig
 from .modeling import Qwen2_5_VLForConditionalGeneration
@@ -37,13 +40,15 @@ SAFETENSORS_INDEX = "model.safetensors.index.json"
 
 @dataclasses.dataclass(frozen=True)
 class TensorMapping:
-    """How one of our parameters is stored in a HF checkpoint: its name and layout change.
+    """How one of our parameters is stored in a HF checkpoint: its name(s) and layout change.
 
+    names: the HF tensor, or for a stacked (scanned) parameter `[L, ...]` one tensor per layer.
     transpose: a Linear kernel (PyTorch `[out, in]`, ours `[in, out]`).
     conv_shape: the patch embedding (HF's Conv3d weight of this shape, ours `[C·T·P·P, D]`).
     """
 
-    name: str
+    names: tuple[str, ...]
+    stacked: bool = False
     transpose: bool = False
     conv_shape: tuple[int, ...] | None = None
 
@@ -68,16 +73,18 @@ def _hf_name(path: tuple) -> str:
 
 
 def parameter_mapping(model: Qwen2_5_VLForConditionalGeneration) -> dict[tuple, TensorMapping]:
-    """Our parameter path → HF tensor name and transforms (Linear kernels are transposed)."""
+    """Our parameter path → HF tensor name(s) and transforms (Linear kernels are transposed)."""
     v = model.config.vision
     conv_shape = (v.hidden_size, v.in_channels, v.temporal_patch_size, v.patch_size, v.patch_size)
+    stacks = model.layer_stacks()
     mapping = {}
     for path, _ in nnx.to_flat_state(nnx.state(model, nnx.Param)):
-        name = _hf_name(path)
+        per_layer = layer_paths(path, stacks)
+        names = (_hf_name(path),) if per_layer is None else tuple(_hf_name(p) for p in per_layer)
         if path[-1] == "kernel" and "patch_embed" in path:
-            mapping[path] = TensorMapping(name, conv_shape=conv_shape)
+            mapping[path] = TensorMapping(names, conv_shape=conv_shape)
         else:
-            mapping[path] = TensorMapping(name, transpose=path[-1] == "kernel")
+            mapping[path] = TensorMapping(names, per_layer is not None, transpose=path[-1] == "kernel")
     return mapping
 
 
@@ -121,10 +128,12 @@ def load_config(path: str | os.PathLike) -> Qwen2_5_VLConfig:
 
 def _source(m: TensorMapping) -> Source:
     """Where the sharded reader finds a parameter: Linear kernels as slice-friendly transposes;
-    the patch embedding's Conv3d weight is read whole once and reshaped."""
+    the patch embedding's Conv3d weight is read whole once and reshaped; a stacked parameter names
+    one tensor per layer."""
+    name = m.names if m.stacked else m.names[0]
     if m.conv_shape is not None:
-        return Source(m.name, transform=m.to_ours)
-    return Source(m.name, perm=(1, 0)) if m.transpose else Source(m.name)
+        return Source(name, transform=m.to_ours)
+    return Source(name, perm=(1, 0)) if m.transpose else Source(name)
 
 
 def load_pretrained(
@@ -133,14 +142,18 @@ def load_pretrained(
     *,
     param_dtype=None,
     attention_impl: str = "auto",
+    scan_layers: bool = True,
+    remat: str = "none",
     shardings: Callable[[nnx.State], nnx.State] | None = None,
 ) -> Qwen2_5_VLForConditionalGeneration:
     """Read a HF Qwen2.5-VL directory (config.json + model.safetensors or a sharded index).
 
-    dtype: compute dtype; param_dtype: storage dtype of the parameters (default: dtype).
+    dtype: compute dtype; param_dtype: storage dtype of the parameters (default: dtype);
+    attention_impl, scan_layers, remat: as `Qwen2_5_VLForConditionalGeneration`.
     shardings: the model's abstract state → each variable's sharding (e.g.
     `sharding.params.state_shardings` with a mesh and rules): every parameter is born sharded, each
-    device reading only its slice of each tensor; default: whole arrays on the default device.
+    device reading only its slice of each tensor (of each layer's tensor, for stacked layers);
+    default: whole arrays on the default device.
     """
     path = Path(path)
     config = load_config(path)
@@ -148,7 +161,12 @@ def load_pretrained(
 
     def make() -> Qwen2_5_VLForConditionalGeneration:
         return Qwen2_5_VLForConditionalGeneration(
-            config, dtype=dtype, param_dtype=param_dtype, attention_impl=attention_impl
+            config,
+            dtype=dtype,
+            param_dtype=param_dtype,
+            attention_impl=attention_impl,
+            scan_layers=scan_layers,
+            remat=remat,
         )
 
     if shardings is not None:
@@ -160,22 +178,30 @@ def load_pretrained(
     graphdef, state = nnx.split(abstract)
     mapping = parameter_mapping(abstract)
     handles: dict[Path, object] = {}
-    leaves = []
-    for param_path, var in nnx.to_flat_state(state):
-        m = mapping[param_path]
-        if m.name not in files:
-            raise ValueError(f"{path}: checkpoint has no tensor {m.name!r}")
-        file, stored_name = files[m.name]
+
+    def read(m: TensorMapping, name: str, shape: tuple[int, ...], ours: str) -> np.ndarray:
+        if name not in files:
+            raise ValueError(f"{path}: checkpoint has no tensor {name!r}")
+        file, stored_name = files[name]
         if file not in handles:
             handles[file] = safe_open(file, "np")
         value = m.to_ours(handles[file].get_tensor(stored_name))
-        if tuple(value.shape) != tuple(var.shape):
+        if tuple(value.shape) != tuple(shape):
             raise ValueError(
-                f"{path}: tensor {m.name!r} has shape {tuple(value.shape)} in the checkpoint "
-                f"but the config needs {tuple(var.shape)} (ours: {'.'.join(map(str, param_path))})"
+                f"{path}: tensor {name!r} has shape {tuple(value.shape)} in the checkpoint "
+                f"but the config needs {tuple(shape)} (ours: {ours})"
             )
+        return value
+
+    leaves = []
+    for param_path, var in nnx.to_flat_state(state):
+        m, ours = mapping[param_path], ".".join(map(str, param_path))
+        if m.stacked:  # one tensor per layer, stacked on our leading layer axis
+            value = np.stack([read(m, name, var.shape[1:], ours) for name in m.names])
+        else:
+            value = read(m, m.names[0], var.shape, ours)
         leaves.append((param_path, var.replace(jnp.asarray(value, dtype=var.dtype))))
-    extra = sorted(set(files) - {m.name for m in mapping.values()})
+    extra = sorted(set(files) - {name for m in mapping.values() for name in m.names})
     if extra:
         log.warning("%s: ignoring %d tensors the model does not use, e.g. %s", path, len(extra), extra[:3])
     return nnx.merge(graphdef, nnx.from_flat_state(leaves))
@@ -196,8 +222,9 @@ def save_pretrained(model: Qwen2_5_VLForConditionalGeneration, path: str | os.Pa
     tensors = {}
     mapping = parameter_mapping(model)
     for param_path, var in nnx.to_flat_state(nnx.state(model, nnx.Param)):
-        m = mapping[param_path]
-        tensors[m.name] = m.to_hf(_to_numpy(var[...]))
+        m, value = mapping[param_path], _to_numpy(var[...])
+        for i, name in enumerate(m.names):
+            tensors[name] = m.to_hf(value[i] if m.stacked else value)
     config = model.config.to_hf_dict()
     config["dtype"] = str(next(iter(tensors.values())).dtype)
     tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", dir=path.parent))

@@ -7,6 +7,11 @@ Linear, GELU, Linear) → inverse reordering.
 Text decoder: Qwen2 blocks (RMSNorm, GQA with qkv bias and M-RoPE, SwiGLU), image features
 scattered at the `<|image_pad|>` tokens, tied or untied LM head.
 All attention goes through `pathor1_jax.kernels.attention.attention` with segment ids.
+
+Decoder layers and vision blocks are stacked and scanned by default (`scan_layers=True`: one traced
+body, parameters with a leading `"layers"` axis, see `models/scan.py`); `scan_layers=False` keeps
+them as per-layer modules (`layers.0`, `layers.1`, ...) for parity debugging. Checkpoints use the
+per-layer Hugging Face names either way. `remat` is the per-layer rematerialisation policy.
 """
 
 from __future__ import annotations
@@ -21,6 +26,7 @@ from flax import nnx
 from pathor1_jax.kernels.attention import attention
 from pathor1_jax.logical import constrain
 from pathor1_jax.models.layers import Embed, Linear, RMSNorm
+from pathor1_jax.models.scan import check_remat, run_layers, stack_layers
 
 from .config import Qwen2_5_VLConfig, TextConfig, VisionConfig
 from .rope import apply_rope, apply_vision_rope, get_rope_index, text_rope, vision_rope
@@ -109,9 +115,20 @@ class PatchMerger(nnx.Module):
 
 
 class VisionTransformer(nnx.Module):
-    def __init__(self, config: VisionConfig, *, rngs, dtype, param_dtype, attention_impl: str):
+    def __init__(
+        self,
+        config: VisionConfig,
+        *,
+        rngs,
+        dtype,
+        param_dtype,
+        attention_impl: str,
+        scan_layers: bool,
+        remat: str,
+    ):
         self.config = config
         self.dtype = dtype
+        self.remat = check_remat(remat)
         self.patch_embed = Linear(
             config.patch_dim,
             config.hidden_size,
@@ -121,14 +138,13 @@ class VisionTransformer(nnx.Module):
             dtype=dtype,
             param_dtype=param_dtype,
         )
-        self.blocks = nnx.List(
-            [
-                VisionBlock(
-                    config, rngs=rngs, dtype=dtype, param_dtype=param_dtype, attention_impl=attention_impl
-                )
-                for _ in range(config.depth)
-            ]
-        )
+        blocks = [
+            VisionBlock(
+                config, rngs=rngs, dtype=dtype, param_dtype=param_dtype, attention_impl=attention_impl
+            )
+            for _ in range(config.depth)
+        ]
+        self.blocks = stack_layers(blocks) if scan_layers else nnx.List(blocks)
         self.merger = PatchMerger(config, rngs=rngs, dtype=dtype, param_dtype=param_dtype)
 
     def __call__(self, pixel_values: jax.Array, index: VisionIndex) -> jax.Array:
@@ -142,9 +158,15 @@ class VisionTransformer(nnx.Module):
         x = to_window_order(self.patch_embed(pixel_values))  # [N, D]
         cos, sin = vision_rope(index.rotary_pos_ids, self.config.head_dim, self.config.rope_theta)
         cos, sin = to_window_order(cos), to_window_order(sin)  # [N, Dh]
-        for i, block in enumerate(self.blocks):
-            full = i in self.config.fullatt_block_indexes
-            x = block(x, cos, sin, index.frame_segment_ids if full else index.window_segment_ids)
+        # blocks differ only in their segment ids: whole frames in `fullatt_block_indexes`, else windows
+        full = jnp.asarray(np.isin(np.arange(self.config.depth), self.config.fullatt_block_indexes))
+
+        def block_fn(block, x, full):  # [N, D], full: scalar bool
+            return block(
+                x, cos, sin, jnp.where(full, index.frame_segment_ids, index.window_segment_ids)
+            ), None
+
+        x, _ = run_layers(self.blocks, block_fn, x, full, remat=self.remat)
         merged = self.merger(x)  # [N / merge², D_text], window order
         return merged[jnp.argsort(index.window_index)]
 
@@ -155,17 +177,17 @@ class VisionTransformer(nnx.Module):
 @jax.tree_util.register_dataclass
 @dataclasses.dataclass(frozen=True)
 class KVCache:
-    """Static-shape key/value cache: `[B, S_max, K, Dh]` per layer, segment ids `[B, S_max]`."""
+    """Static-shape key/value cache of all layers `[L, B, S_max, K, Dh]`, segment ids `[B, S_max]`."""
 
-    keys: tuple[jax.Array, ...]
-    values: tuple[jax.Array, ...]
+    keys: jax.Array
+    values: jax.Array
     segment_ids: jax.Array
     index: jax.Array  # scalar int32: next slot to write
 
     @classmethod
     def init(cls, config: TextConfig, batch: int, max_len: int, dtype) -> KVCache:
-        shape = (batch, max_len, config.num_key_value_heads, config.head_dim)
-        zeros = tuple(jnp.zeros(shape, dtype) for _ in range(config.num_hidden_layers))
+        shape = (config.num_hidden_layers, batch, max_len, config.num_key_value_heads, config.head_dim)
+        zeros = jnp.zeros(shape, dtype)
         return cls(zeros, zeros, jnp.zeros((batch, max_len), jnp.int32), jnp.zeros((), jnp.int32))
 
 
@@ -245,19 +267,29 @@ class DecoderLayer(nnx.Module):
 
 
 class TextModel(nnx.Module):
-    def __init__(self, config: TextConfig, *, rngs, dtype, param_dtype, attention_impl: str):
+    def __init__(
+        self,
+        config: TextConfig,
+        *,
+        rngs,
+        dtype,
+        param_dtype,
+        attention_impl: str,
+        scan_layers: bool,
+        remat: str,
+    ):
         self.config = config
+        self.remat = check_remat(remat)
         self.embed_tokens = Embed(
             config.vocab_size, config.hidden_size, rngs=rngs, dtype=dtype, param_dtype=param_dtype
         )
-        self.layers = nnx.List(
-            [
-                DecoderLayer(
-                    config, rngs=rngs, dtype=dtype, param_dtype=param_dtype, attention_impl=attention_impl
-                )
-                for _ in range(config.num_hidden_layers)
-            ]
-        )
+        layers = [
+            DecoderLayer(
+                config, rngs=rngs, dtype=dtype, param_dtype=param_dtype, attention_impl=attention_impl
+            )
+            for _ in range(config.num_hidden_layers)
+        ]
+        self.layers = stack_layers(layers) if scan_layers else nnx.List(layers)
         self.norm = RMSNorm(
             config.hidden_size, eps=config.rms_norm_eps, axis="embed", rngs=rngs, param_dtype=param_dtype
         )
@@ -274,16 +306,20 @@ class TextModel(nnx.Module):
         cos, sin = text_rope(position_ids, c.head_dim, c.rope_theta, c.mrope_section)
         x = constrain(inputs_embeds, ("batch", "length", "embed"))
         if cache is None:
-            for layer in self.layers:
-                x, _ = layer(x, cos, sin, segment_ids)
+            x, _ = run_layers(
+                self.layers,
+                lambda layer, x, _: (layer(x, cos, sin, segment_ids)[0], None),
+                x,
+                remat=self.remat,
+            )
             return self.norm(x), None
         t = x.shape[1]
         cache_segment_ids = jax.lax.dynamic_update_slice_in_dim(
             cache.segment_ids, segment_ids, cache.index, axis=1
         )
-        keys, values = [], []
-        for layer, kv in zip(self.layers, zip(cache.keys, cache.values, strict=True), strict=True):
-            x, (k, v) = layer(
+
+        def layer_fn(layer, x, kv):  # kv: this layer's ([B, S_max, K, Dh], [B, S_max, K, Dh])
+            return layer(
                 x,
                 cos,
                 sin,
@@ -292,10 +328,9 @@ class TextModel(nnx.Module):
                 cache_segment_ids=cache_segment_ids,
                 cache_index=cache.index,
             )
-            keys.append(k)
-            values.append(v)
-        new_cache = KVCache(tuple(keys), tuple(values), cache_segment_ids, cache.index + t)
-        return self.norm(x), new_cache
+
+        x, (keys, values) = run_layers(self.layers, layer_fn, x, (cache.keys, cache.values))
+        return self.norm(x), KVCache(keys, values, cache_segment_ids, cache.index + t)
 
 
 # ----------------------------------------------------------------------------- full model
@@ -304,8 +339,25 @@ class TextModel(nnx.Module):
 class Qwen2_5_VLModel(nnx.Module):
     """Vision tower + text decoder (HF `Qwen2_5_VLModel`: `visual` and `language_model`)."""
 
-    def __init__(self, config: Qwen2_5_VLConfig, *, rngs, dtype, param_dtype, attention_impl: str):
-        kw = dict(rngs=rngs, dtype=dtype, param_dtype=param_dtype, attention_impl=attention_impl)
+    def __init__(
+        self,
+        config: Qwen2_5_VLConfig,
+        *,
+        rngs,
+        dtype,
+        param_dtype,
+        attention_impl: str,
+        scan_layers: bool,
+        remat: str,
+    ):
+        kw = dict(
+            rngs=rngs,
+            dtype=dtype,
+            param_dtype=param_dtype,
+            attention_impl=attention_impl,
+            scan_layers=scan_layers,
+            remat=remat,
+        )
         self.visual = VisionTransformer(config.vision, **kw)
         self.language_model = TextModel(config.text, **kw)
 
@@ -319,6 +371,9 @@ class Qwen2_5_VLForConditionalGeneration(nnx.Module):
 
     Host-side bookkeeping (M-RoPE positions, vision window order) is computed from concrete inputs
     when not given; under `jax.jit` pass `position_ids` and `vision_index` (see `prepare_inputs`).
+
+    scan_layers: decoder layers and vision blocks stacked and scanned (default) or unrolled;
+    remat: per-layer rematerialisation policy, one of `models.scan.REMAT_POLICIES`.
     """
 
     def __init__(
@@ -329,12 +384,21 @@ class Qwen2_5_VLForConditionalGeneration(nnx.Module):
         dtype=jnp.float32,
         param_dtype=jnp.float32,
         attention_impl: str = "auto",
+        scan_layers: bool = True,
+        remat: str = "none",
     ):
         rngs = nnx.Rngs(0) if rngs is None else rngs
         self.config = config
         self.dtype = dtype
+        self.scan_layers = scan_layers
         self.model = Qwen2_5_VLModel(
-            config, rngs=rngs, dtype=dtype, param_dtype=param_dtype, attention_impl=attention_impl
+            config,
+            rngs=rngs,
+            dtype=dtype,
+            param_dtype=param_dtype,
+            attention_impl=attention_impl,
+            scan_layers=scan_layers,
+            remat=remat,
         )
         self.lm_head = (
             None
@@ -349,6 +413,15 @@ class Qwen2_5_VLForConditionalGeneration(nnx.Module):
                 param_dtype=param_dtype,
             )
         )
+
+    def layer_stacks(self) -> dict[tuple, int]:
+        """Path → depth of each stacked layer stack (none when unrolled), for the checkpoint names."""
+        if not self.scan_layers:
+            return {}
+        return {
+            ("model", "language_model", "layers"): self.config.text.num_hidden_layers,
+            ("model", "visual", "blocks"): self.config.vision.depth,
+        }
 
     def prepare_inputs(
         self,
