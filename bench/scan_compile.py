@@ -24,9 +24,9 @@ from flax import nnx
 from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
+from pathor1_jax.logical import use_rules
 from pathor1_jax.models import qwen2_5_vl
 from pathor1_jax.models.qwen2_5_vl.presets import preset
-from pathor1_jax.sharding.logical import use_rules
 from pathor1_jax.sharding.mesh import make_mesh
 from pathor1_jax.sharding.rules import fsdp
 from pathor1_jax.train.defaults import base_config

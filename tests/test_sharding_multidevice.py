@@ -107,8 +107,7 @@ layer_tensors = {f"l{i}.weight": np.ascontiguousarray(stacked_ref[i].T) for i in
 save_file(layer_tensors, str(tmp / "s.safetensors"))
 reads.clear()
 source = Source(("l0.weight", "l1.weight", "l2.weight"), perm=(1, 0))
-stacked = load_sharded(lambda: Stacked(nnx.Rngs(0)), tmp / "s.safetensors", {"layers.kernel": source},
-                       mesh, rules)
+stacked = load_sharded(lambda: Stacked(nnx.Rngs(0)), tmp / "s.safetensors", {"layers.kernel": source}, where)
 x = stacked.layers.kernel.get_value()
 assert x.sharding.spec == P(None, "fsdp", "tensor"), x.sharding  # ("layers", "embed", "mlp")
 np.testing.assert_array_equal(np.asarray(x), stacked_ref)

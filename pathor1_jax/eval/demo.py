@@ -44,8 +44,10 @@ def held_out_zero_shot(config: ml_collections.ConfigDict, model_dir: Path | None
     from pathor1_jax.models import clip
     from pathor1_jax.train.checkpoint import restore_params
     from pathor1_jax.train.clip_stage import model_config
+    from pathor1_jax.train.defaults import layer_options
 
-    model = clip.CLIPModel(model_config(config.model), rngs=nnx.Rngs(int(config.model.seed)))
+    seed = int(config.model.seed)
+    model = clip.CLIPModel(model_config(config.model), rngs=nnx.Rngs(seed), **layer_options(config.model))
     if model_dir is not None:
         graphdef, params = nnx.split(model, nnx.Param)
         nnx.replace_by_pure_dict(

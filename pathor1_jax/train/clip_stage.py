@@ -32,6 +32,7 @@ from pathor1_jax.models.clip.tokenizer import CLIPTokenizer
 from pathor1_jax.train.aot import AotStep, clip_flops, sds
 from pathor1_jax.train.checkpoint import restore_params
 from pathor1_jax.train.contrastive import clip_loss, sharded_clip_loss
+from pathor1_jax.train.defaults import layer_options
 from pathor1_jax.train.optim import make_optimizer
 from pathor1_jax.train.result import StageResult
 from pathor1_jax.train.step import StepSpec, abstract_state, zero_frozen
@@ -146,7 +147,7 @@ def initial_params(model: ml_collections.ConfigDict):
     path = Path(source)
     if (path / "checkpoints").is_dir():
         return lambda like: restore_params(path / "checkpoints", like)
-    scan = bool(model.scan_layers)
+    scan = layer_options(model)["scan_layers"]
     if (path / "config.json").exists():
         loaded = clip.load_pretrained(path, scan_layers=scan)
     elif path.is_file():
@@ -169,7 +170,7 @@ def run_clip(config: ml_collections.ConfigDict, out_dir: str | Path | None = Non
     data = clip_batches(caption_records(config.data), cfg, int(config.data.batch_size), int(config.data.seed))
     stage = Stage(name="clip", step=contrastive_step, prepare=lambda b: b)
     seed = int(config.model.seed)
-    layers = dict(scan_layers=bool(config.model.scan_layers), remat=str(config.model.remat))
+    layers = layer_options(config.model)
     trainer = Trainer(config, stage, lambda: clip.CLIPModel(cfg, rngs=nnx.Rngs(seed), **layers), data,
                       out_dir, initial_params(config.model))  # fmt: skip
     return trainer.fit()
@@ -181,7 +182,8 @@ def clip_aot_step(config: ml_collections.ConfigDict, mesh: Mesh, rules: Rules, n
     cfg = model_config(config.model)
     freeze = tuple(config.get("freeze") or ())
     tx, _ = make_optimizer(config.optim, max(int(config.train.steps), 1), freeze)
-    graphdef, state = abstract_state(lambda: clip.CLIPModel(cfg, rngs=nnx.Rngs(0)), tx, mesh, rules)
+    layers = layer_options(config.model)
+    graphdef, state = abstract_state(lambda: clip.CLIPModel(cfg, rngs=nnx.Rngs(0), **layers), tx, mesh, rules)
     rows = int(config.data.batch_size) * num_hosts
     parts = batch_parts(mesh, rules)
     if rows % parts:

@@ -7,6 +7,13 @@ import ml_collections
 from pathor1_jax.data.pipeline import default_data_config
 
 
+def layer_options(model: ml_collections.ConfigDict) -> dict:
+    """`scan_layers` and `remat` of a `config.model` block, as model constructor arguments. A block
+    without `scan_layers` is from a run configured before layers were stacked: its checkpoints hold
+    per-layer parameters, so it gets the unrolled model."""
+    return {"scan_layers": bool(model.get("scan_layers", False)), "remat": str(model.get("remat", "none"))}
+
+
 def base_config(stage: str) -> ml_collections.ConfigDict:
     """A complete config for `stage` ("cpt" or "sft"): tiny model, embedded demo data, one device."""
     config = ml_collections.ConfigDict()

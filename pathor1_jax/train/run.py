@@ -33,6 +33,7 @@ from pathor1_jax.sharding.rules import rules_from_config
 from pathor1_jax.train.aot import AotStep, qwen_flops, sds
 from pathor1_jax.train.checkpoint import restore_params
 from pathor1_jax.train.cpt import cpt_step
+from pathor1_jax.train.defaults import layer_options
 from pathor1_jax.train.lm import offset_to_block, prepare_batch
 from pathor1_jax.train.result import StageResult
 from pathor1_jax.train.sft import sft_step
@@ -63,11 +64,6 @@ def model_factory(
         cfg, rngs=nnx.Rngs(int(model.seed)), dtype=dtype, param_dtype=param_dtype,
         attention_impl=model.attention_impl, **layer_options(model),
     )  # fmt: skip
-
-
-def layer_options(model: ml_collections.ConfigDict) -> dict:
-    """`scan_layers` and `remat` of a `config.model` block, as model constructor arguments."""
-    return {"scan_layers": bool(model.scan_layers), "remat": str(model.remat)}
 
 
 def initial_params(
