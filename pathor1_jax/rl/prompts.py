@@ -6,23 +6,19 @@ from collections.abc import Sequence
 
 import numpy as np
 
-from pathor1_jax.data.chat_template import ASSISTANT_HEADER
 from pathor1_jax.data.processing import QwenVLProcessor
-from pathor1_jax.data.prompts import DEFAULT_PROMPT_STYLE, mcq_prompt_messages
-from pathor1_jax.data.records import ChatRecord, MCQRecord
+from pathor1_jax.data.prompts import DEFAULT_PROMPT_STYLE
+from pathor1_jax.data.records import MCQRecord
 from pathor1_jax.rl.rollout import Prompt
 
 
 def mcq_prompt(processor: QwenVLProcessor, record: MCQRecord, style: str = DEFAULT_PROMPT_STYLE) -> Prompt:
-    """The chat-templated prompt turns of an MCQ in prompt `style` (`pathor1_jax.data.prompts`; images
-    expanded to their image-pad tokens) followed by the assistant header."""
-    chat = ChatRecord(id=record.id, messages=mcq_prompt_messages(record, style), subfield=record.subfield)
-    example = processor.encode(chat)
-    header = processor.tokenizer(ASSISTANT_HEADER, add_special_tokens=False)["input_ids"]
-    ids = np.concatenate([example["input_ids"], np.asarray(header, np.int32)]).astype(np.int32)
+    """The generation prompt of an MCQ in prompt `style` (`QwenVLProcessor.encode_prompt`: the
+    chat-templated prompt turns, images expanded to their image-pad tokens, the assistant header)."""
+    example = processor.encode_prompt(record, style=style)
     has_images = len(example["image_grid_thw"]) > 0
     return Prompt(
-        input_ids=ids,
+        input_ids=example["input_ids"],
         answer=record.answer,
         pixel_values=example["pixel_values"] if has_images else None,
         image_grid_thw=example["image_grid_thw"] if has_images else None,
