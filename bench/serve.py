@@ -34,8 +34,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
 from tiny_vlm import make_checkpoint  # noqa: E402
 
 from pathor1_jax.data.records import Message  # noqa: E402
-from pathor1_jax.eval.mcq import load_for_eval  # noqa: E402
 from pathor1_jax.serve.engine import Engine, Row, SamplingParams  # noqa: E402
+from pathor1_jax.train.loading import load_for_inference  # noqa: E402
 
 LEVELS = (1, 8, 32)
 WORDS = "gland stroma nucleus mitosis crypt villus necrosis fibrosis lymphocyte keratin".split()
@@ -161,7 +161,7 @@ def main() -> None:
         finally:
             proc.terminate()
             proc.wait(timeout=60)
-        model, processor = load_for_eval(checkpoint)
+        model, processor = load_for_inference(checkpoint)
         engine = Engine(model, processor, max_batch=32)
         for batch in LEVELS:
             tokens, wall, times = in_process(engine, texts, batch, args.new_tokens, args.repeats)

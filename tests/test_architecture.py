@@ -17,7 +17,8 @@ import pytest
 PACKAGE = Path(__file__).resolve().parents[1] / "pathor1_jax"
 
 # Lowest first. A unit imports only its own layer and the layers below it; units of one layer may
-# import each other (modules without circles).
+# import each other in one direction only (`eval` uses `serve`'s engine; what both need, such as
+# loading a model, lives below them): no circle between modules, nor between units.
 LAYERS: list[tuple[str, ...]] = [
     # logical axis names (`constrain`, `use_rules`) that models and kernels annotate; the CLI's
     # error types and exit codes; flag types; output checks
@@ -83,6 +84,16 @@ def import_graph(package: Path = PACKAGE) -> dict[str, set[str]]:
     return {name: imports_of(path, name, modules) for name, path in sorted(files.items())}
 
 
+def unit_graph(graph: dict[str, set[str]]) -> dict[str, set[str]]:
+    """The module graph folded onto units: `eval` → `serve` when any eval module imports a serve one."""
+    out: dict[str, set[str]] = {}
+    for module, targets in graph.items():
+        for target in targets:
+            if unit(module) and unit(target) and unit(module) != unit(target):
+                out.setdefault(unit(module), set()).add(unit(target))
+    return out
+
+
 def find_cycle(graph: dict[str, set[str]]) -> list[str] | None:
     """One import circle as `[a, b, ..., a]`, or None."""
     state: dict[str, int] = {}  # 1: on the DFS stack, 2: done
@@ -131,6 +142,11 @@ def test_no_import_circles_between_modules(graph):
     assert cycle is None, "import circle: " + " -> ".join(cycle)
 
 
+def test_no_import_circles_between_units(graph):
+    cycle = find_cycle(unit_graph(graph))
+    assert cycle is None, "units import each other: " + " -> ".join(cycle)
+
+
 def test_imports_go_down_the_layers(graph):
     violations = layer_violations(graph)
     assert not violations, "upward imports:\n" + "\n".join(violations)
@@ -138,9 +154,10 @@ def test_imports_go_down_the_layers(graph):
 
 def test_the_checks_catch_what_they_guard(tmp_path):
     """A lazy (function-level) upward import, a circle through relative imports, a string module
-    reference: each is an edge, and the checks report it."""
+    reference: each is an edge, and the checks report it; two units of one layer that import each
+    other through different modules are a circle of units."""
     pkg = tmp_path / "pathor1_jax"
-    for sub in ("models", "train", "commands"):
+    for sub in ("models", "train", "commands", "eval", "serve"):
         (pkg / sub).mkdir(parents=True)
         (pkg / sub / "__init__.py").write_text("")
     (pkg / "__init__.py").write_text("")
@@ -148,7 +165,14 @@ def test_the_checks_catch_what_they_guard(tmp_path):
     (pkg / "commands" / "run.py").write_text("from pathor1_jax.models import a\n")
     (pkg / "train" / "x.py").write_text("from .y import g\n")
     (pkg / "train" / "y.py").write_text("from . import x\nREF = 'pathor1_jax.commands.run:main'\n")
+    (pkg / "eval" / "vlm.py").write_text("def f():\n    from pathor1_jax.serve import engine\n")
+    (pkg / "eval" / "mcq.py").write_text("")
+    (pkg / "serve" / "engine.py").write_text("")
+    (pkg / "serve" / "loading.py").write_text("from pathor1_jax.eval.mcq import load\n")
     toy = import_graph(pkg)
+    eval_serve = {m: t for m, t in toy.items() if unit(m) in ("eval", "serve")}
+    assert find_cycle(eval_serve) is None and not layer_violations(eval_serve)  # fine module by module
+    assert find_cycle(unit_graph(eval_serve)) == ["eval", "serve", "eval"]  # but a circle of units
     assert toy["pathor1_jax.models.a"] == {"pathor1_jax.commands.run"}
     assert toy["pathor1_jax.train.y"] == {"pathor1_jax.train.x", "pathor1_jax.commands.run"}
     assert layer_violations(toy) == [

@@ -8,9 +8,9 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from pathor1_jax.eval.mcq import load_for_eval
 from pathor1_jax.rl.train import RLTrainer, run_rl
 from pathor1_jax.train.config import load_config
+from pathor1_jax.train.loading import load_for_inference
 
 OVERRIDES = [
     "--config.model.init_from=",
@@ -74,7 +74,7 @@ def test_grpo_run_resumes_prompts_and_sampling_rounds(grpo_run):
     assert trainer.prompts.position == 4 and trainer.sampler.seed == 2
     trainer.checkpointer.close()
     # `pathor1 eval mcq --model <run dir>` loads the same (latest) parameters
-    model, _ = load_for_eval(out)
+    model, _ = load_for_inference(out)
     loaded = nnx.to_pure_dict(nnx.state(model, nnx.Param))
     jax.tree.map(np.testing.assert_array_equal, loaded, jax.device_get(trainer.state["params"]))
 

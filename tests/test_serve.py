@@ -30,8 +30,8 @@ from tiny_vlm import make_checkpoint, png_bytes  # noqa: E402
 
 from pathor1_jax.cli import main  # noqa: E402
 from pathor1_jax.data.records import ChatRecord, ImagePart, ImageRef, Message, TextPart  # noqa: E402
-from pathor1_jax.eval.mcq import load_for_eval  # noqa: E402
 from pathor1_jax.models import qwen2_5_vl  # noqa: E402
+from pathor1_jax.train.loading import load_for_inference  # noqa: E402
 
 MAX_TOKENS = 8
 NAME = "tiny"
@@ -93,7 +93,7 @@ def client(server):
 
 @pytest.fixture(scope="module")
 def local(checkpoint):
-    return load_for_eval(checkpoint)
+    return load_for_inference(checkpoint)
 
 
 def in_process(local, messages: tuple[Message, ...]) -> tuple[str, int, int]:

@@ -17,11 +17,12 @@ def held_out_mcq(config: ml_collections.ConfigDict, model_dir: Path | None) -> d
     and budget (`config.rl.prompt_style`, `max_new_tokens`); nothing to measure without a starting
     model."""
     from pathor1_jax.data.demo import demo_records
-    from pathor1_jax.eval.mcq import evaluate_mcq, load_for_eval
+    from pathor1_jax.eval.mcq import evaluate_mcq
+    from pathor1_jax.train.loading import load_for_inference
 
     if model_dir is None:
         return {}
-    model, processor = load_for_eval(model_dir)
+    model, processor = load_for_inference(model_dir)
     held_out = demo_records("mcq", "test")
     result = evaluate_mcq(
         model,

@@ -18,9 +18,7 @@ from collections.abc import Sequence
 from functools import partial
 from pathlib import Path
 
-import ml_collections
 import numpy as np
-from flax import nnx
 from tqdm import tqdm
 
 from pathor1_jax.data.processing import QwenVLProcessor
@@ -32,7 +30,6 @@ from pathor1_jax.models import qwen2_5_vl
 from pathor1_jax.rl.prompts import decode_response, mcq_prompt
 from pathor1_jax.rl.rollout import rollout
 
-RUN_CONFIG = "run_config.json"  # the training config a run directory holds (pathor1_jax.train.run)
 MAX_NEW_TOKENS = 2048  # Patho-R1's released inference budget
 
 
@@ -95,45 +92,6 @@ def evaluate_mcq(
     )
 
 
-def load_for_eval(
-    model_dir: str | Path, *, mesh=None, rules=None, dtype=None
-) -> tuple[qwen2_5_vl.Qwen2_5_VLForConditionalGeneration, QwenVLProcessor]:
-    """A model and its processor from an HF checkpoint (config.json + safetensors + tokenizer files)
-    or from a training run directory (run_config.json + checkpoints/: the latest step's params, and
-    the run's own tokenizer / image-processor settings).
-
-    mesh, rules: place the parameters by the sharding rules (an HF checkpoint is read slice by
-    slice, each device reading its own). dtype: compute dtype of an HF checkpoint (default float32;
-    a run keeps its config's).
-    """
-    from pathor1_jax.data.pipeline import get_processor, processor_spec_from_config
-    from pathor1_jax.sharding.params import shard_model, state_shardings
-    from pathor1_jax.train.checkpoint import restore_params
-    from pathor1_jax.train.run import model_config, model_factory
-
-    path = Path(model_dir)
-    if (path / "checkpoints").is_dir() and (path / RUN_CONFIG).exists():
-        config = ml_collections.ConfigDict(json.loads((path / RUN_CONFIG).read_text()))
-    elif (path / "config.json").exists():
-        kwargs = {} if dtype is None else {"dtype": dtype}
-        if mesh is not None:
-            kwargs["shardings"] = partial(state_shardings, mesh=mesh, rules=rules)
-        model = qwen2_5_vl.load_pretrained(path, **kwargs)
-        return model, QwenVLProcessor(path, path, rope_config=model.config)
-    else:
-        raise UserError(
-            f"--model {model_dir}: neither an HF checkpoint (config.json) nor a run directory "
-            f"({RUN_CONFIG} + checkpoints/)"
-        )
-    cfg = model_config(config.model)
-    graphdef, params = nnx.split(model_factory(config.model, cfg)(), nnx.Param)
-    restored = restore_params(path / "checkpoints", nnx.to_pure_dict(params))
-    model = nnx.merge(graphdef, restored)
-    if mesh is not None:
-        shard_model(model, mesh, rules)
-    return model, get_processor(processor_spec_from_config(config.data, cfg))
-
-
 def write_predictions(path: str | Path, predictions: Sequence[dict]) -> None:
     """One JSON object per record, written to a temporary file and renamed."""
     tmp = Path(f"{path}.tmp")
@@ -167,6 +125,7 @@ def run(args: argparse.Namespace) -> int:
     from pathor1_jax.data.demo import demo_records
     from pathor1_jax.data.jsonl import read_jsonl_files
     from pathor1_jax.outputs import check_writable_file
+    from pathor1_jax.train.loading import load_for_inference
 
     if args.out:
         check_writable_file(args.out, "--out")
@@ -178,7 +137,7 @@ def run(args: argparse.Namespace) -> int:
     if not records:
         raise UserError(f"--data {args.data}: no MCQ records")
     records = records[: args.limit] if args.limit else records
-    model, processor = load_for_eval(args.model)
+    model, processor = load_for_inference(args.model)
     result = evaluate_mcq(
         model,
         processor,

@@ -10,6 +10,7 @@ from pathor1_jax.errors import UserError
 from pathor1_jax.serve.engine import Engine
 from pathor1_jax.sharding.mesh import make_mesh, parse_mesh_arg
 from pathor1_jax.sharding.rules import PRESETS, preset
+from pathor1_jax.train.loading import load_for_inference
 
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
 
@@ -30,8 +31,6 @@ def add_model_arguments(parser: argparse.ArgumentParser, *, required: bool = Tru
 
 def engine_from_args(args: argparse.Namespace) -> Engine:
     """Load `--model` onto the mesh and wrap it in an `Engine`; bad flags are `UserError`s."""
-    from pathor1_jax.eval.mcq import load_for_eval
-
     for flag, value, least in (("--max-batch", args.max_batch, 1), ("--chunk", args.chunk, 1),
                                ("--max-model-len", args.max_model_len, 2)):  # fmt: skip
         if value < least:
@@ -41,7 +40,7 @@ def engine_from_args(args: argparse.Namespace) -> Engine:
     except ValueError as e:
         raise UserError(f"--mesh {args.mesh}: {e}") from None
     rules = preset(args.sharding)
-    model, processor = load_for_eval(args.model, mesh=mesh, rules=rules, dtype=DTYPES[args.dtype])
+    model, processor = load_for_inference(args.model, mesh=mesh, rules=rules, dtype=DTYPES[args.dtype])
     return Engine(
         model,
         processor,
