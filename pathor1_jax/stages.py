@@ -124,10 +124,12 @@ def get(name: str) -> StageEntry:
 
 def run(config: ml_collections.ConfigDict, out_dir: str | Path | None = None) -> StageResult:
     """Train the stage `config.stage` on its config, writing to `out_dir` (default
-    `config.train.out_dir`)."""
+    `config.train.out_dir`). An empty `config.data.kind` (`base_config`'s) becomes the entry's records."""
     entry = get(config.stage)
     kind = config.data.get("kind") if "data" in config else None
-    if kind is not None and kind != entry.records:
+    if kind == "":
+        config.data.kind = entry.records
+    elif kind is not None and kind != entry.records:
         raise ConfigError(
             f"config.data.kind={kind!r} but stage {entry.name!r} trains on {entry.records!r} records"
         )

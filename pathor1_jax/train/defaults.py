@@ -30,7 +30,7 @@ def base_config(stage: str) -> ml_collections.ConfigDict:
         seed=0,
     )
     config.data = default_data_config()
-    config.data.kind = {"cpt": "caption", "sft": "chat"}[stage]
+    config.data.kind = ""  # "": the records of `stage` in the stage registry (`stages.run` sets it)
     config.optim = dict(
         lr=1e-5,
         warmup_steps=10,
