@@ -1,9 +1,11 @@
 """On the tiny Qwen2.5-VL and real demo chats (with images): the per-token losses of a packed batch equal
-those of the same samples unpacked, and the chunked loss equals plain cross-entropy on the logits."""
+those of the same samples unpacked, the chunked loss equals plain cross-entropy on the logits, and the
+LM head computed only at labelled positions gives the loss and gradients of the head at every position."""
 
 from __future__ import annotations
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 import pytest
 from flax import nnx
@@ -13,7 +15,7 @@ from pathor1_jax.data.packing import pack_examples
 from pathor1_jax.data.pipeline import ProcessorSpec, default_tokenizer_path, get_processor
 from pathor1_jax.models import qwen2_5_vl
 from pathor1_jax.train.lm import lm_nll, prepare_batch
-from pathor1_jax.train.losses import IGNORE_INDEX, token_mean_loss
+from pathor1_jax.train.losses import IGNORE_INDEX, per_token_nll, shifted_targets, token_mean_loss
 
 MAX_LEN, ROWS = 256, 3
 
@@ -90,3 +92,41 @@ def test_chunked_loss_matches_cross_entropy_of_the_logits(setup):
         expected = log_z - rows[np.arange(len(t)), labels[r, t + 1]]
         np.testing.assert_array_equal(np.flatnonzero(valid[r]), t)
         np.testing.assert_allclose(nll[r, t], expected, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("chunk", [16, 64, 1000])
+def test_labelled_positions_only_gives_the_loss_and_gradients_of_every_position(setup, chunk):
+    """`lm_nll` computes the LM head only at labelled positions (gathered to each row's front, chunks
+    past the longest row's count skipped); against `per_token_nll` without `valid` (the head at every
+    position): equal per-token NLL, loss and gradient of every parameter (vision tower included)."""
+    _, packed, *_ = setup
+    cfg = qwen2_5_vl.tiny_config()
+    batch = prepare_batch(packed, cfg)
+    graphdef, params = nnx.split(qwen2_5_vl.Qwen2_5_VLForConditionalGeneration(cfg, rngs=nnx.Rngs(1)))
+
+    def loss(params, labelled):
+        model = nnx.merge(graphdef, params)
+        hidden = model.hidden_states(
+            batch["input_ids"],
+            pixel_values=batch["pixel_values"],
+            position_ids=batch["position_ids"],
+            segment_ids=batch["segment_ids"],
+            vision_index=batch["vision_index"],
+            image_feature_index=batch["image_feature_index"],
+        )
+        targets, valid = shifted_targets(batch["labels"], batch["segment_ids"])
+        nll = per_token_nll(hidden, model.logits, targets, chunk, valid if labelled else None)
+        return token_mean_loss(nll, valid), jnp.where(valid, nll, 0.0)
+
+    grad = jax.jit(jax.value_and_grad(loss, has_aux=True), static_argnums=1)
+    (every_loss, every_nll), every_grads = grad(params, False)
+    (only_loss, only_nll), only_grads = grad(params, True)
+    valid = np.asarray(shifted_targets(batch["labels"], batch["segment_ids"])[1])
+    assert 0 < valid.sum(axis=1).max() < valid.shape[1] // 2  # most positions carry no label
+    np.testing.assert_allclose(only_nll, every_nll, rtol=1e-6, atol=1e-6)
+    np.testing.assert_allclose(only_loss, every_loss, rtol=1e-6)
+    flat_every, flat_only = (jax.tree.leaves(nnx.to_pure_dict(g)) for g in (every_grads, only_grads))
+    assert len(flat_every) == len(flat_only) > 20
+    for a, b in zip(flat_every, flat_only, strict=True):
+        scale = float(np.abs(a).max()) or 1.0
+        np.testing.assert_allclose(b, a, rtol=0, atol=1e-5 * scale)

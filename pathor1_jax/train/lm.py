@@ -65,9 +65,10 @@ def offset_to_block(micro: dict, block: int, merge_unit: int) -> dict:
 
 
 def lm_nll(
-    model: qwen2_5_vl.Qwen2_5_VLForConditionalGeneration, micro: dict, chunk: int = 256
+    model: qwen2_5_vl.Qwen2_5_VLForConditionalGeneration, micro: dict, chunk: int = 64
 ) -> tuple[jax.Array, jax.Array]:
-    """Per-token NLL `[B, T]` of the next token and its validity mask (labels != -100, same segment)."""
+    """Per-token NLL `[B, T]` of the next token (computed only where valid, 0 elsewhere) and its
+    validity mask (labels != -100, same segment)."""
     hidden = model.hidden_states(
         micro["input_ids"],
         pixel_values=micro["pixel_values"],
@@ -77,4 +78,4 @@ def lm_nll(
         image_feature_index=micro["image_feature_index"],
     )  # [B, T, D]
     targets, valid = shifted_targets(micro["labels"], micro["segment_ids"])
-    return per_token_nll(hidden, model.logits, targets, chunk), valid
+    return per_token_nll(hidden, model.logits, targets, chunk, valid), valid
