@@ -177,7 +177,7 @@ def test_image_token_count_mismatch_is_a_clear_error(checkpoint):
 def test_missing_weights_file(tmp_path, checkpoint):
     path, _, _ = checkpoint
     (tmp_path / "config.json").write_text((path / "config.json").read_text())
-    with pytest.raises(ValueError, match="no model.safetensors"):
+    with pytest.raises(FileNotFoundError, match=r"no \*.safetensors or \*.safetensors.index.json file"):
         qwen2_5_vl.load_pretrained(tmp_path)
 
 

@@ -22,11 +22,10 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
-from safetensors import safe_open
 from safetensors.numpy import save_file
 
 from pathor1_jax.models.layers import path_str
-from pathor1_jax.models.safetensors_load import Source, load_sharded
+from pathor1_jax.models.safetensors_load import CheckpointReader, Source, load_sharded
 from pathor1_jax.models.scan import layer_paths
 
 from .config import Qwen2_5_VLConfig
@@ -97,25 +96,6 @@ def normalise_hf_name(name: str) -> str:
     return name
 
 
-def _weight_files(path: Path) -> dict[str, tuple[Path, str]]:
-    """Normalised HF tensor name → (safetensors file, name stored in that file)."""
-    single, index = path / SAFETENSORS, path / SAFETENSORS_INDEX
-    if index.exists():
-        weight_map = json.loads(index.read_text())["weight_map"]
-        files = {name: path / fname for name, fname in weight_map.items()}
-    elif single.exists():
-        with safe_open(single, "np") as f:
-            files = {name: single for name in f.keys()}
-    else:
-        raise ValueError(
-            f"{path}: no {SAFETENSORS} or {SAFETENSORS_INDEX} (only safetensors checkpoints are read)"
-        )
-    for file in set(files.values()):
-        if not file.exists():
-            raise ValueError(f"{path}: weights file {file.name} named in {SAFETENSORS_INDEX} is missing")
-    return {normalise_hf_name(name): (file, name) for name, file in files.items()}
-
-
 def load_config(path: str | os.PathLike) -> Qwen2_5_VLConfig:
     config_file = Path(path) / "config.json"
     if not config_file.exists():
@@ -173,19 +153,15 @@ def load_pretrained(
         mapping = parameter_mapping(nnx.eval_shape(make))
         sources = {path_str(p): _source(m) for p, m in mapping.items()}
         return load_sharded(make, path, sources, shardings, rename=normalise_hf_name)
-    files = _weight_files(path)
+    reader = CheckpointReader(path, rename=normalise_hf_name)
     abstract = nnx.eval_shape(make)
     graphdef, state = nnx.split(abstract)
     mapping = parameter_mapping(abstract)
-    handles: dict[Path, object] = {}
 
     def read(m: TensorMapping, name: str, shape: tuple[int, ...], ours: str) -> np.ndarray:
-        if name not in files:
+        if name not in reader.files:
             raise ValueError(f"{path}: checkpoint has no tensor {name!r}")
-        file, stored_name = files[name]
-        if file not in handles:
-            handles[file] = safe_open(file, "np")
-        value = m.to_ours(handles[file].get_tensor(stored_name))
+        value = m.to_ours(reader.read(name))
         if tuple(value.shape) != tuple(shape):
             raise ValueError(
                 f"{path}: tensor {name!r} has shape {tuple(value.shape)} in the checkpoint "
@@ -201,7 +177,7 @@ def load_pretrained(
         else:
             value = read(m, m.names[0], var.shape, ours)
         leaves.append((param_path, var.replace(jnp.asarray(value, dtype=var.dtype))))
-    extra = sorted(set(files) - {name for m in mapping.values() for name in m.names})
+    extra = sorted(set(reader.files) - {name for m in mapping.values() for name in m.names})
     if extra:
         log.warning("%s: ignoring %d tensors the model does not use, e.g. %s", path, len(extra), extra[:3])
     return nnx.merge(graphdef, nnx.from_flat_state(leaves))
