@@ -13,4 +13,5 @@ _spec.loader.exec_module(_cpt_3b)
 def get_config() -> ml_collections.ConfigDict:
     config = _cpt_3b.get_config("7b")
     config.optim.lr = 1e-5  # ours: lower for the larger model
+    config.train.grad_accum = 4  # ours: 8 rows × 4 × 8 hosts (v5p-64) = 256 rows per step, as 3B
     return config

@@ -16,6 +16,7 @@ def get_config() -> ml_collections.ConfigDict:
     config.model.preset = "3b"
     config.model.init_from = "runs/sft_3b"  # the SFT run directory (or an exported HF checkpoint)
     config.model.dtype = "bfloat16"
+    config.model.remat = "full"  # ours: each layer recomputed in the backward pass of the update
     config.data.source = "data/rl_mcq.jsonl"  # the 10k diagnosis-oriented MCQs
     config.data.min_pixels = 256 * 28 * 28
     config.data.max_pixels = 1024 * 28 * 28
@@ -31,5 +32,5 @@ def get_config() -> ml_collections.ConfigDict:
     config.train.steps = 300
     config.train.ckpt_every = 25
     config.train.out_dir = "runs/grpo_3b"
-    config.mesh = dict(data=1, fsdp=-1, tensor=1)
+    config.mesh = dict(data=1, fsdp=-1, tensor=1)  # ours: FSDP over every chip (v5e-16)
     return config

@@ -23,6 +23,7 @@ def get_config(stage: str = "stage1") -> ml_collections.ConfigDict:
         raise ValueError(f"pathoclip_l14.py:{stage}: expected one of {sorted(PAIRS)}")
     config = base_clip_config()
     config.model.preset = "ViT-L-14"
+    config.model.remat = "full"  # ours: each layer recomputed in the backward pass (1024 pairs on 16 GiB)
     # stage I from OpenAI's weights (a HF CLIPModel folder to download), stage II from stage I's run
     config.model.init_from = (
         "checkpoints/clip-vit-large-patch14" if stage == "stage1" else "runs/pathoclip_l14/stage1"

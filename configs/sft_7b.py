@@ -13,4 +13,5 @@ _spec.loader.exec_module(_sft_3b)
 def get_config() -> ml_collections.ConfigDict:
     config = _sft_3b.get_config("7b")
     config.optim.lr = 5e-6  # ours: lower for the larger model
+    config.train.grad_accum = 8  # ours: 4 rows × 8 × 8 hosts (v5p-64) = 256 rows per step, as 3B
     return config
