@@ -176,3 +176,59 @@ def test_curate_cli_reports_bad_flags_and_input_as_one_line_exit_2(tmp_path, cap
     assert "are Beam flags: add --runner beam" in capsys.readouterr().err
     assert main(["curate", "filter", "--in", str(tmp_path), "--out", str(tmp_path / "f")]) == 2
     assert "pairs.jsonl does not exist" in capsys.readouterr().err
+
+
+def test_filter_rules_one_by_one_and_exact_and_near_duplicates(tmp_path):
+    """Each image and caption rule of `filter` on a crafted case; dedup keeps the first of an exact
+    copy and of a near copy (brighter, JPEG re-encoded: a few dHash bits apart), never a flagged pair."""
+    from PIL import Image
+
+    from pathor1_jax.curation.demo_book import _dense_tiles
+    from pathor1_jax.curation.filter import FilterConfig, caption_flags, check_records, dedup, image_flags
+    from pathor1_jax.curation.io import Unit
+
+    cfg = FilterConfig()
+    tiles = _dense_tiles()["he_skin"]
+    tissue, other = (
+        np.asarray(Image.open(t).convert("RGB").resize((160, 160), Image.BICUBIC)) for t in tiles[:2]
+    )
+    assert image_flags(tissue, cfg) == []
+    assert image_flags(tissue[:48, :], cfg) == ["too_small"]
+    assert image_flags(np.tile(tissue, (1, 3, 1)), cfg) == []  # 160 x 480: long/short 3 <= 6
+    assert image_flags(np.tile(tissue[:70], (1, 3, 1)), cfg) == ["aspect"]  # 70 x 480: 6.9 > 6
+    grey = np.full((128, 128, 3), 128, np.uint8)
+    assert image_flags(grey, cfg) == ["blank", "colour_chart"]
+    page = np.full((128, 128, 3), 255, np.uint8)
+    page[60:66, 60:66] = 0  # a speck on a white page
+    assert image_flags(page, cfg) == ["mostly_white", "colour_chart"]
+    chart = np.full((128, 128, 3), 255, np.uint8)
+    chart[:, :64], chart[40:, 64:96] = (200, 30, 30), (30, 30, 200)  # flat bars
+    assert image_flags(chart, cfg) == ["colour_chart"]
+
+    assert caption_flags("Colonic mucosa with crypts, H&E.", "", cfg) == []
+    assert caption_flags("H&E.", "", cfg) == ["caption_short"]
+    assert caption_flags("word " * 401, "", cfg) == ["caption_long"]
+    for lead in ("Table 3.1 Grading of dysplasia", "Schematic of the nephron", "Flow chart of the work-up"):
+        assert caption_flags(f"{lead}: the steps and what each shows.", lead, cfg) == ["table_or_chart"]
+
+    near = Image.fromarray(np.clip(tissue.astype(np.int16) + 6, 0, 255).astype(np.uint8))
+    near.save(tmp_path / "near.jpg", quality=70)
+    Image.fromarray(tissue).save(tmp_path / "a.png")
+    Image.fromarray(tissue).save(tmp_path / "copy.png")
+    Image.fromarray(other).save(tmp_path / "b.png")
+    Image.fromarray(grey).save(tmp_path / "grey.png")
+    caption = "Normal skin with epidermis and dermis, H&E."
+    files = ["a.png", "near.jpg", "b.png", "copy.png", "grey.png", "missing.png"]
+    payload = [{"id": f.split(".")[0], "image": f, "caption": caption} for f in files]
+    records, report = check_records(Unit("t", "t", payload), cfg, str(tmp_path))
+    dedup(records, cfg.near_bits)
+    got = {r["id"]: (r["reasons"], r.get("duplicate_of")) for r in records}
+    assert got == {
+        "a": ([], None),
+        "near": (["duplicate_near"], "a"),
+        "b": ([], None),
+        "copy": (["duplicate_exact"], "a"),
+        "grey": (["blank", "colour_chart"], None),
+        "missing": (["unreadable_image"], None),
+    }
+    assert report.counts["bad:unreadable_image"] == 1
