@@ -81,38 +81,26 @@ def demo_pairs(tmp_path_factory):
     return root
 
 
-def test_classify_review_and_corrected_retrain_then_cluster(demo_pairs, tmp_path):
+def test_classify_review_cluster_then_corrected_retrain(demo_pairs, tmp_path, monkeypatch):
+    """classify → review.csv → cluster, then the README's human loop: the same `--out` retrained with
+    `--labels` (the cached embeddings are reused: the CLIP is not run again)."""
+    from pathor1_jax.curation import classify
     from pathor1_jax.curation.steps import run_classify, run_cluster
 
-    run_classify(str(demo_pairs), str(tmp_path / "c1"), steps=200)
-    out = {r["id"]: r for r in read_jsonl(tmp_path / "c1" / "pairs.jsonl")}
+    out_dir = tmp_path / "classify"
+    run_classify(str(demo_pairs), str(out_dir), steps=200)
+    out = {r["id"]: r for r in read_jsonl(out_dir / "pairs.jsonl")}
     truth = {k: "IHC" if k.startswith("ihc") else "histopathology" for k in out}
     assert all(r["weak_label"] == truth[k] for k, r in out.items())
     # the head fits its weak labels on features of an untrained tiny CLIP (plumbing, not accuracy)
     assert np.mean([r["subfield"] == truth[k] for k, r in out.items()]) >= 0.85
-    with open(tmp_path / "c1" / "review.csv", newline="") as f:
+    with open(out_dir / "review.csv", newline="") as f:
         rows = list(csv.DictReader(f))
     assert len(rows) == 36 and [float(r["confidence"]) for r in rows] == sorted(
         float(r["confidence"]) for r in rows
     )
-    target = next(r for r in rows if r["id"].startswith("he_skin"))
-    target["corrected"] = "gross"  # a person corrects one prediction
-    with open(tmp_path / "labels.csv", "w", newline="") as f:
-        w = csv.DictWriter(f, list(rows[0]))
-        w.writeheader()
-        w.writerows(rows)
-    run_classify(str(demo_pairs), str(tmp_path / "c2"), labels=str(tmp_path / "labels.csv"), steps=200)
-    again = {r["id"]: r for r in read_jsonl(tmp_path / "c2" / "pairs.jsonl")}
-    assert (again[target["id"]]["subfield"], again[target["id"]]["subfield_source"]) == ("gross", "manual")
-    target["corrected"] = "dermatology"
-    with open(tmp_path / "bad.csv", "w", newline="") as f:
-        w = csv.DictWriter(f, list(rows[0]))
-        w.writeheader()
-        w.writerow(target)
-    with pytest.raises(ValueError, match=r"bad.csv:2: corrected subfield 'dermatology' is not one of"):
-        run_classify(str(demo_pairs), str(tmp_path / "c3"), labels=str(tmp_path / "bad.csv"))
 
-    run_cluster(str(tmp_path / "c1"), str(tmp_path / "k"), n_init=4)
+    run_cluster(str(out_dir), str(tmp_path / "k"), n_init=4)
     clustered = read_jsonl(tmp_path / "k" / "pairs.jsonl")
     assert len(clustered) == 36
     for sub in ("IHC", "histopathology"):
@@ -125,6 +113,29 @@ def test_classify_review_and_corrected_retrain_then_cluster(demo_pairs, tmp_path
         assert by_level["easy"] <= by_level["medium"] <= by_level["hard"]  # our ordering rule
     with open(tmp_path / "k" / "cluster_samples.csv", newline="") as f:
         assert len(list(csv.DictReader(f))) == 36
+
+    target = next(r for r in rows if r["id"].startswith("he_skin"))
+    target["corrected"] = "dermatology"
+    with open(tmp_path / "bad.csv", "w", newline="") as f:
+        w = csv.DictWriter(f, list(rows[0]))
+        w.writeheader()
+        w.writerow(target)
+    with pytest.raises(ValueError, match=r"bad.csv:2: corrected subfield 'dermatology' is not one of"):
+        run_classify(str(demo_pairs), str(out_dir), labels=str(tmp_path / "bad.csv"))
+    target["corrected"] = "gross"  # a person corrects one prediction
+    with open(tmp_path / "labels.csv", "w", newline="") as f:
+        w = csv.DictWriter(f, list(rows[0]))
+        w.writeheader()
+        w.writerows(rows)
+
+    def no_clip(*a, **k):
+        raise AssertionError("the retrain recomputed the embeddings")
+
+    monkeypatch.setattr(classify, "embed", no_clip)
+    run_classify(str(demo_pairs), str(out_dir), labels=str(tmp_path / "labels.csv"), steps=200)
+    again = {r["id"]: r for r in read_jsonl(out_dir / "pairs.jsonl")}
+    assert (again[target["id"]]["subfield"], again[target["id"]]["subfield_source"]) == ("gross", "manual")
+    assert sum(r["subfield_source"] == "manual" for r in again.values()) == 1
 
 
 @pytest.mark.multidevice

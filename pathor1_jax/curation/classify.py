@@ -62,7 +62,11 @@ def load_clip(path: str | None) -> Any:
 
 
 def embed(records: list[dict[str, Any]], model: Any, batch: int = 64) -> tuple[np.ndarray, np.ndarray]:
-    """L2-normalised CLIP image and caption embeddings [N, P] of pair records (absolute image paths)."""
+    """L2-normalised CLIP image and caption embeddings [N, P] of pair records (absolute image paths).
+
+    The encoders run jitted, every chunk padded to one shape (`batch` rows, or N when fewer): one
+    compiled program per encoder."""
+    from flax import nnx
     from PIL import Image
 
     from pathor1_jax.models.clip.preprocess import preprocess
@@ -70,15 +74,23 @@ def embed(records: list[dict[str, Any]], model: Any, batch: int = 64) -> tuple[n
 
     tokenizer = CLIPTokenizer(model.config.text.max_position_embeddings)
     size = model.config.vision.image_size
+    rows = min(batch, len(records))
+    encode_image = nnx.jit(lambda m, pixels: m.encode_image(pixels))
+    encode_text = nnx.jit(lambda m, ids: m.encode_text(ids))
+
+    def padded(a: np.ndarray) -> np.ndarray:  # [n, ...] -> [rows, ...]
+        return np.concatenate([a, np.repeat(a[-1:], rows - len(a), axis=0)])
+
     img, txt = [], []
-    for start in range(0, len(records), batch):
-        chunk = records[start : start + batch]
+    for start in range(0, len(records), rows):
+        chunk = records[start : start + rows]
         pixels = []
         for r in chunk:
             with Image.open(r["image"]) as im:
                 pixels.append(preprocess(im.convert("RGB"), size))
-        img.append(np.asarray(model.encode_image(np.stack(pixels))))
-        txt.append(np.asarray(model.encode_text(tokenizer([r["caption"] for r in chunk]))))
+        ids = tokenizer([r["caption"] for r in chunk])
+        img.append(np.asarray(encode_image(model, padded(np.stack(pixels))))[: len(chunk)])
+        txt.append(np.asarray(encode_text(model, padded(np.asarray(ids))))[: len(chunk)])
 
     def norm(a: np.ndarray) -> np.ndarray:
         return a / np.maximum(np.linalg.norm(a, axis=1, keepdims=True), 1e-12)

@@ -55,6 +55,29 @@ class HeadConfig:
     seed: int = 0
 
 
+@partial(jax.jit, static_argnames=("num_classes", "steps", "learning_rate", "l2"))
+def _train_head(seed, xs, ys, w, *, num_classes: int, steps: int, learning_rate: float, l2: float):
+    """Initialise the head and run all `steps` full-batch Adam steps in one program (the step
+    scanned); the data are arguments, not constants, so a second call with the same shapes reuses it."""
+    key = jax.random.key(seed)
+    params = {"W": 0.01 * jax.random.normal(key, (xs.shape[1], num_classes)), "b": jnp.zeros(num_classes)}
+    opt = optax.adam(learning_rate)
+
+    def loss_fn(p):
+        logits = xs @ p["W"] + p["b"]  # [N, C]
+        nll = optax.softmax_cross_entropy_with_integer_labels(logits, ys)
+        return jnp.sum(w * nll) / jnp.maximum(jnp.sum(w), 1.0) + l2 * jnp.sum(p["W"] ** 2)
+
+    def step(carry, _):
+        p, s = carry
+        loss, grads = jax.value_and_grad(loss_fn)(p)
+        updates, s = opt.update(grads, s, p)
+        return (optax.apply_updates(p, updates), s), loss
+
+    (params, _), losses = jax.lax.scan(step, (params, opt.init(params)), None, length=steps)
+    return params, losses
+
+
 def train_head(
     x: np.ndarray, y: np.ndarray, num_classes: int, mesh: Mesh, cfg: HeadConfig = HeadConfig()
 ) -> tuple[np.ndarray, np.ndarray, list[float]]:
@@ -64,30 +87,13 @@ def train_head(
     the loss of each step).
     """
     labelled = y >= 0
-    xs, ys, w = shard_rows(x.astype(np.float32), mesh, np.where(labelled, y, 0).astype(np.int32))
-    w = w * jnp.asarray(np.concatenate([labelled, np.zeros(w.shape[0] - len(y), bool)]), jnp.float32)
-    key = jax.random.key(cfg.seed)
-    params = {"W": 0.01 * jax.random.normal(key, (x.shape[1], num_classes)), "b": jnp.zeros(num_classes)}
-    params = jax.device_put(params, NamedSharding(mesh, P()))
-    opt = optax.adam(cfg.learning_rate)
-    state = opt.init(params)
-
-    def loss_fn(p, xs, ys, w):
-        logits = xs @ p["W"] + p["b"]  # [N, C]
-        nll = optax.softmax_cross_entropy_with_integer_labels(logits, ys)
-        return jnp.sum(w * nll) / jnp.maximum(jnp.sum(w), 1.0) + cfg.l2 * jnp.sum(p["W"] ** 2)
-
-    def step(carry, _):
-        p, s = carry
-        loss, grads = jax.value_and_grad(loss_fn)(p, xs, ys, w)
-        updates, s = opt.update(grads, s, p)
-        return (optax.apply_updates(p, updates), s), loss
-
-    @jax.jit
-    def train(p, s):  # all steps in one program: the step scanned `cfg.steps` times
-        return jax.lax.scan(step, (p, s), None, length=cfg.steps)
-
-    (params, _), losses = train(params, state)
+    targets = np.where(labelled, y, 0).astype(np.int32)
+    # row weights w: 1 for labelled rows, 0 for unlabelled and padding rows
+    xs, ys, w, _ = shard_rows(x.astype(np.float32), mesh, targets, labelled.astype(np.float32))
+    params, losses = _train_head(
+        cfg.seed, xs, ys, w, num_classes=num_classes, steps=cfg.steps, learning_rate=cfg.learning_rate,
+        l2=cfg.l2,
+    )  # fmt: skip
     return np.asarray(params["W"]), np.asarray(params["b"]), np.asarray(losses).tolist()
 
 
@@ -136,8 +142,8 @@ def _lloyd(centres: jax.Array, x: jax.Array, w: jax.Array, iters: int) -> tuple[
 
 
 @partial(jax.jit, static_argnames=("k", "n_init", "iters"))
-def _kmeans(key: jax.Array, x: jax.Array, w: jax.Array, k: int, n_init: int, iters: int):
-    keys = jax.random.split(key, n_init)
+def _kmeans(seed: jax.Array, x: jax.Array, w: jax.Array, k: int, n_init: int, iters: int):
+    keys = jax.random.split(jax.random.key(seed), n_init)
     seeds = jax.vmap(lambda kk: _kmeanspp(kk, x, w, k))(keys)  # [R, K, D]
     centres, inertia = jax.vmap(lambda c: _lloyd(c, x, w, iters))(seeds)
     best = jnp.argmin(inertia)
@@ -151,7 +157,7 @@ def kmeans(
     if x.shape[0] < k:
         raise ValueError(f"k-means needs at least k={k} points, got {x.shape[0]}")
     xs, w = shard_rows(x.astype(np.float32), mesh)
-    centres, inertia, _ = _kmeans(jax.random.key(seed), xs, w, k, n_init, iters)
+    centres, inertia, _ = _kmeans(seed, xs, w, k, n_init, iters)
     centres = np.asarray(centres)
     labels = np.argmin(((x[:, None, :] - centres[None]) ** 2).sum(-1), axis=1)
     return centres, labels, float(inertia)
