@@ -80,6 +80,10 @@ def main(argv: list[str] | None = None) -> int:
         return int(module.run(args) or 0)
     except Pathor1Error as e:
         report(name, e, debug)
+        if getattr(e, "exit_now", False):  # e.g. a lost peer process: skip the clean-up at exit
+            sys.stdout.flush()
+            sys.stderr.flush()
+            os._exit(e.exit_code)
         return e.exit_code
     except OSError as e:  # a file that cannot be read or written, a full disk: the user's to fix
         report(name, e, debug)

@@ -30,7 +30,7 @@ LAYERS: list[tuple[str, ...]] = [
     ("rl", "curation", "eval", "serve"),
     ("stages",),  # the registry of the paper's stages: refers to train / rl / curation by module path
     ("commands",),
-    ("cli",),
+    ("cli", "launch"),  # launch: starts a run's processes (the CLI's peers, run as a command)
 ]
 LAYER_OF = {unit: i for i, units in enumerate(LAYERS) for unit in units}
 MODULE_REF = re.compile(r"pathor1_jax(\.\w+)+(:\w+)?")

@@ -12,9 +12,9 @@ from pathor1_jax.rl import rewards
 from pathor1_jax.rl.rollout import (
     Prompt,
     Rollout,
+    block_patches,
     concat_rollouts,
     fill_logprobs,
-    max_patches,
     minibatch_rows,
     pad_prompts,
     response_hidden,
@@ -99,7 +99,8 @@ def test_greedy_rollout_is_scored_by_the_same_forward(tiny, images):
     )  # fmt: skip
     assert batch.responses.shape == (4, MAX_NEW) and batch.rewards.shape == (2, 2)
     np.testing.assert_array_equal(batch.responses[0], batch.responses[1])  # greedy: the group agrees
-    inputs = sequence_inputs(config, batch, np.arange(4))
+    rows = np.arange(4)
+    inputs = sequence_inputs(config, batch, rows, block_patches(batch.prompts, [rows], 2, 4))
     assert (inputs["pixel_values"] is None) == (not images)
     logits = model.logits(response_hidden(model, inputs))  # [B, R, V]
     mask = batch.response_mask.astype(bool)
@@ -272,7 +273,8 @@ def test_padding_only_minibatches_never_reach_the_optimizer(tiny):
     batch, real = pad_groups(batch, 2)
     fill_logprobs(model, batch, 1, impl="chunked")
     row_sets = minibatch_rows(2, G, 1)
-    inputs = [sequence_inputs(config, batch, rows, max_patches(batch, row_sets)) for rows in row_sets]
+    num_patches = block_patches(batch.prompts, row_sets, G, 4)
+    inputs = [sequence_inputs(config, batch, rows, num_patches) for rows in row_sets]
     advantages = np.tile([1.0, -1.0], G)  # the padding group's rows have advantages too
 
     def fresh():  # the updates donate their state

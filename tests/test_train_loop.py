@@ -67,18 +67,19 @@ def toy_config(steps: int = 6, freeze: tuple[str, ...] = ()) -> ml_collections.C
     config.freeze = freeze
     config.mesh = dict(data=1, fsdp=-1, tensor=1)
     config.sharding = dict(preset="fsdp")
+    config.data = dict(shards=0)
     return config
 
 
-def data_iterator():
+def data_shard(index: int, count: int):
     cfg = default_data_config()
     cfg.kind, cfg.batch_size, cfg.max_len, cfg.max_patches, cfg.max_images = "caption", 2, 64, 64, 4
-    return batch_iterator_from_config(cfg)
+    return batch_iterator_from_config(cfg, shard=(index, count))
 
 
 def make_trainer(tmp_path, name: str, seen: list[str], **config_kw) -> Trainer:
     return Trainer(
-        toy_config(**config_kw), toy_stage(seen), lambda: ToyLM(nnx.Rngs(0)), data_iterator(), tmp_path / name
+        toy_config(**config_kw), toy_stage(seen), lambda: ToyLM(nnx.Rngs(0)), data_shard, tmp_path / name
     )
 
 
@@ -130,7 +131,7 @@ def test_freeze_pattern_matching_nothing_is_an_error():
 
 
 class Interrupting:
-    """The trainer's data, with `action()` run instead of (or before) the `at`-th micro-batch."""
+    """A data shard's iterator, with `action()` run instead of (or before) its `at`-th micro-batch."""
 
     def __init__(self, data, at: int, action):
         self.data, self.at, self.action, self.calls = data, at, action, 0
@@ -149,13 +150,20 @@ class Interrupting:
 
 
 def test_sigterm_saves_a_checkpoint_then_stops(tmp_path):
-    trainer = make_trainer(tmp_path, "preempt", [], steps=6)
-    # grad_accum=2: the 3rd micro-batch is read during step 2, which still completes
-    trainer.data = Interrupting(trainer.data, 3, lambda: os.kill(os.getpid(), signal.SIGTERM))
+    seen: list[str] = []
+    trainer = make_trainer(tmp_path, "preempt", seen, steps=6)
+    # grad_accum=2: SIGTERM while step 2's micro-batches are read; the processes agree to stop before
+    # step 2, and the checkpoint of step 1 holds the data position before them
+    shard = trainer.data.iterators
+    shard[0] = Interrupting(shard[0], 3, lambda: os.kill(os.getpid(), signal.SIGTERM))
     result = trainer.fit()
-    assert result.preempted and result.end_step == 2
-    assert Checkpointer(tmp_path / "preempt" / "checkpoints").latest_step() == 2
+    assert result.preempted and result.end_step == 1
+    assert Checkpointer(tmp_path / "preempt" / "checkpoints").latest_step() == 1
     assert signal.getsignal(signal.SIGTERM) is signal.SIG_DFL  # handler restored
+    resumed_seen: list[str] = []
+    resumed = make_trainer(tmp_path, "preempt", resumed_seen, steps=2)
+    assert resumed.fit().end_step == 2
+    assert resumed_seen == seen[2:4]  # step 2 trains on the micro-batches read when SIGTERM came
 
 
 def test_exhausted_data_ends_the_run_with_a_checkpoint(tmp_path, capsys):
@@ -164,7 +172,8 @@ def test_exhausted_data_ends_the_run_with_a_checkpoint(tmp_path, capsys):
     def stop():
         raise StopIteration
 
-    trainer.data = Interrupting(trainer.data, 4, stop)  # step 2 cannot be completed
+    shard = trainer.data.iterators
+    shard[0] = Interrupting(shard[0], 4, stop)  # step 2 cannot be completed
     result = trainer.fit()
     assert (result.end_step, result.preempted) == (1, False)
     assert Checkpointer(tmp_path / "finite" / "checkpoints").latest_step() == 1

@@ -247,13 +247,14 @@ def default_data_config():
             image_processor_path="",  # "" = Qwen2.5-VL defaults with min/max_pixels below
             min_pixels=56 * 56,
             max_pixels=56 * 56,
-            batch_size=4,
+            batch_size=4,  # rows per data shard (= per process by default)
+            shards=0,  # data shards of the global batch (0: one per process); see train/data_shards.py
             max_len=256,
             packing=True,
             overflow="truncate",  # truncate | drop
             on_bad_image="error",  # error | skip
-            max_images=16,  # per batch; image_grid_thw is padded to this many rows
-            max_patches=256,  # per batch; pixel_values is padded to this many rows
+            max_images=16,  # per shard's batch; image_grid_thw is padded to this many rows
+            max_patches=256,  # per shard's batch; pixel_values is padded to this many rows
             seed=0,
             shuffle=True,
             num_epochs=0,  # 0 = repeat forever

@@ -4,8 +4,13 @@ rewards and per-token log-probs.
 Host side (numpy): prompts are left-padded and repeated G times (responses of a prompt are
 contiguous, so row r belongs to prompt r // G), each repeat carrying its prompt's image patches;
 responses are cut at the first EOS (the EOS token itself is part of the response and is trained on);
-rewards are computed on the decoded text. Device side: `qwen2_5_vl.generate` samples, and
+rewards are computed on the decoded text. Device side: `qwen2_5_vl.generate_prepared` samples, and
 `response_logprobs` scores the responses in one forward pass of the whole sequence.
+
+Across processes every process holds the whole rollout on the host (prompts, responses, rewards:
+the same decisions everywhere) but feeds the devices only its own rows (`multihost.local_rows`)
+and their image patches: each process's patches form one block of the global patch array, padded
+to the same size and split over the batch axes like the rows (never replicated).
 """
 
 from __future__ import annotations
@@ -20,9 +25,12 @@ import numpy as np
 from flax import nnx
 
 from pathor1_jax.kernels.policy_loss import token_logprobs
+from pathor1_jax.logical import current_rules
 from pathor1_jax.models import qwen2_5_vl
 from pathor1_jax.models.qwen2_5_vl import Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration
 from pathor1_jax.rl import rewards as rl_rewards
+from pathor1_jax.sharding.multihost import local_batch_devices, local_rows, to_global, to_host
+from pathor1_jax.train.lm import offset_to_block
 
 
 @dataclasses.dataclass(frozen=True)
@@ -212,14 +220,22 @@ def rollout(
     eos, pad = special_ids(model.config, eos_token_id, pad_token_id)
     prompts = list(prompts)
     ids, mask = pad_prompts(prompts, group_size, pad, prompt_len)
-    pixels, grids = sample_images(prompts, np.arange(len(ids)), group_size)
-    responses = np.asarray(
-        qwen2_5_vl.generate(
+    rows = np.arange(len(ids))
+    part, block, _ = local_rows(len(rows))
+    unit = model.config.vision.spatial_merge_size**2
+    num_patches = block_patches(prompts, [rows], group_size, unit)
+    inputs = device_inputs(
+        model.config, ids[part], mask[part], prompts, rows[part], group_size, num_patches, block
+    )
+    responses = to_host(
+        qwen2_5_vl.generate_prepared(
             model,
-            ids,
-            mask,
-            pixels,
-            grids,
+            inputs["input_ids"],
+            inputs["segment_ids"],
+            inputs["position_ids"],
+            inputs["pixel_values"],
+            inputs["vision_index"],
+            inputs["image_feature_index"],
             max_new_tokens=max_new_tokens,
             temperature=temperature,
             top_p=top_p,
@@ -251,42 +267,92 @@ def rollout(
     )
 
 
-def sequence_inputs(
-    config: Qwen2_5_VLConfig, batch: Rollout, rows: np.ndarray, num_patches: int | None = None
-) -> dict:
-    """Model inputs of the full sequences (prompt + response) of some rows, host-computed for jit.
+def block_patches(
+    prompts: Sequence[Prompt], row_sets: Sequence[np.ndarray], group_size: int, merge_unit: int
+) -> int | None:
+    """Image patches per process block, the same for all (row r shows the images of prompt
+    r // group_size; each process feeds its block of every row set): the most any block of any row
+    set needs, in whole merge groups split evenly over a process's devices. None without images."""
+    needed = [
+        sum(prompts[r // group_size].num_patches for r in part)
+        for rows in row_sets
+        for part in np.split(rows, local_rows(len(rows))[2])
+    ]
+    if not any(needed):
+        return None
+    ctx = current_rules()
+    unit = merge_unit * (1 if ctx is None else local_batch_devices(*ctx))
+    return -(-max(needed) // unit) * unit
 
-    Positions follow `generate` (M-RoPE with images; 1D `cumsum(mask) − 1` for text only) so the
-    scored log-probs are those of the sampling policy. Image patches are zero-padded to
-    `num_patches` (fixed shapes across mini-batches). Image-pad ids sampled inside a response are
-    fed as pad ids (the vision tower fills image-pad slots of the prompt only; targets are untouched).
-    """
-    p = batch.prompt_ids.shape[1]
-    _, pad = special_ids(config)
-    responses = batch.responses[rows]
-    response_inputs = np.where(responses == config.image_token_id, pad, responses)
-    ids = np.concatenate([batch.prompt_ids[rows], response_inputs], axis=1).astype(np.int32)
-    mask = np.concatenate([batch.prompt_mask[rows], batch.response_mask[rows]], axis=1).astype(np.int32)
-    pixels, grids = sample_images(batch.prompts, rows, batch.group_size)
-    if pixels is None:
+
+def device_inputs(
+    config: Qwen2_5_VLConfig,
+    ids: np.ndarray,
+    mask: np.ndarray,
+    prompts: Sequence[Prompt],
+    rows: np.ndarray,
+    group_size: int,
+    num_patches: int | None,
+    block: int,
+) -> dict:
+    """Model inputs of this process's rows `rows` of a batch, block `block` of it (`ids`/`mask`
+    `[b, T]`; row r shows the images of prompt r // group_size, in its image-pad tokens), as arrays
+    of the global batch: M-RoPE positions with images, 1D `cumsum(mask) − 1` for text only; the
+    rows' patches zero-padded to `num_patches` (see `block_patches`) and numbered as the block's."""
+    out = {"input_ids": to_global(ids), "segment_ids": to_global(mask)}
+    if num_patches is None:  # no image in the whole batch
         positions = np.maximum(np.cumsum(mask, axis=-1) - 1, 0) * mask
         position_ids = np.broadcast_to(positions, (3, *ids.shape)).astype(np.int32)
-        vision_index = None
-    else:
-        if num_patches is not None and num_patches > len(pixels):
-            pixels = np.pad(pixels, ((0, num_patches - len(pixels)), (0, 0)))
-        token_types = np.zeros_like(ids)
-        token_types[:, :p] = ids[:, :p] == config.image_token_id
-        prepared = qwen2_5_vl.prepare_inputs(config, ids, mask, grids, token_types, len(pixels))
-        position_ids, vision_index = prepared["position_ids"], prepared["vision_index"]
+        return {**out, "position_ids": to_global(position_ids, axis=1), "pixel_values": None,
+                "vision_index": None, "image_feature_index": None}  # fmt: skip
+    pixels, grids = sample_images(prompts, rows, group_size)
+    if pixels is None:  # this block shows no image, others do
+        pixels, grids = np.zeros((0, config.vision.patch_dim), np.float32), np.zeros((0, 3), np.int64)
+    is_image = ids == config.image_token_id
+    prepared = qwen2_5_vl.prepare_inputs(
+        config, ids, mask, grids if len(grids) else None, is_image.astype(np.int32), num_patches
+    )
+    order = np.cumsum(is_image.reshape(-1)).reshape(is_image.shape) - 1
+    local = offset_to_block(
+        {
+            "pixel_values": np.pad(pixels, ((0, num_patches - len(pixels)), (0, 0))),
+            "vision_index": qwen2_5_vl.vision_index(grids, config.vision, num_patches),
+            "image_feature_index": np.where(is_image, order, -1).astype(np.int32),
+        },
+        block,
+        config.vision.spatial_merge_size**2,
+    )
     return {
-        "input_ids": jnp.asarray(ids),
-        "segment_ids": jnp.asarray(mask),
-        "pixel_values": None if pixels is None else jnp.asarray(pixels),
-        "position_ids": jnp.asarray(position_ids, jnp.int32),
-        "vision_index": vision_index,
-        "targets": jnp.asarray(responses.astype(np.int32)),
-        "response_mask": jnp.asarray(batch.response_mask[rows].astype(np.int32)),
+        **out,
+        "position_ids": to_global(np.asarray(prepared["position_ids"], np.int32), axis=1),
+        "pixel_values": to_global(local["pixel_values"]),
+        "vision_index": to_global(local["vision_index"]),
+        "image_feature_index": to_global(local["image_feature_index"]),
+    }
+
+
+def sequence_inputs(
+    config: Qwen2_5_VLConfig, batch: Rollout, rows: np.ndarray, num_patches: int | None
+) -> dict:
+    """Model inputs of the full sequences (prompt + response) of the row set `rows`, this process's
+    rows of it fed to the devices (see `device_inputs`; `num_patches` from `block_patches`).
+
+    Positions follow `generate` so the scored log-probs are those of the sampling policy. Image-pad
+    ids sampled inside a response are fed as pad ids (the vision tower fills image-pad slots of the
+    prompt only; targets are untouched).
+    """
+    part, block, _ = local_rows(len(rows))
+    mine = rows[part]
+    _, pad = special_ids(config)
+    responses = batch.responses[mine]
+    response_inputs = np.where(responses == config.image_token_id, pad, responses)
+    ids = np.concatenate([batch.prompt_ids[mine], response_inputs], axis=1).astype(np.int32)
+    mask = np.concatenate([batch.prompt_mask[mine], batch.response_mask[mine]], axis=1).astype(np.int32)
+    inputs = device_inputs(config, ids, mask, batch.prompts, mine, batch.group_size, num_patches, block)
+    return {
+        **inputs,
+        "targets": to_global(responses.astype(np.int32)),
+        "response_mask": to_global(batch.response_mask[mine].astype(np.int32)),
     }
 
 
@@ -298,6 +364,7 @@ def response_hidden(model: Qwen2_5_VLForConditionalGeneration, inputs: dict) -> 
         position_ids=inputs["position_ids"],
         segment_ids=inputs["segment_ids"],
         vision_index=inputs["vision_index"],
+        image_feature_index=inputs["image_feature_index"],
     )  # [B, P + R, D]
     r = inputs["targets"].shape[1]
     return hidden[:, -r - 1 : -1]
@@ -327,12 +394,6 @@ def minibatch_rows(num_groups: int, group_size: int, groups_per_minibatch: int) 
     ]
 
 
-def max_patches(batch: Rollout, row_sets: Sequence[np.ndarray]) -> int | None:
-    """The most image patches any of the row sets needs (one padded size for all mini-batches)."""
-    counts = [sum(batch.prompts[r // batch.group_size].num_patches for r in rows) for rows in row_sets]
-    return max(counts) if any(counts) else None
-
-
 def fill_logprobs(
     model: Qwen2_5_VLForConditionalGeneration,
     batch: Rollout,
@@ -345,13 +406,14 @@ def fill_logprobs(
     """Store π_old (and π_ref when a reference model is given) log-probs of every response token, at
     the rollout's sampling `temperature`."""
     row_sets = minibatch_rows(batch.num_groups, batch.group_size, groups_per_minibatch)
-    num_patches = max_patches(batch, row_sets)
+    unit = model.config.vision.spatial_merge_size**2
+    num_patches = block_patches(batch.prompts, row_sets, batch.group_size, unit)
     old, ref = [], []
     for rows in row_sets:
         inputs = sequence_inputs(model.config, batch, rows, num_patches)
-        old.append(np.asarray(response_logprobs(model, inputs, impl=impl, temperature=temperature)))
+        old.append(to_host(response_logprobs(model, inputs, impl=impl, temperature=temperature)))
         if reference is not None:
-            ref.append(np.asarray(response_logprobs(reference, inputs, impl=impl, temperature=temperature)))
+            ref.append(to_host(response_logprobs(reference, inputs, impl=impl, temperature=temperature)))
     batch.old_logprobs = np.concatenate(old)
     batch.ref_logprobs = np.concatenate(ref) if reference is not None else None
     return batch

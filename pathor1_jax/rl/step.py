@@ -28,13 +28,14 @@ from pathor1_jax.rl.losses import AGG_MODES, dapo_loss, grpo_loss
 from pathor1_jax.rl.rollout import (
     Prompt,
     Rollout,
+    block_patches,
     concat_rollouts,
     fill_logprobs,
-    max_patches,
     minibatch_rows,
     response_hidden,
     sequence_inputs,
 )
+from pathor1_jax.sharding.multihost import local_rows, to_global
 from pathor1_jax.train.step import StepSpec, zero_frozen
 
 SHORT_BATCH = ("error", "train")
@@ -256,14 +257,15 @@ def apply_updates(
             if not batch.response_mask[rows].any():
                 skipped += 1
                 continue
-            ref = None if batch.ref_logprobs is None else jnp.asarray(batch.ref_logprobs[rows])
+            mine = rows[local_rows(len(rows))[0]]  # this process's rows, fed to its devices
+            ref = None if batch.ref_logprobs is None else to_global(batch.ref_logprobs[mine])
             state, m = jit_update(
                 spec,
                 cfg,
                 state,
                 mb,
-                jnp.asarray(batch.old_logprobs[rows]),
-                jnp.asarray(advantages[rows], jnp.float32),
+                to_global(batch.old_logprobs[mine]),
+                to_global(advantages[mine].astype(np.float32)),
                 ref,
             )
             history.append(m)
@@ -331,7 +333,8 @@ def rl_step(
     )
     t2 = time.perf_counter()
     row_sets = minibatch_rows(batch.num_groups, batch.group_size, groups_per_minibatch)
-    num_patches = max_patches(batch, row_sets)
+    unit = model.config.vision.spatial_merge_size**2
+    num_patches = block_patches(batch.prompts, row_sets, batch.group_size, unit)
     inputs = [sequence_inputs(model.config, batch, rows, num_patches) for rows in row_sets]
     state, history, skipped = apply_updates(spec, cfg, state, batch, advantages, row_sets, inputs, mu)
     history = jax.device_get(history)

@@ -37,7 +37,7 @@ from pathor1_jax.rl.step import (
     jit_update,
     rl_step,
 )
-from pathor1_jax.sharding.multihost import batch_spec, is_main_process
+from pathor1_jax.sharding.multihost import PeerFailure, any_process, batch_spec, is_main_process
 from pathor1_jax.sharding.params import create_sharded
 from pathor1_jax.train.aot import AotStep, qwen_flops, sds
 from pathor1_jax.train.defaults import base_config
@@ -240,13 +240,18 @@ class RLTrainer(Trainer):
         writer = MetricsWriter(self.out_dir, resume_step=self.start_step)
         step = self.start_step
         first = last = None
-        preempted = False
+        preempted = lost_peer = False
         bar = tqdm(
             total=self.rl_steps, initial=step, desc=rl.algo, disable=not is_main_process(), dynamic_ncols=True
         )
         try:
-            with _Preemption() as preemption, use_rules(self.mesh, self.rules):
+            with _Preemption() as preemption, use_rules(self.mesh, self.rules), self.peer_failures():
                 while step < self.rl_steps:
+                    # every process stops at the same step on a SIGTERM to any of them (preemption)
+                    (preempted,) = any_process(preemption.requested)
+                    if preempted:
+                        self.save(step, self.data.get_state())
+                        break
                     t0 = time.perf_counter()
                     try:
                         self.state, metrics = self._step()
@@ -263,15 +268,16 @@ class RLTrainer(Trainer):
                     writer.write(step, metrics)
                     bar.set_postfix(reward=f"{last:.3f}", acc=f"{metrics['reward/accuracy']:.2f}")
                     bar.update(1)
-                    if preemption.requested:
-                        preempted = True
-                        self.checkpointer.save(step, self.state, self.data.get_state())
-                        break
                     if step % int(self.config.train.ckpt_every) == 0 or step == self.rl_steps:
-                        self.checkpointer.save(step, self.state, self.data.get_state())
+                        self.save(step, self.data.get_state())
+                self.checkpointer.wait()
+        except PeerFailure:
+            lost_peer = True
+            raise
         finally:
             bar.close()
-            self.checkpointer.close()
+            if not lost_peer:  # a save in flight cannot complete without the lost process
+                self.checkpointer.close()
             writer.close()
         if is_main_process() and not preempted and writer.path.exists():
             plot_losses([(rl.algo, writer.path)], self.out_dir / "reward.png", key="reward/mean")
@@ -301,8 +307,8 @@ def rl_aot_step(config: ml_collections.ConfigDict, mesh: Mesh, rules: Rules, num
     `rl.groups_per_minibatch × rl.group_size` rows (global: the rollout batch is the run's, not a
     process's) of `rl.prompt_len + rl.max_new_tokens` tokens, each row with its prompt's image at
     `data.max_pixels` (every row carries its own copy of the group's image, as `sequence_inputs`
-    feeds them), π_old and (GRPO with β ≠ 0) π_ref log-probs. Rows are split over the mesh's batch
-    axes, patches too across hosts, as the trainer lays out the LM stages' batches."""
+    feeds them), π_old and (GRPO with β ≠ 0) π_ref log-probs. Rows and image patches are split over
+    the mesh's batch axes, as `rollout.sequence_inputs` lays them out (each process's block)."""
     rl = config.rl
     cfg = model_config(config.model)
     freeze = tuple(config.get("freeze") or ())
@@ -322,22 +328,20 @@ def rl_aot_step(config: ml_collections.ConfigDict, mesh: Mesh, rules: Rules, num
     patches = rows * image
     split = batch_spec(rules)[0]
 
-    def field(shape, dtype=np.int32, axis=0, split_it=True):
-        spec = PartitionSpec(*([None] * axis), split) if split_it else PartitionSpec()
-        return sds(shape, dtype, NamedSharding(mesh, spec))
+    def field(shape, dtype=np.int32, axis=0):
+        return sds(shape, dtype, NamedSharding(mesh, PartitionSpec(*([None] * axis), split)))
 
-    per_patch = dict(split_it=num_hosts > 1)  # patches: each process's own block across hosts
     unit = cfg.vision.spatial_merge_size**2
     inputs = {
         "input_ids": field((rows, length)),
         "segment_ids": field((rows, length)),
-        "pixel_values": field((patches, cfg.vision.patch_dim), np.float32, **per_patch) if patches else None,
+        "pixel_values": field((patches, cfg.vision.patch_dim), np.float32) if patches else None,
         "position_ids": field((3, rows, length), axis=1),
         "vision_index": qwen2_5_vl.VisionIndex(
-            window_index=field((patches // unit,), **per_patch),
-            window_segment_ids=field((patches,), **per_patch),
-            frame_segment_ids=field((patches,), **per_patch),
-            rotary_pos_ids=field((patches, 2), **per_patch),
+            window_index=field((patches // unit,)),
+            window_segment_ids=field((patches,)),
+            frame_segment_ids=field((patches,)),
+            rotary_pos_ids=field((patches, 2)),
         )
         if patches
         else None,

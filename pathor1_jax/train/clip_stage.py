@@ -52,7 +52,8 @@ def base_clip_config() -> ml_collections.ConfigDict:
         scan_layers=True,  # each tower's layers stacked under one scanned body
         remat="none",  # per-layer rematerialisation: none | full | dots | dots_no_batch
     )
-    config.data = dict(source="demo", split="train", include="", batch_size=16, seed=0)
+    # batch_size: pairs per data shard; the contrastive batch is all shards' (shards 0: one per process)
+    config.data = dict(source="demo", split="train", include="", batch_size=16, shards=0, seed=0)
     config.optim = dict(
         lr=5e-4, warmup_steps=5, min_lr_ratio=0.1, b1=0.9, b2=0.98, eps=1e-6, weight_decay=0.1, clip_norm=1.0
     )
@@ -167,11 +168,15 @@ def run_clip(config: ml_collections.ConfigDict, out_dir: str | Path | None = Non
     out_dir = Path(out_dir or config.train.out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     (out_dir / "run_config.json").write_text(config.to_json_best_effort(indent=2))
-    data = clip_batches(caption_records(config.data), cfg, int(config.data.batch_size), int(config.data.seed))
+    records = caption_records(config.data)
+
+    def shard(index: int, count: int) -> grain.DatasetIterator:
+        return clip_batches(records[index::count], cfg, int(config.data.batch_size), int(config.data.seed))
+
     stage = Stage(name="clip", step=contrastive_step, prepare=lambda b: b)
     seed = int(config.model.seed)
     layers = layer_options(config.model)
-    trainer = Trainer(config, stage, lambda: clip.CLIPModel(cfg, rngs=nnx.Rngs(seed), **layers), data,
+    trainer = Trainer(config, stage, lambda: clip.CLIPModel(cfg, rngs=nnx.Rngs(seed), **layers), shard,
                       out_dir, initial_params(config.model))  # fmt: skip
     return trainer.fit()
 

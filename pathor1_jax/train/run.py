@@ -99,11 +99,16 @@ def initial_params(
     )
 
 
+def shard_iterator(data: ml_collections.ConfigDict, cfg: qwen2_5_vl.Qwen2_5_VLConfig, index: int, count: int):
+    """The batches of data shard `index` of `count` (records `index::count`)."""
+    from pathor1_jax.data.pipeline import batch_iterator_from_config
+
+    return batch_iterator_from_config(data, cfg, shard=(index, count))
+
+
 def run_lm(config: ml_collections.ConfigDict, out_dir: str | Path | None = None) -> StageResult:
     """Train the language-model stage `config.stage` (cpt or sft) on `config.data`, writing to
     `out_dir` (default `config.train.out_dir`)."""
-    from pathor1_jax.data.pipeline import batch_iterator_from_config
-
     if config.stage not in STEPS:
         raise ValueError(f"config.stage={config.stage!r}: expected one of {sorted(STEPS)}")
     cfg = model_config(config.model)
@@ -117,10 +122,10 @@ def run_lm(config: ml_collections.ConfigDict, out_dir: str | Path | None = None)
         prepare=lambda b: prepare_batch(b, cfg),
         globalize=lambda b, block: offset_to_block(b, block, unit),
     )
-    data = batch_iterator_from_config(config.data, cfg)
     layout = (make_mesh(dict(config.mesh)), rules_from_config(config.get("sharding")))
     init = initial_params(config.model, layout)
-    trainer = Trainer(config, stage, model_factory(config.model, cfg), data, out_dir, init)
+    shards = partial(shard_iterator, config.data, cfg)
+    trainer = Trainer(config, stage, model_factory(config.model, cfg), shards, out_dir, init)
     return trainer.fit()
 
 

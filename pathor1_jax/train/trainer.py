@@ -1,16 +1,19 @@
 """The training loop shared by the stages: mesh, optimizer, resume, checkpoints, metrics, SIGTERM.
 
-    result = Trainer(config, stage, make_model, data).fit()
+    result = Trainer(config, stage, make_model, data, out_dir).fit()
 
 `config` blocks used here: `train` (steps, grad_accum, log_every, ckpt_every, keep, seed),
-`optim` (see `optim.py`), `freeze` (regexes), `mesh` and `sharding` (see `pathor1_jax.sharding`).
-`stage` supplies the jitted step and the host-side preparation of a micro-batch; `data` is an
-iterator of micro-batches (dicts of numpy arrays) with `get_state()` / `set_state(state)`.
+`optim` (see `optim.py`), `freeze` (regexes), `mesh` and `sharding` (see `pathor1_jax.sharding`),
+`data.shards`. `stage` supplies the jitted step and the host-side preparation of a micro-batch;
+`data` makes the input pipeline of one data shard (`(shard, num_shards) -> iterator` of host
+micro-batches with `get_state()` / `set_state(state)`); each process feeds its shards' rows of
+the global batch (see `data_shards.py`).
 
 A run directory holds `checkpoints/`, `metrics.jsonl`, `tensorboard/` and `loss.png`. Starting a
 run whose directory has a checkpoint resumes it exactly: parameters, optimizer state, step, RNG
-and the position of the data iterator. SIGTERM (preemption) saves a checkpoint at the end of the
-current step and returns with `preempted=True`.
+and the position of every data shard, on the same or another process layout (orbax lays the
+arrays out for the new mesh). SIGTERM (preemption) to any process stops every process at the same
+step (they agree at each step), saves one checkpoint and returns with `preempted=True`.
 """
 
 from __future__ import annotations
@@ -20,8 +23,9 @@ import math
 import signal
 import sys
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import jax
 import ml_collections
@@ -32,24 +36,33 @@ from tqdm import tqdm
 
 from pathor1_jax.logical import use_rules
 from pathor1_jax.sharding.mesh import make_mesh
-from pathor1_jax.sharding.multihost import batch_spec, is_main_process
+from pathor1_jax.sharding.multihost import (
+    PeerFailure,
+    any_process,
+    axis_names,
+    batch_block,
+    batch_spec,
+    is_main_process,
+    local_batch_devices,
+    peer_failures,
+)
 from pathor1_jax.sharding.params import create_sharded
 from pathor1_jax.sharding.rules import rules_from_config
 from pathor1_jax.train.checkpoint import Checkpointer
+from pathor1_jax.train.data_shards import ShardedData, ShardFactory
 from pathor1_jax.train.metrics import MetricsWriter, plot_losses
 from pathor1_jax.train.optim import make_optimizer
 from pathor1_jax.train.result import StageResult
 from pathor1_jax.train.step import StepSpec, init_state
 
-# Where the batch dimension sits in each micro-batch field after stacking (`[accum, ...]`); other
-# fields (pixel patches, vision bookkeeping) are replicated (single process only).
-BATCH_AXIS = {
-    "input_ids": 1, "labels": 1, "segment_ids": 1, "attention_mask": 1, "position_ids": 2, "images": 1,
-    "image_feature_index": 1,
+# Where each field of a host micro-batch keeps its rows (split over the mesh's batch axes) and, for
+# image patches and their bookkeeping, its patches (the data shards' blocks in order, split the same
+# way across several shards, replicated with one). A field in neither table is an error.
+ROW_AXIS = {
+    "input_ids": 0, "labels": 0, "segment_ids": 0, "attention_mask": 0, "position_ids": 1, "images": 0,
+    "image_feature_index": 0,
 }  # fmt: skip
-# Fields whose axis 1 (after stacking) holds each process's own pixel patches: replicated on one
-# process; across processes, the processes' blocks in order along the batch axes (see `Stage.globalize`).
-PATCH_AXIS = {"pixel_values": 1, "vision_index": 1}
+PATCH_AXIS = {"pixel_values": 0, "vision_index": 0}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -60,8 +73,8 @@ class Stage:
     name: str
     step: Callable[[StepSpec, dict, dict], tuple[dict, dict]]
     prepare: Callable[[dict], dict]
-    # (stacked host batch, this process's block index along the batch axes) → the batch numbered as
-    # that block of the global batch; needed only across processes (e.g. image patches).
+    # (prepared micro-batch of one data shard, shard index) → the micro-batch numbered as that
+    # shard's block of the global batch (image patches: see `lm.offset_to_block`); None = as is.
     globalize: Callable[[dict, int], dict] | None = None
 
 
@@ -93,47 +106,60 @@ def stack_micro_batches(micro_batches: list[dict]) -> dict:
     return {k: jax.tree.map(lambda *xs: np.stack(xs), *[m[k] for m in micro_batches]) for k in keys}
 
 
-def batch_field_sharding(key: str, mesh: Mesh, rules, multi_process: bool) -> NamedSharding:
-    """The layout of a stacked batch field: token fields split on the mesh's batch axes (at
-    `BATCH_AXIS`), pixel patches too across processes (`PATCH_AXIS`), anything else replicated."""
-    spec = batch_spec(rules)
-    if key in BATCH_AXIS:
-        return NamedSharding(mesh, PartitionSpec(*([None] * BATCH_AXIS[key]), spec[0]))
-    if multi_process and key in PATCH_AXIS:
-        return NamedSharding(mesh, PartitionSpec(*([None] * PATCH_AXIS[key]), spec[0]))
-    if multi_process:
-        raise NotImplementedError(f"batch field {key!r}: no known batch axis to feed it per process")
-    return NamedSharding(mesh, PartitionSpec())
+def field_axis(key: str) -> int:
+    """The axis of a micro-batch field that `merge_shards` and `put_batch` split (rows or patches)."""
+    axis = ROW_AXIS.get(key, PATCH_AXIS.get(key))
+    if axis is None:
+        raise ValueError(
+            f"batch field {key!r}: neither a row field {sorted(ROW_AXIS)} nor a patch field "
+            f"{sorted(PATCH_AXIS)} of pathor1_jax.train.trainer, so it cannot be split across the mesh"
+        )
+    return axis
+
+
+def merge_shards(parts: list[dict]) -> dict:
+    """The micro-batches of consecutive data shards as one: rows and patches concatenated."""
+    if len(parts) == 1:
+        return parts[0]
+
+    def concat(key):
+        axis = field_axis(key)
+        return jax.tree.map(lambda *xs: np.concatenate(xs, axis=axis), *[p[key] for p in parts])
+
+    return {k: concat(k) for k in parts[0]}
+
+
+def batch_field_sharding(key: str, mesh: Mesh, rules, split_patches: bool) -> NamedSharding:
+    """The layout of a stacked batch field (`[accum, ...]`): rows split over the mesh's batch axes;
+    patch fields split the same way when `split_patches` (several data shards: each shard's patches
+    are its block of the global batch, see `Stage.globalize`), else replicated."""
+    axis = field_axis(key) + 1  # after the leading [accum] axis
+    split = key in ROW_AXIS or split_patches
+    spec = PartitionSpec(*([None] * axis), batch_spec(rules)[0]) if split else PartitionSpec()
+    return NamedSharding(mesh, spec)
 
 
 def batch_parts(mesh: Mesh, rules) -> int:
     """How many ways the rules split the batch dimension on `mesh`."""
-    return math.prod(mesh.shape[a] for a in _names(batch_spec(rules)[0]))
+    return math.prod(mesh.shape[a] for a in axis_names(batch_spec(rules)[0]))
 
 
-def put_batch(batch: dict, mesh: Mesh, rules) -> dict:
-    """Host batch → global arrays laid out by `batch_field_sharding`."""
+def put_batch(batch: dict, mesh: Mesh, rules, split_patches: bool = False) -> dict:
+    """Stacked host batch (this process's rows) → global arrays laid out by `batch_field_sharding`."""
+    local_parts = local_batch_devices(mesh, rules)
     out = {}
     for key, value in batch.items():
-        parts = batch_parts(mesh, rules)
-        if key in BATCH_AXIS and value.shape[BATCH_AXIS[key]] % parts:
+        sharding = batch_field_sharding(key, mesh, rules, split_patches)
+        axis = field_axis(key) + 1
+        if key in ROW_AXIS and value.shape[axis] % local_parts:
             raise ValueError(
-                f"batch field {key!r}: batch size {value.shape[BATCH_AXIS[key]]} is not divisible by the "
-                f"{parts} devices of mesh axes {batch_spec(rules)[0]!r}"
+                f"batch field {key!r}: {value.shape[axis]} rows per process do not split over this "
+                f"process's {local_parts} devices of mesh axes {batch_spec(rules)[0]!r}"
             )
-        sharding = batch_field_sharding(key, mesh, rules, jax.process_count() > 1)
         out[key] = jax.tree.map(
             lambda x, s=sharding: jax.make_array_from_process_local_data(s, np.asarray(x)), value
         )
     return out
-
-
-def process_block(mesh: Mesh, rules, local_rows: int) -> int:
-    """This process's block index along the batch axes: which slice of the global batch (every
-    process feeding `local_rows` rows) its rows, and so its image patches, become."""
-    sharding = NamedSharding(mesh, PartitionSpec(batch_spec(rules)[0]))
-    indices = sharding.addressable_devices_indices_map((local_rows * jax.process_count(),)).values()
-    return min(idx[0].start or 0 for idx in indices) // local_rows
 
 
 def on_mesh(tree, mesh: Mesh):
@@ -145,32 +171,33 @@ def on_mesh(tree, mesh: Mesh):
     )
 
 
-def _names(entry) -> tuple[str, ...]:
-    if entry is None:
-        return ()
-    return (entry,) if isinstance(entry, str) else tuple(entry)
-
-
 class Trainer:
     def __init__(
         self,
         config: ml_collections.ConfigDict,
         stage: Stage,
         make_model: Callable[[], nnx.Module],
-        data: Iterator[dict],
+        data: ShardFactory | Any,
         out_dir: str | Path,
         init_params: Callable[[dict], dict] | None = None,
     ):
-        """init_params: maps freshly initialised params to the starting ones (pretrained weights,
+        """data: `(shard index, shard count) -> iterator of host micro-batches` (see `data_shards`;
+        `config.data.shards` of them make the global batch), or, for a subclass driving its own
+        loop, any object with `get_state()` / `set_state(state)`.
+        init_params: maps freshly initialised params to the starting ones (pretrained weights,
         the previous stage's checkpoint); not used when resuming this run's own checkpoint."""
         self.config = config
         self.stage = stage
-        self.data = data
         self.out_dir = Path(out_dir)
         self.total_steps = int(config.train.steps)
         self.accum = int(config.train.grad_accum)
         self.mesh = make_mesh(dict(config.mesh))
         self.rules = rules_from_config(config.get("sharding"))
+        if hasattr(data, "get_state"):
+            self.data = data
+        else:
+            shards = int(config.data.shards)
+            self.data = ShardedData(data, shards, batch_block(self.mesh, self.rules))
         with use_rules(self.mesh, self.rules):
             model = create_sharded(make_model, self.mesh, self.rules)
         freeze = tuple(config.get("freeze") or ())
@@ -179,7 +206,7 @@ class Trainer:
         self.state = on_mesh(state, self.mesh)
         self.spec = StepSpec(graphdef=graphdef, tx=tx, freeze=freeze)
         self.checkpointer = Checkpointer(self.out_dir / "checkpoints", keep=int(config.train.keep))
-        self.start_step = self.checkpointer.latest_step()
+        self.start_step = self.saved_step = self.checkpointer.latest_step()
         if self.start_step is not None:
             self.state, data_state = self.checkpointer.restore(self.start_step, self.state)
             self.data.set_state(data_state)
@@ -198,20 +225,42 @@ class Trainer:
         return sum(sizes), sum(s for s, lab in zip(sizes, labels, strict=True) if lab != FROZEN)
 
     def _next_batch(self) -> tuple[dict, int]:
-        """`grad_accum` prepared micro-batches stacked, and the non-padding tokens of all processes
-        (the examples, for batches without `segment_ids`)."""
-        micro = [self.stage.prepare(next(self.data)) for _ in range(self.accum)]
+        """`grad_accum` micro-batches (this process's data shards prepared, numbered as their blocks of
+        the global batch and merged) stacked, and the non-padding tokens of all processes (the
+        examples, for batches without `segment_ids`)."""
+        micro = []
+        for _ in range(self.accum):
+            parts = []
+            for shard, batch in next(self.data):
+                prepared = self.stage.prepare(batch)
+                if self.stage.globalize is not None:
+                    prepared = self.stage.globalize(prepared, shard)
+                parts.append(prepared)
+            micro.append(merge_shards(parts))
         local = sum(
             int((m["segment_ids"] != 0).sum()) if "segment_ids" in m else len(m["input_ids"]) for m in micro
         )
-        return stack_micro_batches(micro), local * jax.process_count()
+        return stack_micro_batches(micro), local * self.data.block[1]
+
+    def peer_failures(self):
+        """Errors from a lost process become `PeerFailure`s that say what to do."""
+        return peer_failures(
+            f"the last complete checkpoint under {self.checkpointer.directory} is intact; rerun the same "
+            "command to resume from it"
+        )
+
+    def save(self, step: int, data_state) -> None:
+        """Checkpoint `step` (once: a step already saved, e.g. the one resumed from, is skipped)."""
+        if step != self.saved_step:
+            self.checkpointer.save(step, self.state, data_state)
+            self.saved_step = step
 
     def fit(self) -> StageResult:
         cfg = self.config.train
         writer = MetricsWriter(self.out_dir, resume_step=self.start_step)
         step = self.start_step
         first = last = None
-        preempted = False
+        preempted = lost_peer = False
         bar = tqdm(
             total=self.total_steps,
             initial=step,
@@ -220,22 +269,25 @@ class Trainer:
             dynamic_ncols=True,
         )
         try:
-            with _Preemption() as preemption, use_rules(self.mesh, self.rules):
+            with _Preemption() as preemption, use_rules(self.mesh, self.rules), self.peer_failures():
                 while step < self.total_steps:
                     t0 = time.perf_counter()
+                    position = self.data.local_state()
                     try:
                         host_batch, tokens = self._next_batch()
                     except StopIteration:  # a finite data config (data.num_epochs) ran out
-                        print(f"{self.stage.name}: data exhausted after step {step}", file=sys.stderr)
-                        if step > self.start_step:
-                            self.checkpointer.save(step, self.state, self.data.get_state())
+                        host_batch = None
+                    # every process stops at the same step: on a SIGTERM to any of them (preemption),
+                    # or when any one's data runs out
+                    preempted, exhausted = any_process(preemption.requested, host_batch is None)
+                    if preempted or exhausted:
+                        if exhausted:
+                            print(f"{self.stage.name}: data exhausted after step {step}", file=sys.stderr)
+                        self.save(step, self.data.gather_state(position))
+                        preempted = preempted and not exhausted
                         break
-                    if jax.process_count() > 1 and self.stage.globalize is not None:
-                        rows = host_batch["input_ids"].shape[1]
-                        host_batch = self.stage.globalize(
-                            host_batch, process_block(self.mesh, self.rules, rows)
-                        )
-                    batch = put_batch(host_batch, self.mesh, self.rules)
+                    split = self.data.num_shards > 1
+                    batch = put_batch(host_batch, self.mesh, self.rules, split_patches=split)
                     self.state, metrics = self.stage.step(self.spec, self.state, batch)
                     metrics = {k: float(v) for k, v in jax.device_get(metrics).items()}
                     dt = time.perf_counter() - t0
@@ -249,15 +301,16 @@ class Trainer:
                         writer.write(step, metrics)
                     bar.set_postfix(loss=f"{last:.4f}", tok_s=f"{tokens / dt:,.0f}")
                     bar.update(1)
-                    if preemption.requested:
-                        preempted = True
-                        self.checkpointer.save(step, self.state, self.data.get_state())
-                        break
                     if step % int(cfg.ckpt_every) == 0 or step == self.total_steps:
-                        self.checkpointer.save(step, self.state, self.data.get_state())
+                        self.save(step, self.data.get_state())
+                self.checkpointer.wait()
+        except PeerFailure:
+            lost_peer = True
+            raise
         finally:
             bar.close()
-            self.checkpointer.close()
+            if not lost_peer:  # a save in flight cannot complete without the lost process
+                self.checkpointer.close()
             writer.close()
         if is_main_process() and not preempted and writer.path.exists():
             plot_losses([(self.stage.name, writer.path)], self.out_dir / "loss.png")

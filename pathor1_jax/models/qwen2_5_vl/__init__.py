@@ -2,7 +2,7 @@
 
 from .checkpoint import load_pretrained, save_pretrained
 from .config import Qwen2_5_VLConfig, TextConfig, VisionConfig, tiny_config
-from .generate import generate
+from .generate import generate, generate_prepared
 from .modeling import KVCache, Qwen2_5_VLForConditionalGeneration, prepare_inputs
 from .presets import qwen2_5_vl_3b, qwen2_5_vl_7b
 from .rope import get_rope_index
@@ -16,6 +16,7 @@ __all__ = [
     "VisionConfig",
     "VisionIndex",
     "generate",
+    "generate_prepared",
     "get_rope_index",
     "load_pretrained",
     "num_image_tokens",

@@ -80,18 +80,20 @@ def _prefill(
     limit,
     temperature,
     top_p,
+    image_feature_index=None,
     *,
     max_len: int,
 ) -> DecodeState:
     """Run left-padded prompts `[B, P]` into a fresh cache of `max_len` slots (P + new tokens).
 
     Host-computed `position_ids` / `vision_index` (`prompt_inputs`); limit `[B]` int32 (a row with
-    limit 0 is finished from the start: batch padding); temperature, top_p `[B]` float32.
+    limit 0 is finished from the start: batch padding); temperature, top_p `[B]` float32;
+    image_feature_index `[B, P]` (see `Qwen2_5_VLForConditionalGeneration.embed`), None = in order.
     """
     b = input_ids.shape[0]
     lm = model.model.language_model
     cache = KVCache.init(model.config.text, b, max_len, model.dtype)
-    embeds = model.embed(input_ids, pixel_values, vision_index)
+    embeds = model.embed(input_ids, pixel_values, vision_index, image_feature_index)
     hidden, cache = lm(embeds, position_ids, attention_mask, cache)
     return DecodeState(
         logits=model.logits(hidden[:, -1:])[:, 0],
@@ -168,6 +170,7 @@ def _generate(
     attention_mask,
     pixel_values,
     vision_index,
+    image_feature_index,
     position_ids,
     key,
     *,
@@ -192,6 +195,7 @@ def _generate(
         limit,
         temperature * ones,
         top_p * ones,
+        image_feature_index,
         max_len=t + max_new_tokens,
     )
     return _decode(
@@ -268,15 +272,55 @@ def generate(
     from the image-pad tokens). eos/pad default to the config's (pad falls back to eos, as HF).
     """
     inputs = prompt_inputs(model.config, input_ids, attention_mask, pixel_values, image_grid_thw)
-    eos, pad = special_token_ids(model.config, eos_token_id, pad_token_id)
     pixels = inputs["pixel_values"]
-    return _generate(
+    return generate_prepared(
         model,
         jnp.asarray(inputs["input_ids"]),
         jnp.asarray(inputs["attention_mask"]),
+        jnp.asarray(inputs["position_ids"]),
         None if pixels is None else jnp.asarray(pixels, model.dtype),
         inputs["vision_index"],
-        jnp.asarray(inputs["position_ids"]),
+        max_new_tokens=max_new_tokens,
+        temperature=temperature,
+        top_p=top_p,
+        top_k=top_k,
+        seed=seed,
+        eos_token_id=eos_token_id,
+        pad_token_id=pad_token_id,
+    )
+
+
+def generate_prepared(
+    model: Qwen2_5_VLForConditionalGeneration,
+    input_ids: jax.Array,
+    attention_mask: jax.Array,
+    position_ids: jax.Array,
+    pixel_values: jax.Array | None = None,
+    vision_index=None,
+    image_feature_index: jax.Array | None = None,
+    *,
+    max_new_tokens: int = 32,
+    temperature: float = 0.0,
+    top_p: float = 1.0,
+    top_k: int = 0,
+    seed: int = 0,
+    eos_token_id: int | None = None,
+    pad_token_id: int | None = None,
+) -> jax.Array:
+    """`generate` on inputs whose host-side bookkeeping is done (`position_ids [3, B, T]`, and with
+    images `vision_index` and `image_feature_index`, see `Qwen2_5_VLForConditionalGeneration.embed`):
+    arrays laid out on a mesh (rows split over its batch axes, even across processes) stay so.
+    Sampling draws from `jax.random.key(seed)` over the whole batch, so a row's tokens do not depend
+    on how the rows are split."""
+    eos, pad = special_token_ids(model.config, eos_token_id, pad_token_id)
+    return _generate(
+        model,
+        input_ids,
+        attention_mask,
+        pixel_values,
+        vision_index,
+        image_feature_index,
+        position_ids,
         jax.random.key(seed),
         max_new_tokens=max_new_tokens,
         temperature=float(temperature),
