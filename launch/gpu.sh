@@ -48,14 +48,8 @@ if [[ "$NPROCS" -gt 1 ]]; then
   ENV+=("JAX_COORDINATOR_ADDRESS=$COORD" "JAX_NUM_PROCESSES=$NPROCS" "JAX_PROCESS_ID=$PID")
 fi
 
-# Print a command so that it can be pasted into a shell as is (single quotes where needed).
-show() {
-  local out="" arg
-  for arg in "$@"; do
-    if [[ "$arg" =~ ^[A-Za-z0-9_./:=,@%+-]+$ ]]; then out+="$arg "; else out+="'${arg//\'/\'\\\'\'}' "; fi
-  done
-  echo "${out% }"
-}
+# shellcheck source=launch/show.sh
+source "$(dirname "${BASH_SOURCE[0]}")/show.sh"
 
 run() {
   if [[ "$DRY_RUN" == 1 ]]; then show "$@"; else "$@"; fi

@@ -112,3 +112,61 @@ def test_gpu_passes_the_exit_status_on_and_reads_143_as_resume(tmp_path, code):
     out = launch("gpu.sh", "--config", CONFIG, env={"PATH": f"{tmp_path}:{os.environ['PATH']}"})
     assert out.returncode == code
     assert ("rerun the same command to resume" in out.stderr) == (code == 143)
+
+
+def test_tpu_multislice_dry_run_runs_every_step_on_every_slice():
+    out = launch("tpu_pod.sh", "--tpu", "ms", "--zone", "z", "--config", CONFIG, "--slices", "2", "--dry-run")
+    assert out.returncode == 0, out.stderr
+    lines = [shlex.split(line) for line in out.stdout.strip().splitlines()]
+    gcloud = ["gcloud", "compute", "tpus", "tpu-vm"]
+    assert [line[:6] for line in lines[1:]] == [
+        [*gcloud, "scp", "/tmp/pathor1_jax-src.tar.gz"], [*gcloud, "ssh", "ms-0"],
+        [*gcloud, "scp", "/tmp/pathor1_jax-src.tar.gz"], [*gcloud, "ssh", "ms-1"],
+        [*gcloud, "ssh", "ms-0"], [*gcloud, "ssh", "ms-1"], [*gcloud, "ssh", "ms-0"],
+    ]  # fmt: skip
+    assert lines[3][6] == "ms-1:~/pathor1_jax-src.tar.gz"
+    for start in lines[5:7]:
+        assert start[6] == "--worker=all" and "PATHOR1_MULTIHOST=1" in start[-1]
+    assert lines[7][6] == "--worker=0" and lines[7][-1].startswith("tail")
+    bad = launch("tpu_pod.sh", "--tpu", "ms", "--zone", "z", "--config", CONFIG, "--slices", "0", "--dry-run")
+    assert bad.returncode == 2 and "--slices must be a positive integer" in bad.stderr
+
+
+def test_slurm_dry_run_prints_sbatch_and_a_requeueing_batch_script():
+    out = launch("slurm.sh", "--config", CONFIG, "--nodes", "4", "--partition", "gpu", "--time", "24:00:00",
+                 "--dry-run", "--", "--config.train.steps=10",
+                 "--config.train.out_dir=runs/it's")  # fmt: skip
+    assert out.returncode == 0, out.stderr
+    sbatch, *script = out.stdout.strip().splitlines()
+    assert shlex.split(sbatch) == [
+        "sbatch", "--job-name=pathor1", "--nodes=4", "--ntasks-per-node=1", "--gpus-per-node=8", "--requeue",
+        "--signal=TERM@120", "--open-mode=append", "--output=pathor1-%j.log", "--partition=gpu",
+        "--time=24:00:00",
+    ]  # fmt: skip
+    assert script[0] == "#!/usr/bin/env bash" and shlex.split(script[1]) == ["cd", str(REPO)]
+    srun = shlex.split(next(line for line in script if line.startswith("srun")).split(" ||")[0])
+    assert srun == ["srun", "python3", "-m", "pathor1_jax.cli", "train", "--config", CONFIG,
+                    "--config.train.steps=10", "--config.train.out_dir=runs/it's"]  # fmt: skip
+    assert 'if [[ "$status" == 143 ]]; then' in script and any("scontrol requeue" in s for s in script)
+    missing = launch("slurm.sh", "--config", CONFIG, "--dry-run")
+    assert missing.returncode == 2 and "--config and --nodes are required" in missing.stderr
+
+
+def test_slurm_batch_script_requeues_on_143_only(tmp_path):
+    """The batch script itself, run with fake srun/scontrol: exit status passed on, requeue on 143."""
+    out = launch("slurm.sh", "--config", CONFIG, "--nodes", "2", "--dry-run")
+    script = tmp_path / "job.sh"
+    script.write_text("\n".join(out.stdout.strip().splitlines()[1:]) + "\n")
+    for code in (0, 143, 1):
+        (tmp_path / "srun").write_text(f"#!/bin/sh\nexit {code}\n")
+        (tmp_path / "scontrol").write_text(f"#!/bin/sh\necho \"scontrol $@\" > {tmp_path}/requeued\n")
+        for tool in ("srun", "scontrol"):
+            (tmp_path / tool).chmod(0o755)
+        (tmp_path / "requeued").unlink(missing_ok=True)
+        env = {"PATH": f"{tmp_path}:{os.environ['PATH']}", "SLURM_JOB_ID": "77"}
+        run = subprocess.run(["bash", str(script)], env={**CLEAN, **env}, capture_output=True, text=True)
+        assert run.returncode == code
+        requeued = tmp_path / "requeued"
+        assert (requeued.read_text().strip() if requeued.exists() else None) == (
+            "scontrol requeue 77" if code == 143 else None
+        )
