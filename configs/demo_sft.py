@@ -13,11 +13,17 @@ def get_config() -> ml_collections.ConfigDict:
     config.data.max_len = 256
     config.data.max_images = 8
     config.data.max_patches = 128
-    config.optim.lr = 2e-3
+    # lr and steps: 1e-2 for 100 steps (~8 chats a step, about one pass over the 780) gives a held-out
+    # format rate of 1.0; 2e-3 left the loss at 4.9 after 40 steps (format rate 0 after 60); 3e-2
+    # learns slower than 1e-2 (loss 3.5 vs 1.6 at step 36)
+    config.optim.lr = 1e-2
     config.optim.warmup_steps = 5
     config.optim.weight_decay = 0.01
-    config.freeze = (r"^model\.visual\.",)  # vision tower frozen in SFT (as in the 3B/7B configs)
-    config.train.steps = 40
-    config.train.ckpt_every = 20
+    # the whole model trains: the demo's vision tower is random init + a short CPT, so frozen it gives
+    # the LM nothing to tell the tiles apart (frozen: every held-out answer the same, accuracy 0.30);
+    # the 3B/7B configs freeze their pretrained tower
+    config.freeze = ()
+    config.train.steps = 100
+    config.train.ckpt_every = 50
     config.train.out_dir = "runs/demo/sft"
     return config

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import shutil
+import statistics
 import time
 from pathlib import Path
 
@@ -33,8 +34,30 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     )
 
 
+WINDOW = 3  # steps averaged at each end of a curve: the table's "first 3" and "last 3"
+
+
+def window_means(row: StageResult) -> tuple[float | None, float | None]:
+    """Mean of `row.metric` over the first and the last `WINDOW` steps of its run (a one-step blip
+    moves neither much); the row's own first / last value when it wrote no metrics."""
+    from pathor1_jax.train.metrics import read_metrics
+
+    if row.metrics_path is None:
+        return row.first, row.last
+    values = [r[row.metric] for r in read_metrics(row.metrics_path) if row.metric in r]
+    if not values:
+        return None, None
+    return statistics.fmean(values[:WINDOW]), statistics.fmean(values[-WINDOW:])
+
+
 def summary_table(rows: list[StageResult], seconds: list[float]) -> str:
-    header = f"{'stage':<10} {'metric':<11} {'steps':>5} {'start':>9} {'end':>9} {'time':>7}"
+    """One line per stage: its headline metric averaged over its first and last steps, the change,
+    the stage's wall time and its held-out numbers before and after (RL: MCQ accuracy and format rate
+    of the model it starts from and of the trained one)."""
+    header = (
+        f"{'stage':<10} {'metric':<11} {'steps':>5} {f'first {WINDOW}':>9} {f'last {WINDOW}':>9} "
+        f"{'change':>8} {'time':>7}"
+    )
     lines = [f"{header}  held-out: before -> after"]
     for row, sec in zip(rows, seconds, strict=True):
         evals = ", ".join(
@@ -42,9 +65,11 @@ def summary_table(rows: list[StageResult], seconds: list[float]) -> str:
             for name, (before, after) in row.evals.items()
         )
         steps = row.end_step if row.metrics_path else "-"
-        first, last = ("-" if v is None else f"{v:.4f}" for v in (row.first, row.last))
+        first, last = window_means(row)
+        change = "-" if first is None or last is None else f"{last - first:+.4f}"
+        first, last = ("-" if v is None else f"{v:.4f}" for v in (first, last))
         lines.append(
-            f"{row.stage:<10} {row.metric:<11} {steps:>5} {first:>9} {last:>9} "
+            f"{row.stage:<10} {row.metric:<11} {steps:>5} {first:>9} {last:>9} {change:>8} "
             f"{sec:>6.0f}s  {evals or row.note}".rstrip()
         )
     return "\n".join(lines)
