@@ -19,21 +19,24 @@ HOSTS = 4  # v5e-16: 4 hosts of 4 chips
 
 
 def get_config(stage: str = "stage1") -> ml_collections.ConfigDict:
+    return pathoclip_config("ViT-B-16", "checkpoints/clip-vit-base-patch16", "pathoclip_b16", stage)
+
+
+def pathoclip_config(preset: str, openai_weights: str, name: str, stage: str) -> ml_collections.ConfigDict:
+    """Stage `stage` of PathoCLIP on CLIP `preset`: stage I from OpenAI's weights (`openai_weights`, a
+    HF CLIPModel folder to download), stage II from stage I's run `runs/<name>/stage1`."""
     if stage not in PAIRS:
-        raise ValueError(f"pathoclip_b16.py:{stage}: expected one of {sorted(PAIRS)}")
+        raise ValueError(f"{name}.py:{stage}: expected one of {sorted(PAIRS)}")
     config = base_clip_config()
-    config.model.preset = "ViT-B-16"
+    config.model.preset = preset
     config.model.remat = "full"  # ours: each layer recomputed in the backward pass (1024 pairs on 16 GiB)
-    # stage I from OpenAI's weights (a HF CLIPModel folder to download), stage II from stage I's run
-    config.model.init_from = (
-        "checkpoints/clip-vit-base-patch16" if stage == "stage1" else "runs/pathoclip_b16/stage1"
-    )
+    config.model.init_from = openai_weights if stage == "stage1" else f"runs/{name}/stage1"
     config.data.source = f"data/pathoclip_{stage}.jsonl"  # caption records (pathor1_jax.data.records)
     config.data.batch_size = GLOBAL_BATCH // HOSTS  # pairs per process
     config.train.steps = PAIRS[stage] // GLOBAL_BATCH  # ours: one epoch per stage
     config.train.ckpt_every = 500
     config.train.log_every = 10
-    config.train.out_dir = f"runs/pathoclip_b16/{stage}"
+    config.train.out_dir = f"runs/{name}/{stage}"
     config.optim.lr = 1e-5 if stage == "stage1" else 5e-6  # ours: fine-tuning a pretrained CLIP
     config.optim.warmup_steps = 50  # ours
     config.optim.weight_decay = 0.1  # ours (OpenCLIP's)

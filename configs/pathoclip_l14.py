@@ -1,42 +1,19 @@
-"""PathoCLIP-L: OpenAI CLIP ViT-L/14 trained in Patho-R1's two progressive stages (§3.2), for v5e-16.
+"""PathoCLIP-L: `pathoclip_b16.py` on OpenAI CLIP ViT-L/14 (paper §3.2: OpenAI-CLIP-L; other numbers
+ours), for v5e-16.
 
     pathor1 train --config configs/pathoclip_l14.py:stage1
     pathor1 train --config configs/pathoclip_l14.py:stage2      # from stage I's run directory
-
-From the paper: the backbone (OpenAI-CLIP-L), stage I on PathGen-1.6M (tissue-cell morphology),
-stage II on PathGen-1.6M + Quilt-1M + PathCap + the textbook pairs (3.5 M) starting from stage I.
-Everything else is our choice, marked "ours" (the paper's Appendix B.1 is not in the text we have).
-`configs/pathoclip_b16.py` is the ViT-B/16 variant.
 """
+
+import importlib.util
+from pathlib import Path
 
 import ml_collections
 
-from pathor1_jax.train.clip_stage import base_clip_config
-
-PAIRS = {"stage1": 1_600_000, "stage2": 3_500_000}  # paper: the two stages' corpora
-GLOBAL_BATCH = 1024  # ours: pairs per contrastive batch (all of them negatives for each other)
-HOSTS = 4  # v5e-16: 4 hosts of 4 chips
+_spec = importlib.util.spec_from_file_location("pathoclip_b16", Path(__file__).with_name("pathoclip_b16.py"))
+_b16 = importlib.util.module_from_spec(_spec)
+_spec.loader.exec_module(_b16)
 
 
 def get_config(stage: str = "stage1") -> ml_collections.ConfigDict:
-    if stage not in PAIRS:
-        raise ValueError(f"pathoclip_l14.py:{stage}: expected one of {sorted(PAIRS)}")
-    config = base_clip_config()
-    config.model.preset = "ViT-L-14"
-    config.model.remat = "full"  # ours: each layer recomputed in the backward pass (1024 pairs on 16 GiB)
-    # stage I from OpenAI's weights (a HF CLIPModel folder to download), stage II from stage I's run
-    config.model.init_from = (
-        "checkpoints/clip-vit-large-patch14" if stage == "stage1" else "runs/pathoclip_l14/stage1"
-    )
-    config.data.source = f"data/pathoclip_{stage}.jsonl"  # caption records (pathor1_jax.data.records)
-    config.data.batch_size = GLOBAL_BATCH // HOSTS  # pairs per process
-    config.train.steps = PAIRS[stage] // GLOBAL_BATCH  # ours: one epoch per stage
-    config.train.ckpt_every = 500
-    config.train.log_every = 10
-    config.train.out_dir = f"runs/pathoclip_l14/{stage}"
-    config.optim.lr = 1e-5 if stage == "stage1" else 5e-6  # ours: fine-tuning a pretrained CLIP
-    config.optim.warmup_steps = 50  # ours
-    config.optim.weight_decay = 0.1  # ours (OpenCLIP's)
-    config.mesh = dict(data=1, fsdp=-1, tensor=1)  # ours: FSDP over the 16 chips
-    config.sharding = dict(preset="fsdp", rules=())
-    return config
+    return _b16.pathoclip_config("ViT-L-14", "checkpoints/clip-vit-large-patch14", "pathoclip_l14", stage)
