@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 
 from pathor1_jax.kernels.attention import attention, attention_reference
-from pathor1_jax.kernels.blocked_attention import blocked_attention, key_block_ranges
+from pathor1_jax.kernels.blocked_attention import block_ranges, blocked_attention
 
 
 def _runs(rng, t: int, max_len: int, pad: int = 0) -> np.ndarray:
@@ -75,7 +75,7 @@ def test_ranges_cover_only_neighbouring_blocks():
     """Windows of <= 64 positions in blocks of 64: each query block visits at most 3 key blocks."""
     rng = np.random.default_rng(3)
     seg = jnp.asarray(_runs(rng, 64 * 32, 64)[None])
-    lo, hi = key_block_ranges(seg, 64)
+    lo, hi = block_ranges(seg, seg, 64, 64)
     blocks = np.arange(32)
     assert (np.asarray(lo) <= blocks).all() and (blocks < np.asarray(hi)).all()
     assert int((hi - lo).max()) <= 3

@@ -127,3 +127,20 @@ def test_flash_attention_compiles_with_mosaic(attention_compiled):
     """fwd, dq and dk/dv of every case (GQA, head dim 80; real T, and small T on v6e)."""
     cases, compiled = attention_compiled
     assert mosaic_kernels(compiled) == sorted(FLASH_KERNELS * cases)
+
+
+def test_block_sparse_vision_attention_compiles_with_mosaic():
+    """The vision tower's block-sparse kernels (block ranges read from SMEM, dynamic loop bounds):
+    forward, dq and dk/dv at 4 images x 1024 patches in windows of 64, head dim 80, on v5e."""
+    t, heads, d = 4096, 16, 80
+    mesh = make_mesh({"fsdp": 1}, topology_devices("v5e:2x2")[:1])
+    ids = (jnp.arange(t) // 64 + 1).astype(jnp.int32)[None]
+
+    def loss(q, k, v):
+        out = flash_attention(q, k, v, segment_ids=ids, backend="tpu", block_sparse=True)
+        return jnp.sum(out.astype(jnp.float32))
+
+    spec = jax.ShapeDtypeStruct((1, t, heads, d), jnp.bfloat16)
+    with jax.default_matmul_precision("default"), jax.set_mesh(mesh):
+        compiled = jax.jit(jax.grad(loss, argnums=(0, 1, 2))).lower(spec, spec, spec).compile()
+    assert mosaic_kernels(compiled) == sorted(FLASH_KERNELS)

@@ -157,7 +157,8 @@ def attention(
     `target_platform()`, or `PATHOR1_PALLAS_INTERPRET=1` to run it interpreted (tests on CPU).
 
     block_sparse: self-attention (one `[B, T]` segment_ids, not causal) whose equal ids form short
-    contiguous runs; xla then runs `blocked_attention` (memory O(T · block) instead of O(T²)).
+    contiguous runs; xla then runs `blocked_attention` (memory O(T · block) instead of O(T²)) and
+    the TPU kernel skips the blocks no query of a block can attend to (compute O(T · segment)).
     """
     if impl not in IMPLS:
         raise ValueError(f"attention: unknown impl {impl!r}; expected one of {IMPLS}")
@@ -186,6 +187,7 @@ def attention(
         block_q=block_q,
         block_k=block_k,
         interpret=interpret,
+        block_sparse=block_sparse and platform == "tpu",  # the Triton kernels run every block
     )
     return _per_shard(kernel, q, k, v, segment_ids)
 

@@ -4,7 +4,7 @@ For self-attention whose segments are contiguous runs much shorter than the sequ
 Qwen2.5-VL vision tower: windows of ≤ 64 patches, images of a few thousand patches, all patches of a
 batch in one sequence), dense attention materialises `[T, T]` logits per head although almost every
 entry is masked. Here the sequence is cut into blocks of `block` positions; query block `i` visits
-only the key blocks `[lo_i, hi_i)` whose segment-id range meets its own (`key_block_ranges`), with
+only the key blocks `[lo_i, hi_i)` whose segment-id range meets its own (`block_ranges`), with
 the online softmax of flash attention, one key block per step for all query blocks at once (step `r`
 gives query block `i` the key block `lo_i + r`, masked once `lo_i + r >= hi_i`). Temporaries per step
 are `[B, T / block, H, block, block]`: O(T · block · H), independent of the number of segments.
@@ -33,17 +33,20 @@ MASK_VALUE = -0.7 * float(jnp.finfo(jnp.float32).max)
 PAD_SEGMENT_ID = int(jnp.iinfo(jnp.int32).min)
 
 
-def key_block_ranges(segment_ids: jax.Array, block: int) -> tuple[jax.Array, jax.Array]:
-    """`(lo, hi)` `[B, T / block]`: query block `i` may share a segment id only with key blocks
-    `lo_i <= j < hi_i` (blocks whose id ranges `[min, max]` intersect its own; T a multiple of
-    `block`). Every block overlaps itself, so `lo_i <= i < hi_i`."""
-    b, t = segment_ids.shape
-    ids = segment_ids.reshape(b, t // block, block)
-    low, high = ids.min(-1), ids.max(-1)  # [B, nb]
-    overlap = (low[:, :, None] <= high[:, None, :]) & (low[:, None, :] <= high[:, :, None])  # [B, nb, nb]
-    nb = overlap.shape[-1]
+def block_ranges(
+    q_ids: jax.Array, kv_ids: jax.Array, block_q: int, block_k: int
+) -> tuple[jax.Array, jax.Array]:
+    """`(lo, hi)` `[B, T / block_q]`: query block `i` (of `block_q` ids of `q_ids` `[B, T]`) may share
+    a segment id only with key blocks `lo_i <= j < hi_i` (of `block_k` ids of `kv_ids` `[B, S]`):
+    those whose id range `[min, max]` meets its own. T and S are multiples of their blocks.
+    For self-attention every block meets itself, so `lo_i <= i < hi_i`."""
+    (b, t), s = q_ids.shape, kv_ids.shape[1]
+    q_blocks, k_blocks = q_ids.reshape(b, t // block_q, block_q), kv_ids.reshape(b, s // block_k, block_k)
+    q_lo, q_hi, k_lo, k_hi = q_blocks.min(-1), q_blocks.max(-1), k_blocks.min(-1), k_blocks.max(-1)
+    overlap = (q_lo[:, :, None] <= k_hi[:, None, :]) & (k_lo[:, None, :] <= q_hi[:, :, None])  # [B, nq, nk]
+    nk = overlap.shape[-1]
     lo = jnp.argmax(overlap, axis=-1)
-    hi = nb - jnp.argmax(overlap[..., ::-1], axis=-1)
+    hi = nk - jnp.argmax(overlap[..., ::-1], axis=-1)
     return lo.astype(jnp.int32), hi.astype(jnp.int32)
 
 
@@ -71,7 +74,8 @@ def _forward(cfg, q, k, v, seg):
     seg `[B, nb, C]`; o like q, lse `[B, nb, K, G, C]` (f32)."""
     scale, block = cfg
     b, nb, c, kh, g, d = q.shape
-    lo, hi = key_block_ranges(seg.reshape(b, nb * c), block)
+    ids = seg.reshape(b, nb * c)
+    lo, hi = block_ranges(ids, ids, block, block)
     steps = jnp.max(hi - lo)
 
     def body(r, carry):
@@ -111,7 +115,8 @@ def _blocked_bwd(cfg, res, do):
     q, k, v, seg, o, lse = res
     scale, block = cfg
     b, nb, c, kh, g, d = q.shape
-    lo, hi = key_block_ranges(seg.reshape(b, nb * c), block)
+    ids = seg.reshape(b, nb * c)
+    lo, hi = block_ranges(ids, ids, block, block)
     steps = jnp.max(hi - lo)
     # delta = rowsum(dO ∘ O), in the logits' layout [B, nb, K, G, C]
     delta = jnp.sum(o.astype(jnp.float32) * do.astype(jnp.float32), -1).transpose(0, 1, 3, 4, 2)

@@ -32,10 +32,10 @@ from jax.experimental import pallas as pl
 from jax.experimental.pallas import tpu as pltpu
 from jax.experimental.pallas import triton as pltriton
 
+from pathor1_jax.kernels.blocked_attention import PAD_SEGMENT_ID, block_ranges
+
 # Finite mask value: a fully masked tile never produces inf - inf.
 MASK_VALUE = -0.7 * float(jnp.finfo(jnp.float32).max)
-# Segment id of padded keys; no query ever carries it.
-PAD_SEGMENT_ID = int(jnp.iinfo(jnp.int32).min)
 
 _NT = (((1,), (1,)), ((), ()))  # a @ b.T
 
@@ -50,6 +50,7 @@ class _Config(NamedTuple):
     backend: str
     interpret: bool
     vmem_limit: int | None  # TPU scoped-VMEM limit (bytes); None = Mosaic's default
+    block_sparse: bool  # loops visit only the blocks of `key_block_ranges` (range refs in SMEM)
 
 
 def _compiler_params(cfg: _Config, n_grid: int):
@@ -94,20 +95,36 @@ def _first_q_block(cfg: _Config, k_block, num_q_blocks: int):
     return jnp.clip((k_block * cfg.block_k - cfg.offset) // cfg.block_q, 0, num_q_blocks)
 
 
+def _n_inputs(cfg: _Config, n: int) -> int:
+    """Kernel inputs: `n` arrays, then two segment-id refs and two block-range refs when used."""
+    return n + 2 * cfg.has_segments + 2 * cfg.block_sparse
+
+
 def _split_refs(refs, cfg: _Config, n_in: int):
-    """(inputs without segment refs, q_seg_ref, kv_seg_ref, outputs)."""
+    """(inputs without segment/range refs, q_seg_ref, kv_seg_ref, outputs, (lo_ref, hi_ref))."""
     ins, outs = refs[:n_in], refs[n_in:]
+    ranges = (None, None)
+    if cfg.block_sparse:
+        ins, ranges = ins[:-2], ins[-2:]
     if cfg.has_segments:
-        return ins[:-2], ins[-2], ins[-1], outs
-    return ins, None, None, outs
+        return ins[:-2], ins[-2], ins[-1], outs, ranges
+    return ins, None, None, outs, ranges
+
+
+def _block_range(ranges, block):
+    """`(lo, hi)`: the blocks the inner loop of this program's `block` visits (block-sparse; read from
+    the SMEM range refs at this program's batch row)."""
+    lo_ref, hi_ref = ranges
+    b = pl.program_id(0)
+    return lo_ref[b, block], hi_ref[b, block]
 
 
 # ----------------------------------------------------------------------------------------- forward
 
 
 def _fwd_kernel(*refs, cfg: _Config, num_k_blocks: int):
-    (q_ref, k_ref, v_ref), q_seg_ref, kv_seg_ref, (o_ref, lse_ref) = _split_refs(
-        refs, cfg, 3 + 2 * cfg.has_segments
+    (q_ref, k_ref, v_ref), q_seg_ref, kv_seg_ref, (o_ref, lse_ref), ranges = _split_refs(
+        refs, cfg, _n_inputs(cfg, 3)
     )
     bq, bk = cfg.block_q, cfg.block_k
     i = pl.program_id(2)
@@ -136,7 +153,8 @@ def _fwd_kernel(*refs, cfg: _Config, num_k_blocks: int):
         jnp.zeros((bq, 1), jnp.float32),
         jnp.zeros(q.shape, jnp.float32),
     )
-    m, l, acc = lax.fori_loop(0, _num_kv_blocks(cfg, i, num_k_blocks), body, init)
+    start, end = _block_range(ranges, i) if cfg.block_sparse else (0, _num_kv_blocks(cfg, i, num_k_blocks))
+    m, l, acc = lax.fori_loop(start, end, body, init)
     o_ref[...] = (acc / l).astype(o_ref.dtype)
     lse_ref[...] = m + jnp.log(l)
 
@@ -166,6 +184,18 @@ def _seg_inputs(cfg: _Config, q_seg, kv_seg, q_blocks: bool):
     return arrays, specs
 
 
+def _range_inputs(cfg: _Config, q_seg, kv_seg, per_q_block: bool):
+    """Block-range arrays `(lo, hi)` `[B, blocks]` and their whole-array SMEM specs (block-sparse):
+    per query block the key blocks it visits (forward, dq), else per key block the query blocks."""
+    if not cfg.block_sparse:
+        return [], []
+    lo, hi = block_ranges(q_seg, kv_seg, cfg.block_q, cfg.block_k)
+    if not per_q_block:
+        lo, hi = block_ranges(kv_seg, q_seg, cfg.block_k, cfg.block_q)
+    memory = pltpu.SMEM if cfg.backend == "tpu" else None
+    return [lo, hi], [pl.BlockSpec(memory_space=memory)] * 2
+
+
 def _fwd(cfg: _Config, q, k, v, q_seg, kv_seg):
     b, h, t, d = q.shape
     kv_heads, s = k.shape[1], k.shape[2]
@@ -175,16 +205,17 @@ def _fwd(cfg: _Config, q, k, v, q_seg, kv_seg):
     kv_spec = pl.BlockSpec((None, None, s, d), lambda b, h, i: (b, h // groups, 0, 0))
     row_spec = pl.BlockSpec((None, None, cfg.block_q, 1), lambda b, h, i: (b, h, i, 0))
     seg_arrays, seg_specs = _seg_inputs(cfg, q_seg, kv_seg, q_blocks=True)
+    range_arrays, range_specs = _range_inputs(cfg, q_seg, kv_seg, per_q_block=True)
     o, lse = pl.pallas_call(
         functools.partial(_fwd_kernel, cfg=cfg, num_k_blocks=s // cfg.block_k),
         grid=grid,
-        in_specs=[q_spec, kv_spec, kv_spec, *seg_specs],
+        in_specs=[q_spec, kv_spec, kv_spec, *seg_specs, *range_specs],
         out_specs=[q_spec, row_spec],
         out_shape=[jax.ShapeDtypeStruct(q.shape, q.dtype), jax.ShapeDtypeStruct((b, h, t, 1), jnp.float32)],
         compiler_params=_compiler_params(cfg, len(grid)),
         interpret=cfg.interpret,
         name="flash_attention_fwd",
-    )(q, k, v, *seg_arrays)
+    )(q, k, v, *seg_arrays, *range_arrays)
     return o, lse
 
 
@@ -192,7 +223,7 @@ def _fwd(cfg: _Config, q, k, v, q_seg, kv_seg):
 
 
 def _dq_kernel(*refs, cfg: _Config, num_k_blocks: int):
-    ins, q_seg_ref, kv_seg_ref, (dq_ref,) = _split_refs(refs, cfg, 6 + 2 * cfg.has_segments)
+    ins, q_seg_ref, kv_seg_ref, (dq_ref,), ranges = _split_refs(refs, cfg, _n_inputs(cfg, 6))
     q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref = ins
     bq, bk = cfg.block_q, cfg.block_k
     i = pl.program_id(2)
@@ -214,12 +245,13 @@ def _dq_kernel(*refs, cfg: _Config, num_k_blocks: int):
         ds = p * (dp - delta)
         return dq + jnp.dot(ds.astype(k.dtype), k, preferred_element_type=jnp.float32)
 
-    dq = lax.fori_loop(0, _num_kv_blocks(cfg, i, num_k_blocks), body, jnp.zeros(q.shape, jnp.float32))
+    start, end = _block_range(ranges, i) if cfg.block_sparse else (0, _num_kv_blocks(cfg, i, num_k_blocks))
+    dq = lax.fori_loop(start, end, body, jnp.zeros(q.shape, jnp.float32))
     dq_ref[...] = (dq * cfg.scale).astype(dq_ref.dtype)
 
 
 def _dkv_kernel(*refs, cfg: _Config, num_q_blocks: int):
-    ins, q_seg_ref, kv_seg_ref, (dk_ref, dv_ref) = _split_refs(refs, cfg, 6 + 2 * cfg.has_segments)
+    ins, q_seg_ref, kv_seg_ref, (dk_ref, dv_ref), ranges = _split_refs(refs, cfg, _n_inputs(cfg, 6))
     q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref = ins
     bq, bk = cfg.block_q, cfg.block_k
     j = pl.program_id(2)
@@ -246,7 +278,10 @@ def _dkv_kernel(*refs, cfg: _Config, num_q_blocks: int):
         return dk, dv
 
     zeros = jnp.zeros(k.shape, jnp.float32)
-    dk, dv = lax.fori_loop(_first_q_block(cfg, j, num_q_blocks), num_q_blocks, body, (zeros, zeros))
+    start, end = (
+        _block_range(ranges, j) if cfg.block_sparse else (_first_q_block(cfg, j, num_q_blocks), num_q_blocks)
+    )
+    dk, dv = lax.fori_loop(start, end, body, (zeros, zeros))
     dk_ref[...] = dk * cfg.scale
     dv_ref[...] = dv
 
@@ -262,16 +297,17 @@ def _bwd_kernels(cfg: _Config, q, k, v, q_seg, kv_seg, lse, do, delta):
     row_spec = pl.BlockSpec((None, None, cfg.block_q, 1), lambda b, h, i: (b, h, i, 0))
     kv_spec = pl.BlockSpec((None, None, s, d), lambda b, h, i: (b, h // groups, 0, 0))
     seg_arrays, seg_specs = _seg_inputs(cfg, q_seg, kv_seg, q_blocks=True)
+    range_arrays, range_specs = _range_inputs(cfg, q_seg, kv_seg, per_q_block=True)
     dq = pl.pallas_call(
         functools.partial(_dq_kernel, cfg=cfg, num_k_blocks=s // cfg.block_k),
         grid=grid,
-        in_specs=[q_spec, kv_spec, kv_spec, q_spec, row_spec, row_spec, *seg_specs],
+        in_specs=[q_spec, kv_spec, kv_spec, q_spec, row_spec, row_spec, *seg_specs, *range_specs],
         out_specs=q_spec,
         out_shape=jax.ShapeDtypeStruct(q.shape, q.dtype),
         compiler_params=_compiler_params(cfg, len(grid)),
         interpret=cfg.interpret,
         name="flash_attention_dq",
-    )(q, k, v, do, lse, delta, *seg_arrays)
+    )(q, k, v, do, lse, delta, *seg_arrays, *range_arrays)
 
     grid = (b, h, s // cfg.block_k)
     q_all = pl.BlockSpec((None, None, t, d), lambda b, h, j: (b, h, 0, 0))
@@ -279,16 +315,20 @@ def _bwd_kernels(cfg: _Config, q, k, v, q_seg, kv_seg, lse, do, delta):
     kv_block = pl.BlockSpec((None, None, cfg.block_k, d), lambda b, h, j: (b, h // groups, j, 0))
     dkv_block = pl.BlockSpec((None, None, cfg.block_k, d), lambda b, h, j: (b, h, j, 0))
     seg_arrays, seg_specs = _seg_inputs(cfg, q_seg, kv_seg, q_blocks=False)
+    range_arrays, range_specs = _range_inputs(cfg, q_seg, kv_seg, per_q_block=False)
     dk, dv = pl.pallas_call(
         functools.partial(_dkv_kernel, cfg=cfg, num_q_blocks=t // cfg.block_q),
         grid=grid,
-        in_specs=[q_all, kv_block, kv_block, q_all, rows_all, rows_all, *seg_specs],
+        in_specs=[q_all, kv_block, kv_block, q_all, rows_all, rows_all, *seg_specs, *range_specs],
         out_specs=[dkv_block, dkv_block],
         out_shape=[jax.ShapeDtypeStruct((b, h, s, d), jnp.float32)] * 2,
         compiler_params=_compiler_params(cfg, len(grid)),
         interpret=cfg.interpret,
         name="flash_attention_dkv",
-    )(q, k, v, do, lse.reshape(b, h, nq, cfg.block_q), delta.reshape(b, h, nq, cfg.block_q), *seg_arrays)
+    )(
+        q, k, v, do, lse.reshape(b, h, nq, cfg.block_q), delta.reshape(b, h, nq, cfg.block_q),
+        *seg_arrays, *range_arrays,
+    )  # fmt: skip
     # Per-query-head dk/dv -> sum over each GQA group.
     dk = dk.reshape(b, kv_heads, groups, s, d).sum(axis=2).astype(k.dtype)
     dv = dv.reshape(b, kv_heads, groups, s, d).sum(axis=2).astype(v.dtype)
@@ -334,12 +374,17 @@ def flash_attention(
     block_q: int = 128,
     block_k: int = 128,
     interpret: bool = False,
+    block_sparse: bool = False,
 ) -> jax.Array:
     """Pallas flash attention with the semantics of `attention.attention_reference`.
 
     q: `[B, T, H, D]`, k/v: `[B, S, K, D]` (`H % K == 0`); segment_ids `[B, T]` (needs T == S) or a
     pair (`[B, T]`, `[B, S]`); backend "tpu" (Mosaic) or "gpu" (Triton); `interpret=True` runs the
     kernels with the Pallas interpreter (CPU). Returns `[B, T, H, D]` in q's dtype.
+
+    block_sparse (self-attention, not causal): each inner loop visits only the blocks whose
+    segment-id range meets its own block's (`blocked_attention.block_ranges`), so short contiguous
+    segments (vision windows, images) cost O(T · segment) instead of O(T²); exact for any ids.
     """
     b, t, h, d = q.shape
     s, kv_heads = k.shape[1], k.shape[2]
@@ -358,6 +403,8 @@ def flash_attention(
             f"flash_attention: segment_ids {segment_ids[0].shape}/{segment_ids[1].shape}, "
             f"expected {(b, t)}/{(b, s)}"
         )
+    if block_sparse and (causal or segment_ids is None or t != s):
+        raise ValueError("flash_attention: block_sparse needs self-attention segment_ids and causal=False")
     tp, sp = _round_up(t, block_q), _round_up(s, block_k)
     has_segments = segment_ids is not None or tp != t or sp != s
     vmem = tpu_vmem_bytes(tp, sp, d, q.dtype.itemsize)
@@ -373,14 +420,18 @@ def flash_attention(
         backend=backend,
         interpret=interpret,
         vmem_limit=vmem_limit,
+        block_sparse=block_sparse,
     )
     q_seg = kv_seg = None
     if has_segments:
         if segment_ids is None:
             segment_ids = (jnp.zeros((b, t), jnp.int32), jnp.zeros((b, s), jnp.int32))
         q_seg, kv_seg = (x.astype(jnp.int32) for x in segment_ids)
-        # Padded queries see key 0 (a real key: never a fully masked row); padded keys match nothing.
+        # Padded queries see key 0 (a real key: never a fully masked row); padded keys match nothing
+        # but, block-sparse (T == S), the padded queries, which then stay in their own block.
         q_pad = jnp.broadcast_to(kv_seg[:, :1], (b, tp - t))
+        if block_sparse:
+            q_pad = jnp.full((b, tp - t), PAD_SEGMENT_ID, jnp.int32)
         q_seg = jnp.concatenate([q_seg, q_pad], axis=1)  # [B, Tp]
         kv_seg = jnp.pad(kv_seg, ((0, 0), (0, sp - s)), constant_values=PAD_SEGMENT_ID)  # [B, Sp]
 
