@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 
 import jax
@@ -9,9 +10,12 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 import torch
+from flax import nnx
 from qwen_reference import hf_logits, image_prompt, random_hf_model, random_pixels
 
+from pathor1_jax.kernels.blocked_attention import block_ranges
 from pathor1_jax.models import qwen2_5_vl
+from pathor1_jax.models.qwen2_5_vl.modeling import segment_runs
 
 TOL = 1e-4
 GRID_A = (1, 8, 8)  # 112 px: 16 tokens, split into 2×2 windows of 56 px
@@ -96,6 +100,59 @@ def test_vision_tower_equals_hf(checkpoint):
     with torch.no_grad():
         ref = hf.model.visual(torch.as_tensor(pixels), grid_thw=torch.as_tensor(grids)).pooler_output.numpy()
     np.testing.assert_allclose(np.asarray(ours), ref, atol=TOL, rtol=0)
+
+
+def test_vision_tower_equals_hf_on_many_images_of_different_sizes(checkpoint):
+    """Five images (432 patches, padded to 512) in one sequence: the block-sparse attention visits a
+    few 64-patch blocks per query block, never all of them, and still equals HF on every image."""
+    _, hf, model = checkpoint
+    grids = np.array([GRID_A, GRID_B, (1, 12, 16), (1, 6, 4), (1, 16, 8)])
+    pixels = random_pixels(list(map(tuple, grids)), seed=7)
+    real = pixels.shape[0]
+    index = qwen2_5_vl.vision_index(grids, model.config.vision, num_patches=512)
+    padded = np.concatenate([pixels, np.zeros((512 - real, pixels.shape[1]), pixels.dtype)])
+    ours = np.asarray(model.model.visual(jnp.asarray(padded), index))[: real // 4]
+    with torch.no_grad():
+        ref = hf.model.visual(torch.as_tensor(pixels), grid_thw=torch.as_tensor(grids)).pooler_output.numpy()
+    np.testing.assert_allclose(ours, ref, atol=TOL, rtol=0)
+    for ids in (index.window_segment_ids, index.frame_segment_ids):
+        runs = segment_runs(jnp.asarray(ids))[None]
+        lo, hi = block_ranges(runs, runs, 64, 64)
+        assert int((hi - lo).max()) < 512 // 64
+
+
+def _vision_temporaries(model, images: int) -> int:
+    """Compiled (CPU) temporaries of the vision tower's gradient w.r.t. its pixels, for `images`
+    images of 32×32 patches (448 px; 16 windows of 64 patches each) in one sequence."""
+    grids = np.array([(1, 32, 32)] * images)
+    index = qwen2_5_vl.vision_index(grids, model.config)
+    graphdef, state = nnx.split(model)
+
+    def loss(pixels, state, index):
+        return nnx.merge(graphdef, state)(pixels, index).sum()
+
+    pixels = jax.ShapeDtypeStruct((images * 1024, model.config.patch_dim), jnp.float32)
+    args = (pixels, *jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), (state, index)))
+    return jax.jit(jax.grad(loss)).lower(*args).compile().memory_analysis().temp_size_in_bytes
+
+
+def test_vision_tower_temporaries_grow_linearly_with_patches():
+    """4× the images (2,048 → 8,192 patches): the temporaries grow ~4×; one segment-masked attention
+    over all patches would grow 16× (to 512 MiB of float32 logits here). Two CPU compiles of the
+    tower's gradient: ~15 s, over 30 s on a loaded machine."""
+    config = dataclasses.replace(qwen2_5_vl.tiny_config().vision, window_size=112)
+    model = qwen2_5_vl.modeling.VisionTransformer(
+        config,
+        rngs=nnx.Rngs(0),
+        dtype=jnp.float32,
+        param_dtype=jnp.float32,
+        attention_impl="xla",
+        scan_layers=True,
+        remat="none",
+    )
+    small, large = _vision_temporaries(model, 2), _vision_temporaries(model, 8)
+    assert large / small < 5, (small, large)
+    assert large < 2 * 8192**2 * 4 / 8  # far below one [H, N, N] float32 logits tensor
 
 
 def test_rope_index_equals_hf(checkpoint):

@@ -69,7 +69,14 @@ class VisionAttention(nnx.Module):
         q, k, v = jnp.split(self.qkv(x).reshape(n, 3, self.num_heads, -1), 3, axis=1)  # 3 × [N, 1, H, Dh]
         q, k, v = q[:, 0], k[:, 0], v[:, 0]
         q, k = apply_vision_rope(q, cos, sin), apply_vision_rope(k, cos, sin)
-        out = attention(q[None], k[None], v[None], segment_ids=segment_ids[None], impl=self.attention_impl)
+        out = attention(  # windows / images are short contiguous runs: only their blocks are visited
+            q[None],
+            k[None],
+            v[None],
+            segment_ids=segment_ids[None],
+            impl=self.attention_impl,
+            block_sparse=True,
+        )
         return self.proj(out[0].reshape(n, -1))
 
 
@@ -112,6 +119,16 @@ class PatchMerger(nnx.Module):
     def __call__(self, x: jax.Array) -> jax.Array:
         x = self.ln_q(x).reshape(-1, self.merged)  # [N / merge², merge² · D]
         return self.mlp_2(jax.nn.gelu(self.mlp_0(x), approximate=False))
+
+
+def segment_runs(segment_ids: jax.Array) -> jax.Array:
+    """`[N]` ids → each contiguous run numbered 1, 2, ... in order. Windows and frames are contiguous
+    already; padding (id 0, after each process's patches) splits into runs that attend only within
+    themselves, so block-sparse attention never pairs distant padding blocks (real patches unchanged)."""
+    starts = jnp.concatenate(
+        [jnp.ones((1,), jnp.int32), (segment_ids[1:] != segment_ids[:-1]).astype(jnp.int32)]
+    )
+    return jnp.cumsum(starts)
 
 
 class VisionTransformer(nnx.Module):
@@ -160,11 +177,10 @@ class VisionTransformer(nnx.Module):
         cos, sin = to_window_order(cos), to_window_order(sin)  # [N, Dh]
         # blocks differ only in their segment ids: whole frames in `fullatt_block_indexes`, else windows
         full = jnp.asarray(np.isin(np.arange(self.config.depth), self.config.fullatt_block_indexes))
+        frames, windows = segment_runs(index.frame_segment_ids), segment_runs(index.window_segment_ids)
 
         def block_fn(block, x, full):  # [N, D], full: scalar bool
-            return block(
-                x, cos, sin, jnp.where(full, index.frame_segment_ids, index.window_segment_ids)
-            ), None
+            return block(x, cos, sin, jnp.where(full, frames, windows)), None
 
         x, _ = run_layers(self.blocks, block_fn, x, full, remat=self.remat)
         merged = self.merger(x)  # [N / merge², D_text], window order
