@@ -49,6 +49,7 @@ def base_clip_config() -> ml_collections.ConfigDict:
         open_clip_file="",
         init_from="",
         seed=0,
+        dtype="float32",  # compute dtype ("bfloat16" on accelerators); parameters stay float32
         scan_layers=True,  # each tower's layers stacked under one scanned body
         remat="none",  # per-layer rematerialisation: none | full | dots | dots_no_batch
     )
@@ -97,6 +98,11 @@ def _contrastive_step(spec: StepSpec, state: dict, batch: dict) -> tuple[dict, d
 
 
 contrastive_step = jax.jit(_contrastive_step, static_argnums=0, donate_argnums=1)
+
+
+def model_options(model: ml_collections.ConfigDict) -> dict:
+    """CLIPModel keyword arguments of a `config.model` block: compute dtype, scan and remat."""
+    return {"dtype": jnp.dtype(model.get("dtype", "float32")), **layer_options(model)}
 
 
 def caption_records(data: ml_collections.ConfigDict) -> list[CaptionRecord]:
@@ -175,8 +181,8 @@ def run_clip(config: ml_collections.ConfigDict, out_dir: str | Path | None = Non
 
     stage = Stage(name="clip", step=contrastive_step, prepare=lambda b: b)
     seed = int(config.model.seed)
-    layers = layer_options(config.model)
-    trainer = Trainer(config, stage, lambda: clip.CLIPModel(cfg, rngs=nnx.Rngs(seed), **layers), shard,
+    options = model_options(config.model)
+    trainer = Trainer(config, stage, lambda: clip.CLIPModel(cfg, rngs=nnx.Rngs(seed), **options), shard,
                       out_dir, initial_params(config.model))  # fmt: skip
     return trainer.fit()
 
@@ -187,8 +193,11 @@ def clip_aot_step(config: ml_collections.ConfigDict, mesh: Mesh, rules: Rules, n
     cfg = model_config(config.model)
     freeze = tuple(config.get("freeze") or ())
     tx, _ = make_optimizer(config.optim, max(int(config.train.steps), 1), freeze)
-    layers = layer_options(config.model)
-    graphdef, state = abstract_state(lambda: clip.CLIPModel(cfg, rngs=nnx.Rngs(0), **layers), tx, mesh, rules)
+
+    def build() -> clip.CLIPModel:
+        return clip.CLIPModel(cfg, rngs=nnx.Rngs(0), **model_options(config.model))
+
+    graphdef, state = abstract_state(build, tx, mesh, rules)
     rows = int(config.data.batch_size) * num_hosts
     parts = batch_parts(mesh, rules)
     if rows % parts:
