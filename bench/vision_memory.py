@@ -63,7 +63,11 @@ def main() -> None:
             start = time.perf_counter()
             report = compile_step(lm_aot_step(config, mesh, rules, topo.num_hosts), mesh, rules, topo)
             rows.append((attention, patches, report, time.perf_counter() - start))
-            print(f"compiled {attention} {patches} in {rows[-1][3]:.0f}s", flush=True)
+            print(
+                f"compiled {attention} ({report.attention}) {patches} in {rows[-1][3]:.0f}s: "
+                f"temporaries {report.temporaries / GIB:.2f} GiB, total {report.total / GIB:.2f} GiB",
+                flush=True,
+            )
     print(
         f"\nSFT 3B step, {args.text_layers} decoder layers + {args.vision_depth} vision blocks, "
         f"{topo.name}, per device (GiB)"
