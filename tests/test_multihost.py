@@ -1,13 +1,16 @@
 """Real multi-process runs on this machine (`launch/local.sh`: N processes × D fake CPU devices,
 jax.distributed + gloo): the same losses and parameters on 1 process × 4 devices and 2 processes × 2
-devices, and an unwritable run directory stopping every process at start-up.
+devices, checkpoints resumed across process layouts and mesh shapes, and faults (SIGTERM to one
+process, SIGKILL of one process, a kill in the middle of a save, an unwritable run directory).
 
 Runs are few and shared: each test makes several assertions on one chain of runs. Every job is
 bounded (see `tests/multihost.py`)."""
 
 from __future__ import annotations
 
+import signal
 import sys
+import time
 
 import pytest
 from multihost import (
@@ -16,10 +19,12 @@ from multihost import (
     Job,
     assert_close_trees,
     checkpoint_state,
+    complete_steps,
     losses,
     metrics,
     run_ok,
     train,
+    wait_for,
 )
 
 pytestmark = pytest.mark.multiprocess
@@ -30,7 +35,7 @@ def assert_same_losses(a: dict[int, float], b: dict[int, float], steps) -> None:
         assert a[step] == pytest.approx(b[step], rel=1e-5), f"step {step}: {a[step]} vs {b[step]}"
 
 
-def test_launcher_streams_prefixed_output_stops_the_others_and_times_out(tmp_path):
+def test_launcher_streams_prefixed_output_stops_the_others_waits_on_preemption_and_times_out(tmp_path):
     # p1 fails once the others have spoken and wait for SIGTERM (files in $READY say so)
     script = (
         'trap "echo stopped; exit 143" TERM; '
@@ -45,6 +50,10 @@ def test_launcher_streams_prefixed_output_stops_the_others_and_times_out(tmp_pat
         assert "--xla_force_host_platform_device_count=2" in job.output
     assert "[local] p1 exited with 3; stopping the others" in job.output
     assert job.output.count("stopped") == 2
+    # a preempted process (143) leaves the others time to finish the checkpoint they save with it
+    preempted = 'if [ "$JAX_PROCESS_ID" = 0 ]; then exit 143; fi; sleep 2; echo saved; exit 143'
+    job = Job(2, 1, ["bash", "-c", preempted], timeout=60)
+    assert job.wait() == 143 and "[p1] saved" in job.output and "stopping" not in job.output
     slow = Job(2, 1, ["sleep", "30"], timeout=2)
     assert slow.wait() == 124 and "timeout: still running after 2 s" in slow.output
 
@@ -116,6 +125,62 @@ def test_grpo_and_dapo_with_rollouts_are_the_same_on_1x4_and_2x2(tmp_path):
             assert a[step]["loss"] == pytest.approx(b[step]["loss"], rel=1e-5, abs=1e-6), step
             assert a[step]["update/grad_norm"] == pytest.approx(b[step]["update/grad_norm"], rel=1e-4), step
         assert_close_trees(checkpoint_state(one, 2)["params"], checkpoint_state(two, 2)["params"])
+
+
+def test_clip_faults_and_resume_across_layouts(tmp_path):
+    """One CLIP run of 12 steps, straight on 1×4, against the same run interrupted four times:
+    SIGTERM on 1 process, resumed on 2 processes; SIGTERM to one of the 2, the other agrees; resumed
+    on 2, SIGKILL of one while it saves, the other stops by itself; resumed on 1 process with another
+    mesh shape. Every step's loss and the final parameters are the straight run's."""
+    steps = 12
+    args = [*CLIP, f"--config.train.steps={steps}", "--config.train.ckpt_every=1"]
+    straight, run = tmp_path / "straight", tmp_path / "interrupted"
+    run_ok(train(1, 4, straight, *args))
+    expected = losses(straight)
+
+    # SIGTERM to the only process: a checkpoint, exit 143
+    job = train(1, 4, run, *args)
+    wait_for(lambda: len(losses_if_any(run)) >= 2, 300, "2 steps", job)
+    job.signal(0, signal.SIGTERM)
+    assert job.wait() == 143, job.output[-3000:]
+    first = complete_steps(run)[-1]
+    assert 2 <= first < steps
+
+    # resumed on 2 processes; SIGTERM to process 1 only: both stop at one step, one checkpoint
+    job = train(2, 2, run, *args)
+    wait_for(lambda: max(losses_if_any(run), default=0) >= first + 2, 300, "2 resumed steps", job)
+    job.signal(1, signal.SIGTERM)
+    assert job.wait() == 143, job.output[-3000:]
+    assert f"steps {first}->" in job.output
+    second = complete_steps(run)[-1]
+    assert first + 2 <= second < steps
+    assert_same_losses(losses(run), expected, range(1, second + 1))
+
+    # resumed on 2 processes; SIGKILL of process 1 while a checkpoint is being written
+    job = train(2, 2, run, *args, heartbeat_s=20, wait_for_others=True)
+    tmp = lambda: any(".orbax-checkpoint-tmp" in p.name for p in (run / "checkpoints").iterdir())  # noqa: E731
+    wait_for(lambda: max(losses_if_any(run), default=0) > second and tmp(), 300, "a save in flight", job)
+    job.signal(1, signal.SIGKILL)
+    killed = time.monotonic()
+    rc = job.wait()
+    noticed = time.monotonic() - killed
+    assert rc != 0 and "lost contact with another process" in job.output, job.output[-3000:]
+    assert noticed < 60, f"the survivor took {noticed:.0f} s to stop"
+    print(f"survivor stopped {noticed:.1f} s after its peer was killed")
+    third = complete_steps(run)
+    for step in third:  # every checkpoint that looks complete is complete
+        checkpoint_state(run, step)
+    third = third[-1]
+
+    # resumed on 1 process, mesh fsdp=2 × tensor=2: to the end
+    job = run_ok(train(1, 4, run, *args, "--config.mesh.fsdp=2", "--config.mesh.tensor=2"))
+    assert f"steps {third}->{steps}" in job.output
+    assert_same_losses(losses(run), expected, range(1, steps + 1))
+    assert_close_trees(checkpoint_state(run, steps)["params"], checkpoint_state(straight, steps)["params"])
+
+
+def losses_if_any(run) -> dict[int, float]:
+    return losses(run) if (run / "metrics.jsonl").exists() else {}
 
 
 def test_unwritable_run_directory_stops_every_process_at_start_up(tmp_path):

@@ -9,9 +9,12 @@ Process i gets the variables `maybe_initialize_distributed` reads (those launch/
 `--xla_force_host_platform_device_count=D` in `XLA_FLAGS`. Every line a process prints comes out
 here prefixed with `[pI]`. The first process to fail (non-zero exit or killed) ends the job: the
 others get SIGTERM (a pathor1 run then checkpoints and exits), then SIGKILL after `--grace`
-seconds; the job's exit code is the failing process's (128 + signal when killed). The whole job
-is bounded by `--timeout` (exit 124). SIGTERM or Ctrl-C to this launcher is passed on to every
-process, as a scheduler preempting the whole job would.
+seconds; the job's exit code is the failing process's (128 + signal when killed). A process that
+exits 143 (`errors.EXIT_PREEMPTED`: it saved a checkpoint together with the others) is not a
+failure to stop the others for: they get `--grace` seconds to finish the same checkpoint, and the
+job exits 143, "rerun me to resume". The whole job is bounded by `--timeout` (exit 124). SIGTERM
+or Ctrl-C to this launcher is passed on to every process, as a scheduler preempting the whole job
+would.
 """
 
 from __future__ import annotations
@@ -27,6 +30,7 @@ import threading
 import time
 from collections.abc import Sequence
 
+from pathor1_jax.errors import EXIT_PREEMPTED
 from pathor1_jax.sharding.multihost import (
     COORDINATOR_ENV,
     HEARTBEAT_ENV,
@@ -130,10 +134,20 @@ class Job:
     def wait(self, timeout_s: float) -> int:
         """Run to the end: 0 when every process exits 0, else the first failure's code."""
         deadline = time.monotonic() + timeout_s
+        preempted_at = None
         while True:
             codes = [p.poll() for p in self.procs]
             failed = [(i, c) for i, c in enumerate(codes) if c not in (None, 0)]
-            if failed and not self.wait_for_others:
+            preempted = [i for i, c in failed if exit_code(c) == EXIT_PREEMPTED]
+            if preempted and len(preempted) == len(failed) and not self.wait_for_others:
+                # a preempted pathor1 process has saved the checkpoint with the others (they agree
+                # on the step): let them finish it rather than stop them mid-save
+                preempted_at = preempted_at or time.monotonic()
+                if time.monotonic() - preempted_at > self.grace_s:
+                    self.say(f"p{preempted[0]} was preempted {self.grace_s:g} s ago; stopping the others")
+                    self.stop()
+                    return EXIT_PREEMPTED
+            elif failed and not self.wait_for_others:
                 i, code = failed[0]
                 self.say(f"p{i} exited with {exit_code(code)}; stopping the others")
                 self.stop()
