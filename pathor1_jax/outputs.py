@@ -42,11 +42,21 @@ def _probe(folder: Path, label: str) -> None:
         probe.unlink(missing_ok=True)
 
 
-def check_writable_dir(path: str | os.PathLike, what: str) -> Path:
-    """`path` created (with parents) and write-tested; a `UserError` naming `what` otherwise."""
+def check_writable_dir(path: str | os.PathLike, what: str, *, keep: bool = True) -> Path:
+    """`path` created (with parents) and write-tested; a `UserError` naming `what` otherwise.
+    keep=False removes again the (empty) folders this check created: a test before other checks
+    that must leave nothing behind when they fail."""
     path = Path(path)
-    if not is_remote(path):
+    if is_remote(path):
+        return path
+    created = [p for p in (path, *path.parents) if not p.exists()]
+    try:
         _probe(path, f"{what} {path}")
+    finally:
+        if not keep:
+            for folder in created:  # deepest first
+                if folder.is_dir() and not any(folder.iterdir()):
+                    folder.rmdir()
     return path
 
 

@@ -4,22 +4,38 @@ and data of `test_train_loop` (compiled once per process)."""
 
 from __future__ import annotations
 
+import io
 import json
 import logging
+import re
 from dataclasses import replace
+from pathlib import Path
 
 import pytest
+from PIL import Image
 
+from pathor1_jax.cli import main
 from pathor1_jax.data.demo import demo_records
+from pathor1_jax.data.images import BadImageError
+from pathor1_jax.data.jsonl import read_jsonl, write_jsonl
 from pathor1_jax.data.pipeline import (
     ProcessorSpec,
+    batch_iterator_from_config,
+    default_data_config,
     default_tokenizer_path,
     get_processor,
+    make_batch_iterator,
 )
-from pathor1_jax.data.records import CaptionRecord
-from pathor1_jax.errors import UserError
+from pathor1_jax.data.records import CaptionRecord, ImageRef, RecordError
+from pathor1_jax.errors import ConfigError, UserError
+from pathor1_jax.train.config import load_config
 from pathor1_jax.train.metrics import MetricsWriter, read_metrics
+from pathor1_jax.train.schema import validate_config
 
+CONFIGS = Path(__file__).resolve().parents[1] / "configs"
+# the issue's repro: pathor1 train --config configs/demo_cpt.py --config.train.steps=2 (warmup below it)
+TRAIN = ["train", "--config", str(CONFIGS / "demo_cpt.py"), "--config.train.steps=2",
+         "--config.optim.warmup_steps=1"]  # fmt: skip
 TILE = 56 * 56
 
 
@@ -28,8 +44,49 @@ def spec():
     return ProcessorSpec(default_tokenizer_path(), min_pixels=TILE, max_pixels=TILE)
 
 
+def _png(width: int = 56, height: int = 56) -> bytes:
+    buffer = io.BytesIO()
+    Image.new("RGB", (width, height), (180, 40, 120)).save(buffer, format="PNG")
+    return buffer.getvalue()
+
+
 def _captions(n: int, **change) -> list[CaptionRecord]:
     return [replace(r, **change) for r in demo_records("caption", "train")[:n]]
+
+
+def _data_config(source: str, **overrides):
+    cfg = default_data_config()
+    cfg.update(dict(source=source, kind="caption", batch_size=2, max_len=128, max_patches=64, max_images=4))
+    cfg.update(overrides)
+    return cfg
+
+
+def _one_error_line(capsys) -> str:
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("pathor1 "), err
+    return err[0]
+
+
+# F1: nothing usable → an error at start-up, and a loader that makes no progress raises -----------
+
+
+def test_f1_unusable_data_fails_at_start_instead_of_looping(tmp_path, spec):
+    # can take > 30 s on a loaded machine: the pre-scan encodes real demo images (the repro needs them)
+    bad_images = tmp_path / "bad.jsonl"
+    write_jsonl(bad_images, _captions(5, image=ImageRef(data=b"\x89PNG garbage")))
+    with pytest.raises(UserError, match=r"none of the 5 records checked can be used \(skipped, e\.g\. rec"):
+        batch_iterator_from_config(_data_config(str(bad_images), on_bad_image="skip"))
+    too_long = _data_config("demo", max_len=16, overflow="drop")
+    with pytest.raises(UserError, match=r"none of the 16 records checked can be used \(dropped.*max_len=16"):
+        batch_iterator_from_config(too_long)
+    with pytest.raises(ConfigError, match=r"data.max_len=0: expected an integer >= 1"):
+        validate_config(load_config(str(CONFIGS / "demo_cpt.py"), ["--config.data.max_len=0"]))
+    # without the pre-scan, the loader itself gives up after max_consecutive_drops records in a row
+    records = _captions(3, image=ImageRef(data=b"junk"))
+    it = make_batch_iterator(records, spec, batch_size=2, max_len=128, on_bad_image="skip", prescan_records=0,
+                             max_consecutive_drops=7, shard=(0, 1))  # fmt: skip
+    with pytest.raises(UserError, match=r"7 records in a row could not be used \(7 skipped so far"):
+        next(it)
 
 
 # F3: strict metrics: a NaN loss is null with a flag --------------------------------------------
@@ -42,6 +99,19 @@ def test_f3_nan_metrics_are_null_with_a_flag(tmp_path):
     line = (tmp_path / "metrics.jsonl").read_text()
     assert json.loads(line) == {"step": 1, "loss": None, "grad_norm": None, "lr": 0.1,
                                 "nonfinite_keys": ["loss", "grad_norm"]}  # fmt: skip
+
+
+# F4: an empty data file is an error, not a run of 0 steps ---------------------------------------
+
+
+def test_f4_empty_data_file_is_a_start_up_error(tmp_path, capsys):
+    empty = tmp_path / "empty.jsonl"
+    empty.write_text("")
+    out = tmp_path / "run"
+    argv = [*TRAIN, f"--config.data.source={empty}", f"--config.train.out_dir={out}"]
+    assert main(argv) == 2
+    assert "data (0 records): no records" in _one_error_line(capsys)
+    assert not out.exists()  # nothing written
 
 
 # F6: a torn last line of metrics.jsonl (kill -9 mid-write) does not block the resume ------------
@@ -60,6 +130,37 @@ def test_f6_torn_last_metrics_line_is_dropped_with_a_warning(tmp_path, caplog):
         read_metrics(path)
 
 
+# F8: every bad image is skippable and names its record, in every stage --------------------------
+
+
+def test_f8_thin_images_and_image_count_errors_are_skipped_and_counted(tmp_path, spec, caplog):
+    thin = CaptionRecord(id="thin", image=ImageRef(data=_png(4000, 2)), caption="a 2000:1 strip")
+    with pytest.raises(BadImageError, match=r"record 'thin': image processor: .*aspect ratio"):
+        get_processor(spec).encode(thin)
+    kw = dict(batch_size=8, max_len=512, num_epochs=1, shuffle=False, shard=(0, 1))
+    records = _captions(3) + [thin]
+    with caplog.at_level(logging.WARNING):
+        it = make_batch_iterator(records, spec, on_bad_image="skip", **kw)
+        (batch,) = list(it)
+    assert int(batch["segment_ids"].max(-1).sum()) == 3 and it.drop_counts() == {"skipped": 1}
+    assert "skipped record 'thin'" in caplog.text
+    with pytest.raises(BadImageError, match="record 'thin'"):  # surfaces at start-up, not when reached
+        make_batch_iterator(records, spec, **kw)
+
+
+def test_f8_rl_prompts_honour_on_bad_image(tmp_path, spec):
+    from pathor1_jax.rl.prompts import PromptStream
+
+    good = demo_records("mcq", "train")[:2]
+    bad = replace(good[0], id="bad", images=(ImageRef(data=b"junk"),))
+    with pytest.raises(BadImageError, match="record 'bad'"):
+        PromptStream([bad, *good], get_processor(spec), seed=0, shuffle=False)
+    stream = PromptStream([bad, *good], get_processor(spec), seed=0, shuffle=False, on_bad_image="skip")
+    assert len(stream(4)) == 4 and stream.skipped == 2  # bad, good, good, bad (next epoch), good
+    with pytest.raises(UserError, match="none of the 1 records checked can be used"):
+        PromptStream([bad], get_processor(spec), seed=0, shuffle=False, on_bad_image="skip")
+
+
 # F9: special tokens are never parsed from record text -------------------------------------------
 
 
@@ -75,3 +176,37 @@ def test_f9_special_token_strings_in_text_stay_text(spec):
     trained = proc.tokenizer.decode(ids[example["labels"] != -100])
     assert trained == forged.caption + "<|im_end|>"  # the caption is trained on, character for character
     assert example["image_grid_thw"].shape == (1, 3)  # one image, as the record says
+
+
+# F11: numeric config values are checked at start-up, every key by one table ---------------------
+
+
+@pytest.mark.parametrize(
+    "override, message",
+    [
+        ("data.batch_size=0", "data.batch_size=0: expected an integer >= 1"),
+        ("data.batch_size=-1", "data.batch_size=-1: expected an integer >= 1"),
+        ("train.grad_accum=0", "train.grad_accum=0: expected an integer >= 1"),
+        ("train.ckpt_every=0", "train.ckpt_every=0: expected an integer >= 1"),
+        ("train.log_every=0", "train.log_every=0: expected an integer >= 1"),
+        ("optim.lr=-1e-3", "optim.lr=-0.001: expected a finite number >= 0"),
+        ("optim.clip_norm=-1", "optim.clip_norm=-1.0: expected a finite number > 0"),
+        ("optim.warmup_steps=-5", "optim.warmup_steps=-5: expected an integer >= 0"),
+        ("data.on_bad_image=skipp", "data.on_bad_image='skipp': expected one of ['error', 'skip']"),
+        ("data.min_pixels=10000", "data.min_pixels=10000 must not exceed data.max_pixels=3136"),
+    ],
+)
+def test_f11_config_values_are_validated_at_start_up(override, message):
+    config = load_config(str(CONFIGS / "demo_cpt.py"), [f"--config.{override}"])
+    with pytest.raises(ConfigError, match=re.escape(message)):
+        validate_config(config)
+
+
+# F13: the rest of the command line's errors ------------------------------------------------------
+
+
+def test_f13_non_utf8_jsonl_names_file_and_line(tmp_path):
+    path = tmp_path / "latin1.jsonl"
+    path.write_bytes(b'{"id": "a", "image": "x.png", "caption": "ok"}\n{"id": "b", "caption": "caf\xe9"}\n')
+    with pytest.raises(RecordError, match=rf"{re.escape(str(path))}:2: not UTF-8 text \(byte 27"):
+        read_jsonl(path, "caption")

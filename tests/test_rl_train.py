@@ -86,11 +86,11 @@ def test_grpo_run_resumes_prompts_and_sampling_rounds(grpo_run):
         ("--config.rl.groups_per_minibatch=3", "groups_per_minibatch"),
         ("--config.data.kind=chat", "mcq"),
         ("--config.rl.short_batch=pad", "short_batch='pad'"),
-        ("--config.rl.prompt_style=cot", "unknown prompt style 'cot'"),
-        ("--config.rl.loss_agg=sum", "loss aggregation must be one of"),
-        ("--config.rl.dual_clip=0.5", "dual clip must be > 1"),
-        ("--config.rl.advantage_std=sample", "advantage std must be one of"),
-        ("--config.rl.temperature=0.0", "temperature must be > 0"),
+        ("--config.rl.prompt_style=cot", "rl.prompt_style='cot': expected one of"),
+        ("--config.rl.loss_agg=sum", "rl.loss_agg='sum': expected one of"),
+        ("--config.rl.dual_clip=0.5", "rl.dual_clip=0.5: expected 0 \\(off\\) or a finite number > 1"),
+        ("--config.rl.advantage_std=sample", "rl.advantage_std='sample': expected one of"),
+        ("--config.rl.temperature=0.0", "rl.temperature=0.0: expected a finite number > 0"),
     ],
 )
 def test_bad_rl_configs_fail_before_building_anything(tmp_path, override, message):

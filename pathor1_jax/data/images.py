@@ -11,7 +11,13 @@ from pathor1_jax.errors import UserError
 from .records import ImageRef
 
 
-class ImageDecodeError(UserError):
+class BadImageError(UserError):
+    """An image a record cannot be trained with — unreadable, undecodable, unusable by the image
+    processor (e.g. an extreme aspect ratio), or not matching the record's image placeholders. The
+    message names the record; `data.on_bad_image="skip"` skips (and counts) such records."""
+
+
+class ImageDecodeError(BadImageError):
     """An image that cannot be read or decoded; the message names the record and the image."""
 
 

@@ -12,8 +12,8 @@ from .records import ImageRef, Record, RecordError, map_images, parse_record, re
 def read_jsonl(path: str | os.PathLike, kind: str) -> list[Record]:
     """All records of a JSONL file, relative image paths resolved against the file's directory.
 
-    Blank lines are skipped. Malformed JSON, a record that breaks the schema, or a duplicate id raises
-    `RecordError` whose message starts with `"{path}:{line}: "`.
+    Blank lines are skipped. Text that is not UTF-8, malformed JSON, a record that breaks the schema,
+    or a duplicate id raises `RecordError` whose message starts with `"{path}:{line}: "`.
     """
     path = os.fspath(path)
     base_dir = os.path.dirname(os.path.abspath(path))
@@ -25,11 +25,15 @@ def read_jsonl(path: str | os.PathLike, kind: str) -> list[Record]:
 
     records: list[Record] = []
     seen: dict[str, int] = {}
-    with open(path, encoding="utf-8") as f:
-        for lineno, line in enumerate(f, start=1):
+    with open(path, "rb") as f:
+        for lineno, raw in enumerate(f, start=1):
+            where = f"{path}:{lineno}"
+            try:
+                line = raw.decode("utf-8")
+            except UnicodeDecodeError as e:
+                raise RecordError(f"{where}: not UTF-8 text (byte {e.start}: {e.reason})") from None
             if not line.strip():
                 continue
-            where = f"{path}:{lineno}"
             try:
                 obj = json.loads(line)
             except json.JSONDecodeError as e:

@@ -77,6 +77,17 @@ def fit_to_length(example: dict[str, np.ndarray], max_len: int, policy: str) -> 
     }, ""
 
 
+def unbatchable(example: dict, max_len: int, max_patches: int | None, max_images: int | None) -> str:
+    """Why `example` can never be in a batch of these limits ("" if it can)."""
+    if example["input_ids"].shape[0] > max_len:
+        return f"longer than max_len={max_len}"
+    if max_patches is not None and example["pixel_values"].shape[0] > max_patches:
+        return f"{example['pixel_values'].shape[0]} patches > max_patches={max_patches}"
+    if max_images is not None and example["image_grid_thw"].shape[0] > max_images:
+        return f"{example['image_grid_thw'].shape[0]} images > max_images={max_images}"
+    return ""
+
+
 class BatchPacker:
     """Greedy next-fit packing of examples into `batch_size` rows of `max_len` tokens.
 
@@ -104,13 +115,7 @@ class BatchPacker:
 
     def fits_alone(self, example: dict) -> str:
         """Why `example` can never be batched ("" if it can)."""
-        if example["input_ids"].shape[0] > self.max_len:
-            return f"longer than max_len={self.max_len}"
-        if self.max_patches is not None and example["pixel_values"].shape[0] > self.max_patches:
-            return f"{example['pixel_values'].shape[0]} patches > max_patches={self.max_patches}"
-        if self.max_images is not None and example["image_grid_thw"].shape[0] > self.max_images:
-            return f"{example['image_grid_thw'].shape[0]} images > max_images={self.max_images}"
-        return ""
+        return unbatchable(example, self.max_len, self.max_patches, self.max_images)
 
     def empty(self) -> bool:
         return self.lengths[0] == 0
@@ -187,11 +192,16 @@ def pack_examples(examples: list[dict], **packer_kwargs) -> list[dict[str, np.nd
 
 
 class DropCounter:
-    """Counts dropped / skipped examples by reason and logs each with the running total."""
+    """Counts dropped / skipped records by kind; logs the first `LOGGED` of each kind, then one line
+    at every power of two of its count (a stream of bad records logs a few lines, not megabytes)."""
 
-    def __init__(self):
-        self.counts: Counter[str] = Counter()
+    LOGGED = 10
+
+    def __init__(self, counts: dict[str, int] | None = None):
+        self.counts: Counter[str] = Counter(counts or {})
 
     def drop(self, kind: str, record_id: str, reason: str) -> None:
         self.counts[kind] += 1
-        log.warning("%s record %r: %s (%d %s so far)", kind, record_id, reason, self.counts[kind], kind)
+        n = self.counts[kind]
+        if n <= self.LOGGED or n & (n - 1) == 0:
+            log.warning("%s record %r: %s (%d %s so far)", kind, record_id, reason, n, kind)

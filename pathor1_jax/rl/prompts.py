@@ -2,14 +2,20 @@
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Sequence
 
 import numpy as np
 
+from pathor1_jax.data.images import BadImageError
+from pathor1_jax.data.pipeline import Dropped, prescan
 from pathor1_jax.data.processing import QwenVLProcessor
 from pathor1_jax.data.prompts import DEFAULT_PROMPT_STYLE
 from pathor1_jax.data.records import MCQRecord
+from pathor1_jax.errors import UserError
 from pathor1_jax.rl.rollout import Prompt
+
+log = logging.getLogger(__name__)
 
 
 def mcq_prompt(processor: QwenVLProcessor, record: MCQRecord, style: str = DEFAULT_PROMPT_STYLE) -> Prompt:
@@ -34,7 +40,10 @@ class PromptStream:
     """MCQ prompts in a reshuffled order every epoch, forever; `get_state`/`set_state` resume it.
 
     Prompts are encoded in prompt `style` on first use and cached (the records hold only image
-    references).
+    references). A record whose image is bad raises its `BadImageError`, or with
+    `on_bad_image="skip"` is skipped (and counted in `skipped`); a whole epoch of unusable records is
+    an error, as is an empty source. A sample of the records is encoded at construction
+    (`pipeline.prescan`), so that bad data fails before training starts.
     """
 
     def __init__(
@@ -45,17 +54,27 @@ class PromptStream:
         seed: int,
         shuffle: bool,
         style: str = DEFAULT_PROMPT_STYLE,
+        on_bad_image: str = "error",
     ):
-        if not records:
-            raise ValueError("the RL prompt stream needs at least one MCQ record")
         self.records = records
         self.processor = processor
         self.seed = seed
         self.shuffle = shuffle
         self.style = style
-        self.position = 0  # prompts handed out so far
-        self._cache: dict[int, Prompt] = {}
+        self.on_bad_image = on_bad_image
+        self.position = 0  # prompts handed out so far, skipped records included
+        self.skipped = 0
+        self._cache: dict[int, Prompt | Dropped] = {}
         self._order: tuple[int, np.ndarray] | None = None  # (epoch, permutation)
+        prescan(records, self._encode, what=f"data ({len(records)} MCQ records)")
+
+    def _encode(self, record: MCQRecord) -> Prompt | Dropped:
+        try:
+            return mcq_prompt(self.processor, record, self.style)
+        except BadImageError as e:
+            if self.on_bad_image != "skip":
+                raise
+            return Dropped.bad_image(record.id, e)
 
     def _index(self, position: int) -> int:
         epoch, offset = divmod(position, len(self.records))
@@ -66,13 +85,25 @@ class PromptStream:
         return int(self._order[1][offset])
 
     def __call__(self, num_prompts: int) -> list[Prompt]:
-        out = []
-        for _ in range(num_prompts):
+        out: list[Prompt] = []
+        in_a_row = 0
+        while len(out) < num_prompts:
             i = self._index(self.position)
-            if i not in self._cache:
-                self._cache[i] = mcq_prompt(self.processor, self.records[i], self.style)
-            out.append(self._cache[i])
             self.position += 1
+            if i not in self._cache:
+                self._cache[i] = self._encode(self.records[i])
+            prompt = self._cache[i]
+            if not isinstance(prompt, Dropped):
+                out.append(prompt)
+                in_a_row = 0
+                continue
+            self.skipped += 1
+            in_a_row += 1
+            log.warning(
+                "skipped record %r: %s (%d skipped so far)", prompt.record_id, prompt.reason, self.skipped
+            )
+            if in_a_row > len(self.records):
+                raise UserError(f"data: none of the {len(self.records)} MCQ records can be used")
         return out
 
     def get_state(self) -> dict:

@@ -21,7 +21,7 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec
 from tqdm import tqdm
 
 from pathor1_jax.data.pipeline import get_processor, load_source, processor_spec_from_config
-from pathor1_jax.data.prompts import DEFAULT_PROMPT_STYLE, prompt_style
+from pathor1_jax.data.prompts import DEFAULT_PROMPT_STYLE
 from pathor1_jax.errors import ConfigError
 from pathor1_jax.logical import Rules, use_rules
 from pathor1_jax.models import qwen2_5_vl
@@ -30,7 +30,6 @@ from pathor1_jax.rl.prompts import PromptStream, decode_response
 from pathor1_jax.rl.rollout import rollout
 from pathor1_jax.rl.step import (
     PAPER_AGG,
-    SHORT_BATCH,
     LossConfig,
     RolloutSampler,
     ShortBatchError,
@@ -45,6 +44,7 @@ from pathor1_jax.train.metrics import MetricsWriter, plot_losses
 from pathor1_jax.train.optim import make_optimizer
 from pathor1_jax.train.result import StageResult
 from pathor1_jax.train.run import image_patch_budget, initial_params, model_config, model_factory
+from pathor1_jax.train.schema import check_start
 from pathor1_jax.train.step import StepSpec, abstract_state
 from pathor1_jax.train.trainer import Stage, Trainer, _Preemption, batch_parts, on_mesh
 
@@ -143,24 +143,8 @@ class RLData:
 
 class RLTrainer(Trainer):
     def __init__(self, config: ml_collections.ConfigDict, out_dir: str | Path):
+        out_dir = check_start(config, out_dir)
         rl = config.rl
-        if rl.algo not in ALGOS or rl.algo != config.stage:
-            raise ValueError(f"config.stage={config.stage!r} and config.rl.algo={rl.algo!r} must agree")
-        if config.data.kind != "mcq":
-            raise ValueError(f"config.data.kind={config.data.kind!r}: RL trains on 'mcq' records")
-        if int(rl.batch_groups) % int(rl.groups_per_minibatch):
-            raise ValueError(
-                f"config.rl.batch_groups={rl.batch_groups} is not a multiple of "
-                f"groups_per_minibatch={rl.groups_per_minibatch}"
-            )
-        if rl.algo == "dapo" and not 0 < int(rl.l_cache) <= int(rl.l_max or rl.max_new_tokens):
-            raise ValueError(
-                f"config.rl.l_cache={rl.l_cache} must be in (0, L_max], L_max = "
-                f"{int(rl.l_max or rl.max_new_tokens)} (rl.l_max, or rl.max_new_tokens when 0)"
-            )
-        if rl.short_batch not in SHORT_BATCH:
-            raise ValueError(f"config.rl.short_batch={rl.short_batch!r}: expected one of {SHORT_BATCH}")
-        prompt_style(rl.prompt_style)  # an unknown style fails here, before the model is built
         self.rl_steps = int(config.train.steps)
         self.loss_cfg = loss_config(rl)
         cfg = model_config(config.model)
@@ -171,6 +155,7 @@ class RLTrainer(Trainer):
             seed=int(config.data.seed),
             shuffle=bool(config.data.shuffle),
             style=rl.prompt_style,
+            on_bad_image=config.data.on_bad_image,
         )
         self.sampler = RolloutSampler(self.prompts, self._rollout)
         updates_per_step = int(rl.mu) * int(rl.batch_groups) // int(rl.groups_per_minibatch)
@@ -263,6 +248,7 @@ class RLTrainer(Trainer):
                         lr=float(self.schedule(max(int(self.state["step"]) - 1, 0))),
                         step_time_s=time.perf_counter() - t0,
                     )
+                    metrics["data/skipped"] = float(self.prompts.skipped)
                     first = metrics["reward/mean"] if first is None else first
                     last = metrics["reward/mean"]
                     writer.write(step, metrics)

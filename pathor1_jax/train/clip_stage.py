@@ -22,7 +22,8 @@ import optax
 from flax import nnx
 from jax.sharding import Mesh
 
-from pathor1_jax.data.images import load_image
+from pathor1_jax.data.images import BadImageError, load_image
+from pathor1_jax.data.pipeline import Dropped, SkipDropped, prescan
 from pathor1_jax.data.records import CaptionRecord
 from pathor1_jax.errors import ConfigError
 from pathor1_jax.logical import Rules, current_rules, logical_to_spec
@@ -35,6 +36,7 @@ from pathor1_jax.train.contrastive import clip_loss, sharded_clip_loss
 from pathor1_jax.train.defaults import layer_options
 from pathor1_jax.train.optim import make_optimizer
 from pathor1_jax.train.result import StageResult
+from pathor1_jax.train.schema import check_start
 from pathor1_jax.train.step import StepSpec, abstract_state, zero_frozen
 from pathor1_jax.train.trainer import Stage, Trainer, batch_field_sharding, batch_parts
 
@@ -54,7 +56,8 @@ def base_clip_config() -> ml_collections.ConfigDict:
         remat="none",  # per-layer rematerialisation: none | full | dots | dots_no_batch
     )
     # batch_size: pairs per data shard; the contrastive batch is all shards' (shards 0: one per process)
-    config.data = dict(source="demo", split="train", include="", batch_size=16, shards=0, seed=0)
+    config.data = dict(source="demo", split="train", include="", batch_size=16, shards=0, seed=0,
+                       on_bad_image="error")  # fmt: skip
     config.optim = dict(
         lr=5e-4, warmup_steps=5, min_lr_ratio=0.1, b1=0.9, b2=0.98, eps=1e-6, weight_decay=0.1, clip_norm=1.0
     )
@@ -117,29 +120,40 @@ def caption_records(data: ml_collections.ConfigDict) -> list[CaptionRecord]:
         pattern = re.compile(data.include)
         records = [r for r in records if pattern.search(r.id)]
     if len(records) < data.batch_size:
-        raise ValueError(f"config.data: {len(records)} records, fewer than batch_size {data.batch_size}")
+        raise ConfigError(
+            f"config.data: {len(records)} records, fewer than data.batch_size={data.batch_size}"
+        )
     return records
 
 
-def clip_batches(records, config: clip.CLIPConfig, batch_size: int, seed: int) -> grain.DatasetIterator:
+def clip_batches(
+    records, config: clip.CLIPConfig, batch_size: int, seed: int, on_bad_image: str = "error"
+) -> grain.DatasetIterator:
     """Shuffled (a new order each epoch), endless, checkpointable batches of `images [B, H, W, 3]`
-    and `input_ids [B, 77]`."""
+    and `input_ids [B, 77]`. A record whose image is bad raises, or with `on_bad_image="skip"` is
+    skipped and counted (see `pipeline.SkipDropped`); a sample of them is encoded first (`prescan`)."""
     tokenizer = CLIPTokenizer(config.text.max_position_embeddings)
     size = config.vision.image_size
 
-    def encode(record: CaptionRecord) -> dict:
-        image = preprocess(load_image(record.image, record_id=record.id), size)
+    def encode(record: CaptionRecord) -> dict | Dropped:
+        try:
+            image = preprocess(load_image(record.image, record_id=record.id), size)
+        except BadImageError as e:
+            if on_bad_image != "skip":
+                raise
+            return Dropped.bad_image(record.id, e)
         return {"images": image, "input_ids": tokenizer(record.caption)[0]}
 
+    prescan(records, encode, what=f"data ({len(records)} caption records)")
     ds = grain.MapDataset.source(records).shuffle(seed=seed).repeat(None).map(encode)
-    return iter(ds.batch(batch_size, drop_remainder=True).to_iter_dataset())
+    return iter(SkipDropped(ds.to_iter_dataset()).batch(batch_size, drop_remainder=True))
 
 
 def model_config(model: ml_collections.ConfigDict) -> clip.CLIPConfig:
     if model.path:
         return clip.CLIPConfig.from_hf_dict(json.loads((Path(model.path) / "config.json").read_text()))
     if model.preset not in clip.config.PRESETS:
-        raise ValueError(
+        raise ConfigError(
             f"config.model.preset={model.preset!r}: expected one of {sorted(clip.config.PRESETS)}"
         )
     return clip.config.PRESETS[model.preset]()
@@ -160,24 +174,19 @@ def initial_params(model: ml_collections.ConfigDict):
     elif path.is_file():
         loaded = clip.load_open_clip(path, model.preset, scan_layers=scan)
     else:
-        raise FileNotFoundError(f"config.model.init_from={source!r}: not a run directory, HF folder or file")
+        raise ConfigError(f"config.model.init_from={source!r}: not a run directory, HF folder or file")
     params = nnx.to_pure_dict(nnx.state(loaded, nnx.Param))
     return lambda like: jax.tree.map(lambda x, ref: jax.device_put(np.asarray(x), ref.sharding), params, like)
 
 
 def run_clip(config: ml_collections.ConfigDict, out_dir: str | Path | None = None) -> StageResult:
-    if int(config.train.grad_accum) != 1:
-        raise ValueError(
-            "config.train.grad_accum: the contrastive loss of a batch does not split into micro-batches"
-        )
+    out_dir = check_start(config, out_dir)
     cfg = model_config(config.model)
-    out_dir = Path(out_dir or config.train.out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    (out_dir / "run_config.json").write_text(config.to_json_best_effort(indent=2))
     records = caption_records(config.data)
 
     def shard(index: int, count: int) -> grain.DatasetIterator:
-        return clip_batches(records[index::count], cfg, int(config.data.batch_size), int(config.data.seed))
+        batch, seed = int(config.data.batch_size), int(config.data.seed)
+        return clip_batches(records[index::count], cfg, batch, seed, config.data.on_bad_image)
 
     stage = Stage(name="clip", step=contrastive_step, prepare=lambda b: b)
     seed = int(config.model.seed)

@@ -61,6 +61,14 @@ class ShardedData:
     def __next__(self) -> list[tuple[int, dict]]:
         return [(s, next(it)) for s, it in zip(self.shards, self.iterators, strict=True)]
 
+    def drop_counts(self) -> dict[str, int]:
+        """Records this process's shards left out so far, by kind (see `pipeline.SkipDropped`)."""
+        total: dict[str, int] = {}
+        for it in self.iterators:
+            for kind, n in (it.drop_counts() if hasattr(it, "drop_counts") else {}).items():
+                total[kind] = total.get(kind, 0) + n
+        return total
+
     def local_state(self) -> dict:
         """This process's shards' positions (no communication)."""
         return {"shards": self.shards, "states": [it.get_state() for it in self.iterators]}

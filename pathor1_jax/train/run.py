@@ -36,6 +36,7 @@ from pathor1_jax.train.cpt import cpt_step
 from pathor1_jax.train.defaults import layer_options
 from pathor1_jax.train.lm import offset_to_block, prepare_batch
 from pathor1_jax.train.result import StageResult
+from pathor1_jax.train.schema import check_start
 from pathor1_jax.train.sft import sft_step
 from pathor1_jax.train.step import StepSpec, abstract_state
 from pathor1_jax.train.trainer import Stage, Trainer, batch_field_sharding, batch_parts
@@ -53,7 +54,7 @@ def model_config(model: ml_collections.ConfigDict) -> qwen2_5_vl.Qwen2_5_VLConfi
         )
     if model.get("preset"):
         return preset(model.preset)
-    raise ValueError("config.model: set one of `preset` (tiny, 3b, 7b), `hf_config` or `path`")
+    raise ConfigError("config.model: set one of `preset` (tiny, 3b, 7b), `hf_config` or `path`")
 
 
 def model_factory(
@@ -93,7 +94,7 @@ def initial_params(
             return jax.tree.map(lambda x, ref: jax.device_put(x, ref.sharding), params, like)
 
         return from_hf
-    raise FileNotFoundError(
+    raise ConfigError(
         f"config.model.init_from={source!r}: neither a HF checkpoint (config.json) nor a run directory "
         "(checkpoints/)"
     )
@@ -110,11 +111,9 @@ def run_lm(config: ml_collections.ConfigDict, out_dir: str | Path | None = None)
     """Train the language-model stage `config.stage` (cpt or sft) on `config.data`, writing to
     `out_dir` (default `config.train.out_dir`)."""
     if config.stage not in STEPS:
-        raise ValueError(f"config.stage={config.stage!r}: expected one of {sorted(STEPS)}")
+        raise ConfigError(f"config.stage={config.stage!r}: expected one of {sorted(STEPS)}")
+    out_dir = check_start(config, out_dir)
     cfg = model_config(config.model)
-    out_dir = Path(out_dir or config.train.out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    (out_dir / "run_config.json").write_text(config.to_json_best_effort(indent=2))
     unit = cfg.vision.spatial_merge_size**2
     stage = Stage(
         name=config.stage,

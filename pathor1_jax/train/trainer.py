@@ -9,11 +9,12 @@
 micro-batches with `get_state()` / `set_state(state)`); each process feeds its shards' rows of
 the global batch (see `data_shards.py`).
 
-A run directory holds `checkpoints/`, `metrics.jsonl`, `tensorboard/` and `loss.png`. Starting a
-run whose directory has a checkpoint resumes it exactly: parameters, optimizer state, step, RNG
-and the position of every data shard, on the same or another process layout (orbax lays the
-arrays out for the new mesh). SIGTERM (preemption) to any process stops every process at the same
-step (they agree at each step), saves one checkpoint and returns with `preempted=True`.
+A run directory holds `run_config.json`, `checkpoints/`, `metrics.jsonl`, `tensorboard/` and
+`loss.png`. Starting a run whose directory has a checkpoint resumes it exactly: parameters,
+optimizer state, step, RNG and the position of every data shard, on the same or another process
+layout (orbax lays the arrays out for the new mesh). SIGTERM (preemption) to any process stops
+every process at the same step (they agree at each step), saves one checkpoint and returns with
+`preempted=True`.
 """
 
 from __future__ import annotations
@@ -34,6 +35,7 @@ from flax import nnx
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 from tqdm import tqdm
 
+from pathor1_jax.errors import UserError
 from pathor1_jax.logical import use_rules
 from pathor1_jax.sharding.mesh import make_mesh
 from pathor1_jax.sharding.multihost import (
@@ -191,6 +193,8 @@ class Trainer:
         self.out_dir = Path(out_dir)
         self.total_steps = int(config.train.steps)
         self.accum = int(config.train.grad_accum)
+        self.out_dir.mkdir(parents=True, exist_ok=True)  # once the data is built: it checks itself first
+        (self.out_dir / "run_config.json").write_text(config.to_json_best_effort(indent=2))
         self.mesh = make_mesh(dict(config.mesh))
         self.rules = rules_from_config(config.get("sharding"))
         if hasattr(data, "get_state"):
@@ -255,6 +259,11 @@ class Trainer:
             self.checkpointer.save(step, self.state, data_state)
             self.saved_step = step
 
+    def _drop_counts(self) -> dict[str, float]:
+        """`data/skipped`, `data/dropped`: records the data left out so far (when it counts them)."""
+        counts = getattr(self.data, "drop_counts", None)
+        return {f"data/{kind}": float(n) for kind, n in counts().items()} if counts else {}
+
     def fit(self) -> StageResult:
         cfg = self.config.train
         writer = MetricsWriter(self.out_dir, resume_step=self.start_step)
@@ -281,6 +290,10 @@ class Trainer:
                     # or when any one's data runs out
                     preempted, exhausted = any_process(preemption.requested, host_batch is None)
                     if preempted or exhausted:
+                        if exhausted and step == 0:
+                            raise UserError(
+                                f"{self.stage.name}: the data gave no batch at all (data.num_epochs, source?)"
+                            )
                         if exhausted:
                             print(f"{self.stage.name}: data exhausted after step {step}", file=sys.stderr)
                         self.save(step, self.data.gather_state(position))
@@ -292,11 +305,12 @@ class Trainer:
                     metrics = {k: float(v) for k, v in jax.device_get(metrics).items()}
                     dt = time.perf_counter() - t0
                     step += 1
-                    first = metrics["loss"] if first is None else first
-                    last = metrics["loss"]
                     metrics.update(
                         lr=float(self.schedule(step - 1)), tokens_per_s=tokens / dt, step_time_s=dt
                     )
+                    first = metrics["loss"] if first is None else first
+                    last = metrics["loss"]
+                    metrics.update(self._drop_counts())
                     if step % int(cfg.log_every) == 0 or step in (1, self.total_steps):
                         writer.write(step, metrics)
                     bar.set_postfix(loss=f"{last:.4f}", tok_s=f"{tokens / dt:,.0f}")
