@@ -7,12 +7,19 @@ from __future__ import annotations
 import io
 import json
 import logging
+import os
 import re
+import subprocess
+import sys
+import time
 from dataclasses import replace
 from pathlib import Path
 
+import jax
 import pytest
+from flax import nnx
 from PIL import Image
+from test_train_loop import ToyLM, data_shard, toy_config, toy_stage
 
 from pathor1_jax.cli import main
 from pathor1_jax.data.demo import demo_records
@@ -30,7 +37,9 @@ from pathor1_jax.data.records import CaptionRecord, ImageRef, RecordError
 from pathor1_jax.errors import ConfigError, UserError
 from pathor1_jax.train.config import load_config
 from pathor1_jax.train.metrics import MetricsWriter, read_metrics
+from pathor1_jax.train.rundir import LOCK, STALE_AFTER_S, RunDir
 from pathor1_jax.train.schema import validate_config
+from pathor1_jax.train.trainer import Trainer
 
 CONFIGS = Path(__file__).resolve().parents[1] / "configs"
 # the issue's repro: pathor1 train --config configs/demo_cpt.py --config.train.steps=2 (warmup below it)
@@ -59,6 +68,24 @@ def _data_config(source: str, **overrides):
     cfg.update(dict(source=source, kind="caption", batch_size=2, max_len=128, max_patches=64, max_images=4))
     cfg.update(overrides)
     return cfg
+
+
+def toy_trainer(out_dir: Path, steps: int = 2, *, lr: float | None = None, stage: str = "toy", dim: int = 0,
+                **train) -> Trainer:  # fmt: skip
+    """The toy LM of test_train_loop on `out_dir`; `train` overrides config.train keys, `dim` > 0
+    gives the model another architecture."""
+    config = toy_config(steps)
+    config.train.update(train)
+    if lr is not None:
+        config.optim.lr = lr
+    make = (lambda: ToyLM(nnx.Rngs(0))) if not dim else (lambda: WiderToyLM(nnx.Rngs(0), dim))
+    return Trainer(config, replace(toy_stage([]), name=stage), make, data_shard, out_dir)
+
+
+class WiderToyLM(ToyLM):
+    def __init__(self, rngs: nnx.Rngs, dim: int):
+        super().__init__(rngs)
+        self.extra = nnx.Param(jax.numpy.zeros((dim,)))
 
 
 def _one_error_line(capsys) -> str:
@@ -128,6 +155,49 @@ def test_f6_torn_last_metrics_line_is_dropped_with_a_warning(tmp_path, caplog):
     path.write_text('{"step": 1}\n{"step": 2, "lo\n{"step": 3}\n')  # damage elsewhere: an error naming it
     with pytest.raises(UserError, match=r"metrics.jsonl:2: not a JSON object"):
         read_metrics(path)
+
+
+# F7: a run directory owns its identity and is locked --------------------------------------------
+
+
+def test_f7_run_directory_refuses_another_stage_or_architecture(tmp_path):
+    # can take > 30 s on a loaded machine: three trainers build the toy model, one trains and saves
+    toy_trainer(tmp_path, 2, stage="cpt").fit()
+    identity = json.loads((tmp_path / "run.json").read_text())
+    assert identity["stage"] == "cpt" and identity["architecture"]["num_arrays"] == 3
+    refused = r"holds a 'cpt' run; this is a 'sft' run: to start fresh.*init_from="
+    with pytest.raises(UserError, match=refused):
+        toy_trainer(tmp_path, 2, stage="sft")
+    with pytest.raises(UserError, match=r"holds a model with \d+ parameters in 3 arrays .* config builds"):
+        toy_trainer(tmp_path, 2, stage="cpt", dim=3)
+    assert not (tmp_path / LOCK).exists()  # refused runs leave the lock free
+
+
+def test_f7_lock_keeps_a_second_run_out_and_stale_locks_are_taken_over(tmp_path, caplog):
+    sleeper = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+    try:
+        owner = {"pid": sleeper.pid, "host": os.uname().nodename, "start": None, "since": "earlier"}
+        (tmp_path / LOCK).write_text(json.dumps(owner))
+        with pytest.raises(UserError, match=rf"in use by PID {sleeper.pid} on this host since earlier"):
+            RunDir(tmp_path, "cpt")
+        (tmp_path / LOCK).write_text(json.dumps({**owner, "host": "elsewhere"}))
+        with pytest.raises(UserError, match=r"locked by PID \d+ on host elsewhere .* delete .*\.lock"):
+            RunDir(tmp_path, "cpt")
+        quiet = time.time() - STALE_AFTER_S - 60  # that host died: its lock went silent
+        os.utime(tmp_path / LOCK, (quiet, quiet))
+        with caplog.at_level(logging.WARNING):
+            RunDir(tmp_path, "cpt").release()
+        assert "on host elsewhere silent for 16 min, taking it over" in caplog.text
+    finally:
+        sleeper.kill()
+        sleeper.wait()
+    (tmp_path / LOCK).write_text(json.dumps(owner))  # its owner is dead now
+    with caplog.at_level(logging.WARNING):
+        run = RunDir(tmp_path, "cpt")
+    assert f"stale lock of dead PID {sleeper.pid}" in caplog.text
+    assert json.loads((tmp_path / LOCK).read_text())["pid"] == os.getpid()
+    run.release()
+    assert not (tmp_path / LOCK).exists()
 
 
 # F8: every bad image is skippable and names its record, in every stage --------------------------

@@ -262,9 +262,12 @@ class RLTrainer(Trainer):
             raise
         finally:
             bar.close()
-            if not lost_peer:  # a save in flight cannot complete without the lost process
-                self.checkpointer.close()
-            writer.close()
+            try:
+                if not lost_peer:  # a save in flight cannot complete without the lost process
+                    self.checkpointer.close()
+                writer.close()
+            finally:
+                self.run_dir.release()
         if is_main_process() and not preempted and writer.path.exists():
             plot_losses([(rl.algo, writer.path)], self.out_dir / "reward.png", key="reward/mean")
         return StageResult(

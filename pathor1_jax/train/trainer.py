@@ -9,11 +9,13 @@
 micro-batches with `get_state()` / `set_state(state)`); each process feeds its shards' rows of
 the global batch (see `data_shards.py`).
 
-A run directory holds `run_config.json`, `checkpoints/`, `metrics.jsonl`, `tensorboard/` and
-`loss.png`. Starting a run whose directory has a checkpoint resumes it exactly: parameters,
-optimizer state, step, RNG and the position of every data shard, on the same or another process
-layout (orbax lays the arrays out for the new mesh). SIGTERM (preemption) to any process stops
-every process at the same step (they agree at each step), saves one checkpoint and returns with
+A run directory holds `run.json`, `run_config.json`, `checkpoints/`, `metrics.jsonl`,
+`tensorboard/` and `loss.png`; it is write-tested and locked for the run, and a directory of another
+stage or architecture is refused (`rundir.py`). Starting a run whose directory has a checkpoint
+resumes it exactly: parameters, optimizer state, step, RNG and the position of every data shard,
+on the same or another process layout (orbax lays the arrays out for the new mesh). SIGTERM
+(preemption) to any process stops every process at the same step (they agree at each step), saves
+one checkpoint and returns with
 `preempted=True`.
 """
 
@@ -55,6 +57,7 @@ from pathor1_jax.train.data_shards import ShardedData, ShardFactory
 from pathor1_jax.train.metrics import MetricsWriter, plot_losses
 from pathor1_jax.train.optim import make_optimizer
 from pathor1_jax.train.result import StageResult
+from pathor1_jax.train.rundir import RunDir
 from pathor1_jax.train.step import StepSpec, init_state
 
 # Where each field of a host micro-batch keeps its rows (split over the mesh's batch axes) and, for
@@ -193,8 +196,17 @@ class Trainer:
         self.out_dir = Path(out_dir)
         self.total_steps = int(config.train.steps)
         self.accum = int(config.train.grad_accum)
-        self.out_dir.mkdir(parents=True, exist_ok=True)  # once the data is built: it checks itself first
-        (self.out_dir / "run_config.json").write_text(config.to_json_best_effort(indent=2))
+        self.run_dir = RunDir(self.out_dir, stage.name, config)  # write-tested and locked
+        try:
+            self._build(make_model, data, init_params)
+        except BaseException:
+            if hasattr(self, "checkpointer"):
+                self.checkpointer.close()
+            self.run_dir.release(abandon=True)
+            raise
+
+    def _build(self, make_model: Callable[[], nnx.Module], data: ShardFactory | Any, init_params) -> None:
+        config = self.config
         self.mesh = make_mesh(dict(config.mesh))
         self.rules = rules_from_config(config.get("sharding"))
         if hasattr(data, "get_state"):
@@ -209,6 +221,7 @@ class Trainer:
         graphdef, state = init_state(model, tx, int(config.train.seed))
         self.state = on_mesh(state, self.mesh)
         self.spec = StepSpec(graphdef=graphdef, tx=tx, freeze=freeze)
+        self.run_dir.claim(self.state["params"])  # refuses another stage's or architecture's directory
         self.checkpointer = Checkpointer(self.out_dir / "checkpoints", keep=int(config.train.keep))
         self.start_step = self.saved_step = self.checkpointer.latest_step()
         if self.start_step is not None:
@@ -323,9 +336,12 @@ class Trainer:
             raise
         finally:
             bar.close()
-            if not lost_peer:  # a save in flight cannot complete without the lost process
-                self.checkpointer.close()
-            writer.close()
+            try:
+                if not lost_peer:  # a save in flight cannot complete without the lost process
+                    self.checkpointer.close()
+                writer.close()
+            finally:
+                self.run_dir.release()
         if is_main_process() and not preempted and writer.path.exists():
             plot_losses([(self.stage.name, writer.path)], self.out_dir / "loss.png")
         return StageResult(
