@@ -16,6 +16,7 @@ from dataclasses import replace
 from pathlib import Path
 
 import jax
+import numpy as np
 import pytest
 from flax import nnx
 from PIL import Image
@@ -34,12 +35,13 @@ from pathor1_jax.data.pipeline import (
     make_batch_iterator,
 )
 from pathor1_jax.data.records import CaptionRecord, ImageRef, RecordError
-from pathor1_jax.errors import ConfigError, UserError
+from pathor1_jax.errors import ConfigError, Pathor1Error, UserError
+from pathor1_jax.train.checkpoint import Checkpointer
 from pathor1_jax.train.config import load_config
 from pathor1_jax.train.metrics import MetricsWriter, read_metrics
 from pathor1_jax.train.rundir import LOCK, STALE_AFTER_S, RunDir
 from pathor1_jax.train.schema import validate_config
-from pathor1_jax.train.trainer import Trainer
+from pathor1_jax.train.trainer import DivergenceError, Trainer
 
 CONFIGS = Path(__file__).resolve().parents[1] / "configs"
 # the repro: pathor1 train --config configs/demo_cpt.py --config.train.steps=2 (warmup below it)
@@ -116,7 +118,46 @@ def test_f1_unusable_data_fails_at_start_instead_of_looping(tmp_path, spec):
         next(it)
 
 
-# F3: strict metrics: a NaN loss is null with a flag --------------------------------------------
+# F2: never keep < 1 ------------------------------------------------------------------------------
+
+
+def test_f2_keep_zero_is_refused(tmp_path, capsys):
+    assert main([*TRAIN, f"--config.train.out_dir={tmp_path}", "--config.train.keep=0"]) == 2
+    assert "train.keep=0: expected an integer >= 1" in _one_error_line(capsys)
+    with pytest.raises(ConfigError, match="train.keep=0: must be >= 1"):
+        Checkpointer(tmp_path / "checkpoints", keep=0)
+    assert not (tmp_path / "checkpoints").exists()
+
+
+# F3: divergence stops before saving; strict metrics; checksums catch flipped bits ---------------
+
+
+def _all_finite(tree) -> bool:
+    arrays = [np.asarray(x) for x in jax.tree.leaves(tree)]
+    return all(bool(np.isfinite(a).all()) for a in arrays if a.dtype.kind == "f")
+
+
+def test_f3_divergence_stops_before_saving_and_metrics_stay_json(tmp_path):
+    # 30-70 s on a loaded machine: three trainers, each compiling its step (another optimizer each),
+    # and real orbax checkpoints written and read back: the repro is a resumed run
+    toy_trainer(tmp_path, 2, ckpt_every=1).fit()  # a healthy start: checkpoints 1 and 2
+    diverging = toy_trainer(tmp_path, 12, lr=1e30, ckpt_every=1, keep=2)  # resumed with optim.lr=1e30
+    with pytest.raises(DivergenceError, match=r"non-finite training values .* the update was not applied"):
+        diverging.fit()
+    ckpt = Checkpointer(tmp_path / "checkpoints")
+    steps = ckpt.all_steps()
+    for step in steps:  # every checkpoint left is finite
+        assert _all_finite(ckpt.restore(step, diverging.state)[0]), step
+    ckpt.close()
+    lines = (tmp_path / "metrics.jsonl").read_text().splitlines()
+    strict = {"parse_constant": lambda c: pytest.fail(f"bare {c} in metrics.jsonl")}
+    records = [json.loads(line, **strict) for line in lines]
+    assert steps == [1, 2] and records[-1]["step"] == 3 and records[-1]["nonfinite"] == 1
+    # the policy "skip": a bad step is stepped over, up to max_nonfinite_skips in a row
+    skipping = toy_trainer(tmp_path, 12, lr=1e30, on_nonfinite="skip", max_nonfinite_skips=2)
+    with pytest.raises(DivergenceError, match=r"stopped after 3 such steps in a row"):
+        skipping.fit()
+    assert [r["nonfinite"] for r in read_metrics(tmp_path / "metrics.jsonl")][-3:] == [1, 1, 1]
 
 
 def test_f3_nan_metrics_are_null_with_a_flag(tmp_path):
@@ -126,6 +167,37 @@ def test_f3_nan_metrics_are_null_with_a_flag(tmp_path):
     line = (tmp_path / "metrics.jsonl").read_text()
     assert json.loads(line) == {"step": 1, "loss": None, "grad_norm": None, "lr": 0.1,
                                 "nonfinite_keys": ["loss", "grad_norm"]}  # fmt: skip
+
+
+def _flip_a_byte(step_dir: Path) -> Path:
+    arrays = [p for p in step_dir.rglob("*") if p.is_file() and p.parent.name == "d"]
+    biggest = max(arrays, key=lambda p: p.stat().st_size)
+    data = bytearray(biggest.read_bytes())
+    data[len(data) // 2] ^= 0x40
+    biggest.write_bytes(bytes(data))
+    return biggest
+
+
+def test_f3_f5_damaged_latest_checkpoint_falls_back_to_the_newest_intact(tmp_path, caplog):
+    # 30-50 s on a loaded machine: real orbax checkpoints, damaged on disk and restored by three trainers
+    toy_trainer(tmp_path, 3, ckpt_every=1, keep=3).fit()  # checkpoints 1, 2, 3
+    ckpts = tmp_path / "checkpoints"
+    _flip_a_byte(ckpts / "3")  # silent corruption of the array data
+    (ckpts / "2" / "state" / "_METADATA").write_text("")  # an emptied metadata file
+    with caplog.at_level(logging.WARNING):
+        resumed = toy_trainer(tmp_path, 4, ckpt_every=1, keep=3)
+    assert resumed.start_step == 1
+    assert "contents differ from when it was saved" in caplog.text and "_METADATA" in caplog.text
+    assert sorted(os.listdir(tmp_path / "damaged_checkpoints")) == ["2", "3"]
+    assert resumed.fit().end_step == 4  # and training goes on from step 1
+    (ckpts / "4" / "checksums.json").unlink()  # as if killed right after the save: unverified,
+    biggest = _flip_a_byte(ckpts / "4")  # and then truncated (OUT_OF_RANGE in tensorstore)
+    biggest.write_bytes(biggest.read_bytes()[:100])
+    _flip_a_byte(ckpts / "3")
+    _flip_a_byte(ckpts / "2")
+    with pytest.raises(Pathor1Error, match=r"no checkpoint under .* can be restored \(step 4: .*step 2:"):
+        toy_trainer(tmp_path, 5, ckpt_every=1, keep=3)
+    assert sorted(os.listdir(ckpts)) == ["2", "3", "4"]  # nothing moved when nothing loads
 
 
 # F4: an empty data file is an error, not a run of 0 steps ---------------------------------------

@@ -18,9 +18,9 @@ from functools import partial
 import jax
 import jax.numpy as jnp
 import numpy as np
-import optax
 from flax import nnx
 
+from pathor1_jax.errors import Pathor1Error
 from pathor1_jax.models.qwen2_5_vl import Qwen2_5_VLForConditionalGeneration
 from pathor1_jax.rl.advantages import ADVANTAGE_STDS, group_advantages
 from pathor1_jax.rl.dynamic_sampling import SamplingReport, fill_batch
@@ -36,7 +36,7 @@ from pathor1_jax.rl.rollout import (
     sequence_inputs,
 )
 from pathor1_jax.sharding.multihost import local_rows, to_global
-from pathor1_jax.train.step import StepSpec, zero_frozen
+from pathor1_jax.train.step import StepSpec, apply_gradients, zero_frozen
 
 SHORT_BATCH = ("error", "train")
 # The aggregation each equation writes: Eq. 1 averages per response, Eq. 2 per group.
@@ -78,7 +78,7 @@ class LossConfig:
         return self.agg or PAPER_AGG[self.algo]
 
 
-class ShortBatchError(RuntimeError):
+class ShortBatchError(Pathor1Error):
     """Dynamic sampling ran out of rounds before the batch was full (with `short_batch="error"`);
     `metrics` are the step's metrics up to the rollouts, for the run's log."""
 
@@ -135,15 +135,8 @@ def update(
         )
 
     (loss, metrics), grads = jax.value_and_grad(loss_fn, has_aux=True)(state["params"])
-    grads = zero_frozen(grads, spec.freeze)
-    updates, opt_state = spec.tx.update(grads, state["opt_state"], state["params"])
-    new_state = {
-        "params": optax.apply_updates(state["params"], updates),
-        "opt_state": opt_state,
-        "step": state["step"] + 1,
-        "rng": state["rng"],
-    }
-    return new_state, {"loss": loss, **metrics, "grad_norm": optax.tree.norm(grads)}
+    new_state, update_metrics = apply_gradients(spec, state, zero_frozen(grads, spec.freeze), loss)
+    return new_state, {"loss": loss, **metrics, **update_metrics}
 
 
 jit_update = jax.jit(update, static_argnums=(0, 1), donate_argnums=2)

@@ -46,7 +46,15 @@ from pathor1_jax.train.result import StageResult
 from pathor1_jax.train.run import image_patch_budget, initial_params, model_config, model_factory
 from pathor1_jax.train.schema import check_start
 from pathor1_jax.train.step import StepSpec, abstract_state
-from pathor1_jax.train.trainer import Stage, Trainer, _Preemption, batch_parts, on_mesh
+from pathor1_jax.train.trainer import (
+    DivergenceError,
+    NonFiniteGuard,
+    Stage,
+    Trainer,
+    _Preemption,
+    batch_parts,
+    on_mesh,
+)
 
 ALGOS = ("grpo", "dapo")
 
@@ -223,6 +231,7 @@ class RLTrainer(Trainer):
     def fit(self) -> StageResult:
         rl = self.config.rl
         writer = MetricsWriter(self.out_dir, resume_step=self.start_step)
+        guard = NonFiniteGuard(self.config.train)
         step = self.start_step
         first = last = None
         preempted = lost_peer = False
@@ -249,6 +258,7 @@ class RLTrainer(Trainer):
                         step_time_s=time.perf_counter() - t0,
                     )
                     metrics["data/skipped"] = float(self.prompts.skipped)
+                    guard.check(step, metrics, self.checkpointer.latest_step())  # logs a skip, or stops
                     first = metrics["reward/mean"] if first is None else first
                     last = metrics["reward/mean"]
                     writer.write(step, metrics)
@@ -259,6 +269,9 @@ class RLTrainer(Trainer):
                 self.checkpointer.wait()
         except PeerFailure:
             lost_peer = True
+            raise
+        except DivergenceError:
+            writer.write(step, metrics)
             raise
         finally:
             bar.close()

@@ -18,7 +18,6 @@ import jax
 import jax.numpy as jnp
 import ml_collections
 import numpy as np
-import optax
 from flax import nnx
 from jax.sharding import Mesh
 
@@ -37,7 +36,7 @@ from pathor1_jax.train.defaults import layer_options
 from pathor1_jax.train.optim import make_optimizer
 from pathor1_jax.train.result import StageResult
 from pathor1_jax.train.schema import check_start
-from pathor1_jax.train.step import StepSpec, abstract_state, zero_frozen
+from pathor1_jax.train.step import StepSpec, abstract_state, apply_gradients, zero_frozen
 from pathor1_jax.train.trainer import Stage, Trainer, batch_field_sharding, batch_parts
 
 
@@ -63,8 +62,9 @@ def base_clip_config() -> ml_collections.ConfigDict:
     )
     config.freeze = ()
     config.train = dict(
-        steps=40, grad_accum=1, log_every=1, ckpt_every=20, keep=2, seed=0, out_dir="runs/clip"
-    )
+        steps=40, grad_accum=1, log_every=1, ckpt_every=20, keep=2, seed=0, out_dir="runs/clip",
+        on_nonfinite="stop", max_nonfinite_skips=10,
+    )  # fmt: skip
     config.mesh = dict(data=1, fsdp=-1, tensor=1)
     config.sharding = dict(preset="fsdp", rules=())
     return config
@@ -88,16 +88,9 @@ def _contrastive_step(spec: StepSpec, state: dict, batch: dict) -> tuple[dict, d
         return contrastive_loss(nnx.merge(spec.graphdef, p), batch["images"][0], batch["input_ids"][0])
 
     loss, grads = jax.value_and_grad(loss_fn)(params)
-    grads = zero_frozen(grads, spec.freeze)
-    updates, opt_state = spec.tx.update(grads, state["opt_state"], params)
-    new_state = {**state, "params": optax.apply_updates(params, updates), "opt_state": opt_state}
-    new_state["step"] = state["step"] + 1
-    metrics = {
-        "loss": loss,
-        "logit_scale": jnp.exp(nnx.merge(spec.graphdef, params).logit_scale[...]),
-        "grad_norm": optax.tree.norm(grads),
-    }
-    return new_state, metrics
+    new_state, update_metrics = apply_gradients(spec, state, zero_frozen(grads, spec.freeze), loss)
+    logit_scale = jnp.exp(nnx.merge(spec.graphdef, params).logit_scale[...])
+    return new_state, {"loss": loss, "logit_scale": logit_scale, **update_metrics}
 
 
 contrastive_step = jax.jit(_contrastive_step, static_argnums=0, donate_argnums=1)

@@ -47,9 +47,11 @@ def base_config(stage: str) -> ml_collections.ConfigDict:
         grad_accum=1,
         log_every=1,
         ckpt_every=50,
-        keep=2,
+        keep=2,  # checkpoints kept (>= 1)
         seed=0,
         out_dir=f"runs/{stage}",
+        on_nonfinite="stop",  # stop | skip: a non-finite loss/grad/params step (never applied or saved)
+        max_nonfinite_skips=10,  # ours: with "skip", such steps in a row before stopping anyway
     )
     config.mesh = dict(data=1, fsdp=-1, tensor=1)
     config.sharding = dict(preset="fsdp", rules=())

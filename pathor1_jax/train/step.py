@@ -11,6 +11,10 @@ the parameters it mirrors (`sharding.params.optimizer_shardings`: FSDP shards th
 `step` and `rng` are replicated. `abstract_state` gives the same layout as ShapeDtypeStructs, for
 compiling a step ahead of time without allocating anything.
 
+Every update goes through `apply_gradients`: an update whose loss, gradient norm or resulting
+parameters are not finite is not applied (the state comes back unchanged, `step` not counted) and
+the metrics say so (`nonfinite` = 1); the trainer then stops or skips (`train.on_nonfinite`).
+
 A batch holds `accum` micro-batches stacked on a leading axis. A stage supplies
 `nll_fn(model, micro) -> (nll [B, T], valid [B, T])`; the step sums the NLL over all valid tokens of
 all micro-batches and divides by their count, so accumulation gives exactly the token mean of the
@@ -117,6 +121,28 @@ def zero_frozen(grads: Any, freeze: tuple[str, ...]) -> Any:
     return jax.tree.map(lambda g, label: jnp.zeros_like(g) if label == FROZEN else g, grads, labels)
 
 
+def apply_gradients(spec: StepSpec, state: dict, grads: Any, loss: jax.Array) -> tuple[dict, dict]:
+    """The optimizer update of `state` by `grads`, applied only when `loss`, the gradient norm and
+    the updated parameters are all finite; else `state` unchanged. Returns `(state, metrics)` with
+    `grad_norm` and `nonfinite` (0 or 1)."""
+    params = state["params"]
+    updates, opt_state = spec.tx.update(grads, state["opt_state"], params)
+    new_params = optax.apply_updates(params, updates)
+    grad_norm = optax.tree.norm(grads)
+    finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm) & jnp.isfinite(optax.tree.norm(new_params))
+
+    def keep(new, old):
+        return jnp.where(finite, new, old)
+
+    new_state = {
+        **state,
+        "params": jax.tree.map(keep, new_params, params),
+        "opt_state": jax.tree.map(keep, opt_state, state["opt_state"]),
+        "step": state["step"] + finite.astype(state["step"].dtype),
+    }
+    return new_state, {"grad_norm": grad_norm, "nonfinite": (~finite).astype(jnp.int32)}
+
+
 def train_step(spec: StepSpec, nll_fn: NllFn, state: dict, batch: dict) -> tuple[dict, dict]:
     """One optimizer update from `batch` (leaves `[accum, ...]`); returns `(state, metrics)`."""
     params = state["params"]
@@ -137,19 +163,9 @@ def train_step(spec: StepSpec, nll_fn: NllFn, state: dict, batch: dict) -> tuple
     (nll_sum, count, grads), _ = jax.lax.scan(accumulate, carry, batch)
     denom = jnp.maximum(count, 1).astype(jnp.float32)
     grads = zero_frozen(jax.tree.map(lambda g: g / denom, grads), spec.freeze)
-    updates, opt_state = spec.tx.update(grads, state["opt_state"], params)
-    new_state = {
-        "params": optax.apply_updates(params, updates),
-        "opt_state": opt_state,
-        "step": state["step"] + 1,
-        "rng": state["rng"],
-    }
-    metrics = {
-        "loss": nll_sum / denom,
-        "loss_tokens": count,
-        "grad_norm": optax.tree.norm(grads),
-        "param_norm": optax.tree.norm(params),
-    }
+    loss = nll_sum / denom
+    new_state, update_metrics = apply_gradients(spec, state, grads, loss)
+    metrics = {"loss": loss, "loss_tokens": count, **update_metrics, "param_norm": optax.tree.norm(params)}
     return new_state, metrics
 
 

@@ -12,16 +12,21 @@ the global batch (see `data_shards.py`).
 A run directory holds `run.json`, `run_config.json`, `checkpoints/`, `metrics.jsonl`,
 `tensorboard/` and `loss.png`; it is write-tested and locked for the run, and a directory of another
 stage or architecture is refused (`rundir.py`). Starting a run whose directory has a checkpoint
-resumes it exactly: parameters, optimizer state, step, RNG and the position of every data shard,
-on the same or another process layout (orbax lays the arrays out for the new mesh). SIGTERM
-(preemption) to any process stops every process at the same step (they agree at each step), saves
-one checkpoint and returns with
-`preempted=True`.
+resumes it exactly from the newest intact one (`checkpoint.py`): parameters, optimizer state, step,
+RNG and the position of every data shard, on the same or another process layout (orbax lays the
+arrays out for the new mesh). SIGTERM (preemption) to any process stops every process at the same
+step (they agree at each step), saves one checkpoint and returns with `preempted=True`.
+
+A step whose loss, gradient norm or updated parameters are not finite is not applied (see
+`step.apply_gradients`) and never saved: with `train.on_nonfinite="stop"` (default) the run stops
+with `DivergenceError`, the last checkpoint intact; with "skip" it goes on, stopping after
+`train.max_nonfinite_skips` such steps in a row.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import logging
 import math
 import signal
 import sys
@@ -37,7 +42,7 @@ from flax import nnx
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 from tqdm import tqdm
 
-from pathor1_jax.errors import UserError
+from pathor1_jax.errors import Pathor1Error, UserError
 from pathor1_jax.logical import use_rules
 from pathor1_jax.sharding.mesh import make_mesh
 from pathor1_jax.sharding.multihost import (
@@ -60,6 +65,8 @@ from pathor1_jax.train.result import StageResult
 from pathor1_jax.train.rundir import RunDir
 from pathor1_jax.train.step import StepSpec, init_state
 
+log = logging.getLogger(__name__)
+
 # Where each field of a host micro-batch keeps its rows (split over the mesh's batch axes) and, for
 # image patches and their bookkeeping, its patches (the data shards' blocks in order, split the same
 # way across several shards, replicated with one). A field in neither table is an error.
@@ -81,6 +88,41 @@ class Stage:
     # (prepared micro-batch of one data shard, shard index) → the micro-batch numbered as that
     # shard's block of the global batch (image patches: see `lm.offset_to_block`); None = as is.
     globalize: Callable[[dict, int], dict] | None = None
+
+
+class DivergenceError(Pathor1Error):
+    """A non-finite loss, gradient norm or parameters: the run stopped before saving them."""
+
+
+class NonFiniteGuard:
+    """The `train.on_nonfinite` policy over the steps' `*nonfinite` metrics (1: update not applied)."""
+
+    def __init__(self, train: ml_collections.ConfigDict):
+        self.policy = train.get("on_nonfinite", "stop")
+        self.max_skips = int(train.get("max_nonfinite_skips", 0))
+        self.in_a_row = 0
+
+    def check(self, step: int, metrics: dict, last_saved: int | None) -> bool:
+        """False for a healthy step; True for a skipped one; raises `DivergenceError` to stop."""
+        if not any(v for k, v in metrics.items() if k.endswith("nonfinite")):
+            self.in_a_row = 0
+            return False
+        self.in_a_row += 1
+        shown = ", ".join(f"{k}={metrics[k]:.4g}" for k in ("loss", "grad_norm") if k in metrics)
+        what = f"step {step}: non-finite training values ({shown}); the update was not applied"
+        if self.policy == "skip" and self.in_a_row <= self.max_skips:
+            log.warning("%s (skipped, %d in a row of %d allowed)", what, self.in_a_row, self.max_skips)
+            return True
+        saved = f"the last checkpoint (step {last_saved}) is intact" if last_saved else "nothing was saved"
+        why = (
+            f"stopped after {self.in_a_row} such steps in a row (train.max_nonfinite_skips={self.max_skips})"
+            if self.policy == "skip"
+            else "stopped (train.on_nonfinite=stop)"
+        )
+        raise DivergenceError(
+            f"{what}; {why}; {saved}. Lower optim.lr, or set --config.train.on_nonfinite=skip to step over "
+            "rare bad batches"
+        )
 
 
 class _Preemption:
@@ -223,9 +265,10 @@ class Trainer:
         self.spec = StepSpec(graphdef=graphdef, tx=tx, freeze=freeze)
         self.run_dir.claim(self.state["params"])  # refuses another stage's or architecture's directory
         self.checkpointer = Checkpointer(self.out_dir / "checkpoints", keep=int(config.train.keep))
-        self.start_step = self.saved_step = self.checkpointer.latest_step()
-        if self.start_step is not None:
-            self.state, data_state = self.checkpointer.restore(self.start_step, self.state)
+        restored = self.checkpointer.restore_latest(self.state)
+        self.start_step = self.saved_step = restored[0] if restored is not None else None
+        if restored is not None:
+            _, self.state, data_state = restored
             self.data.set_state(data_state)
         else:
             self.start_step = 0
@@ -280,6 +323,7 @@ class Trainer:
     def fit(self) -> StageResult:
         cfg = self.config.train
         writer = MetricsWriter(self.out_dir, resume_step=self.start_step)
+        guard = NonFiniteGuard(cfg)
         step = self.start_step
         first = last = None
         preempted = lost_peer = False
@@ -321,18 +365,23 @@ class Trainer:
                     metrics.update(
                         lr=float(self.schedule(step - 1)), tokens_per_s=tokens / dt, step_time_s=dt
                     )
-                    first = metrics["loss"] if first is None else first
-                    last = metrics["loss"]
                     metrics.update(self._drop_counts())
-                    if step % int(cfg.log_every) == 0 or step in (1, self.total_steps):
+                    skipped = guard.check(step, metrics, self.checkpointer.latest_step())  # or stops
+                    if skipped or step % int(cfg.log_every) == 0 or step in (1, self.total_steps):
                         writer.write(step, metrics)
-                    bar.set_postfix(loss=f"{last:.4f}", tok_s=f"{tokens / dt:,.0f}")
+                    if not skipped:
+                        first = metrics["loss"] if first is None else first
+                        last = metrics["loss"]
+                    bar.set_postfix(loss=f"{metrics['loss']:.4f}", tok_s=f"{tokens / dt:,.0f}")
                     bar.update(1)
                     if step % int(cfg.ckpt_every) == 0 or step == self.total_steps:
                         self.save(step, self.data.get_state())
                 self.checkpointer.wait()
         except PeerFailure:
             lost_peer = True
+            raise
+        except DivergenceError:
+            writer.write(step, metrics)
             raise
         finally:
             bar.close()
