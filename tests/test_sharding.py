@@ -14,6 +14,7 @@ from flax import nnx
 from jax.sharding import PartitionSpec as P
 
 from pathor1_jax.cli import main as cli_main
+from pathor1_jax.errors import UserError
 from pathor1_jax.logical import logical_to_spec
 from pathor1_jax.models.layers import Embed, Linear, RMSNorm
 from pathor1_jax.sharding.mesh import abstract_mesh, mesh_shape, parse_mesh_arg
@@ -312,5 +313,5 @@ def test_load_sharded_reads_params_and_initialises_other_variables(tmp_path):
     np.testing.assert_array_equal(np.asarray(model.up.kernel[...]), weight.T)
     np.testing.assert_array_equal(np.asarray(model.count[...]), np.full((4,), 7.0))
     assert model.rngs.default.count[...] == WithState(nnx.Rngs(0)).rngs.default.count[...] == 1
-    with pytest.raises(KeyError, match="tensor 'up.w' is not in the checkpoint"):
+    with pytest.raises(UserError, match="tensor 'up.w' is not in the checkpoint"):
         load_sharded(lambda: WithState(nnx.Rngs(0)), tmp_path, {"up.kernel": "up.w"}, where)

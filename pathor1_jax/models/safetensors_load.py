@@ -24,6 +24,7 @@ import numpy as np
 from flax import nnx
 from safetensors import safe_open
 
+from pathor1_jax.errors import UserError
 from pathor1_jax.models.layers import path_str
 
 
@@ -87,7 +88,7 @@ class CheckpointReader:
 
     def _slice(self, name: str):
         if name not in self.files:
-            raise KeyError(f"{self.path}: tensor {name!r} is not in the checkpoint")
+            raise UserError(f"{self.path}: tensor {name!r} is not in the checkpoint")
         file, stored = self.files[name]
         if not file.exists():
             raise FileNotFoundError(f"{self.path}: file {file.name} holding tensor {name!r} is missing")
@@ -118,14 +119,14 @@ def load_array(
     """One parameter as a global `jax.Array` in `sharding`, each device reading only its slice."""
     shape = tuple(shape)
     if source.stacked and shape[:1] != (len(source.names),):
-        raise ValueError(
+        raise UserError(
             f"parameter {path}: {len(source.names)} stacked checkpoint tensors, model expects shape {shape}"
         )
     tensor_shape = shape[1:] if source.stacked else shape  # of one (transformed) checkpoint tensor
     for name in source.names:
         found = _global_shape(reader, name, source)
         if found is not None and found != tensor_shape:
-            raise ValueError(
+            raise UserError(
                 f"parameter {path}: checkpoint tensor {name!r} gives shape {found}, "
                 f"model expects {tensor_shape}"
             )
@@ -136,7 +137,7 @@ def load_array(
             if name not in full:
                 value = np.asarray(source.transform(reader.read(name)))
                 if value.shape != tensor_shape:
-                    raise ValueError(
+                    raise UserError(
                         f"parameter {path}: transformed tensor {name!r} has shape {value.shape}, "
                         f"model expects {tensor_shape}"
                     )

@@ -44,6 +44,7 @@ from tqdm import tqdm
 
 from pathor1_jax.errors import Pathor1Error, UserError
 from pathor1_jax.logical import use_rules
+from pathor1_jax.outputs import check_free_space
 from pathor1_jax.sharding.mesh import make_mesh
 from pathor1_jax.sharding.multihost import (
     PeerFailure,
@@ -263,6 +264,8 @@ class Trainer:
         graphdef, state = init_state(model, tx, int(config.train.seed))
         self.state = on_mesh(state, self.mesh)
         self.spec = StepSpec(graphdef=graphdef, tx=tx, freeze=freeze)
+        state_bytes = sum(x.nbytes for x in jax.tree.leaves(self.state))
+        check_free_space(self.out_dir, state_bytes // max(jax.process_count(), 1), "run directory")
         self.run_dir.claim(self.state["params"])  # refuses another stage's or architecture's directory
         self.checkpointer = Checkpointer(self.out_dir / "checkpoints", keep=int(config.train.keep))
         restored = self.checkpointer.restore_latest(self.state)

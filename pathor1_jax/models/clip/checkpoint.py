@@ -19,6 +19,7 @@ import numpy as np
 from flax import nnx
 from safetensors.numpy import load_file
 
+from pathor1_jax.errors import UserError
 from pathor1_jax.models.scan import layer_paths
 
 from .config import PRESETS, CLIPConfig
@@ -56,10 +57,10 @@ def _fill(
     def read(path: tuple, shape: tuple[int, ...]) -> np.ndarray:
         name = _hf_name(path)
         if name not in tensors:
-            raise ValueError(f"{where}: checkpoint has no tensor {name!r}")
+            raise UserError(f"{where}: checkpoint has no tensor {name!r}")
         value = _to_ours(path, np.asarray(tensors[name]))
         if tuple(value.shape) != tuple(shape):
-            raise ValueError(
+            raise UserError(
                 f"{where}: tensor {name!r} has shape {tuple(value.shape)}; the config needs {tuple(shape)}"
             )
         return value
@@ -79,11 +80,11 @@ def load_pretrained(path: str | os.PathLike, dtype=jnp.float32, *, scan_layers: 
     """A HF `CLIPModel` directory: config.json + model.safetensors (`scan_layers`: see `CLIPModel`)."""
     path = Path(path)
     if not (path / "config.json").exists():
-        raise ValueError(f"{path}: no config.json")
+        raise UserError(f"{path}: no config.json")
     config = CLIPConfig.from_hf_dict(json.loads((path / "config.json").read_text()))
     weights = path / "model.safetensors"
     if not weights.exists():
-        raise ValueError(f"{path}: no model.safetensors (only safetensors checkpoints are read)")
+        raise UserError(f"{path}: no model.safetensors (only safetensors checkpoints are read)")
     return _fill(config, load_file(weights), str(path), dtype, scan_layers)
 
 
@@ -136,9 +137,9 @@ def open_clip_to_hf(state: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
             elif module in sub:
                 out[f"{prefix}.{sub[module]}.{leaf}"] = value
             else:
-                raise ValueError(f"open_clip state dict: unexpected tensor {name!r}")
+                raise UserError(f"open_clip state dict: unexpected tensor {name!r}")
         elif name != "attn_mask":
-            raise ValueError(f"open_clip state dict: unexpected tensor {name!r}")
+            raise UserError(f"open_clip state dict: unexpected tensor {name!r}")
     return out
 
 
@@ -156,9 +157,9 @@ def load_open_clip(
     elif model_name in PRESETS:
         config = PRESETS[model_name]()
     else:
-        raise ValueError(f"unknown open_clip model {model_name!r}; known: {sorted(PRESETS)} or a CLIPConfig")
+        raise UserError(f"unknown open_clip model {model_name!r}; known: {sorted(PRESETS)} or a CLIPConfig")
     if not file.exists():
-        raise ValueError(f"{file}: no such checkpoint file")
+        raise UserError(f"{file}: no such checkpoint file")
     if file.suffix == ".safetensors":
         state = load_file(file)
     elif file.suffix in (".bin", ".pt", ".pth"):
@@ -168,6 +169,6 @@ def load_open_clip(
         loaded = loaded.get("state_dict", loaded)
         state = {k.removeprefix("module."): v.float().numpy() for k, v in loaded.items()}
     else:
-        raise ValueError(f"{file}: expected .safetensors, .bin, .pt or .pth")
+        raise UserError(f"{file}: expected .safetensors, .bin, .pt or .pth")
     config = dataclasses.replace(config, text=dataclasses.replace(config.text, eos_token_id=2))
     return _fill(config, open_clip_to_hf(state), str(file), dtype, scan_layers)

@@ -5,6 +5,8 @@ from __future__ import annotations
 import dataclasses
 from typing import Any
 
+from pathor1_jax.errors import UserError
+
 MODEL_TYPE = "clip"
 
 
@@ -48,7 +50,7 @@ class CLIPConfig:
     @classmethod
     def from_hf_dict(cls, d: dict[str, Any]) -> CLIPConfig:
         if d.get("model_type") != MODEL_TYPE:
-            raise ValueError(f"unknown model_type {d.get('model_type')!r}: expected {MODEL_TYPE!r}")
+            raise UserError(f"unknown model_type {d.get('model_type')!r}: expected {MODEL_TYPE!r}")
 
         def pick(kind, sub):
             names = {f.name for f in dataclasses.fields(kind)}

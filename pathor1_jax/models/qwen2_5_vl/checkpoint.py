@@ -24,6 +24,7 @@ import numpy as np
 from flax import nnx
 from safetensors.numpy import save_file
 
+from pathor1_jax.errors import UserError
 from pathor1_jax.models.layers import path_str
 from pathor1_jax.models.safetensors_load import CheckpointReader, Source, load_sharded
 from pathor1_jax.models.scan import layer_paths
@@ -99,11 +100,11 @@ def normalise_hf_name(name: str) -> str:
 def load_config(path: str | os.PathLike) -> Qwen2_5_VLConfig:
     config_file = Path(path) / "config.json"
     if not config_file.exists():
-        raise ValueError(f"{path}: no config.json")
+        raise UserError(f"{path}: no config.json")
     try:
         return Qwen2_5_VLConfig.from_hf_dict(json.loads(config_file.read_text()))
     except (TypeError, json.JSONDecodeError) as e:
-        raise ValueError(f"{config_file}: {e}") from e
+        raise UserError(f"{config_file}: {e}") from e
 
 
 def _source(m: TensorMapping) -> Source:
@@ -160,10 +161,10 @@ def load_pretrained(
 
     def read(m: TensorMapping, name: str, shape: tuple[int, ...], ours: str) -> np.ndarray:
         if name not in reader.files:
-            raise ValueError(f"{path}: checkpoint has no tensor {name!r}")
+            raise UserError(f"{path}: checkpoint has no tensor {name!r}")
         value = m.to_ours(reader.read(name))
         if tuple(value.shape) != tuple(shape):
-            raise ValueError(
+            raise UserError(
                 f"{path}: tensor {name!r} has shape {tuple(value.shape)} in the checkpoint "
                 f"but the config needs {tuple(shape)} (ours: {ours})"
             )

@@ -10,6 +10,8 @@ from __future__ import annotations
 import dataclasses
 from typing import Any
 
+from pathor1_jax.errors import UserError
+
 MODEL_TYPE = "qwen2_5_vl"
 
 
@@ -93,7 +95,7 @@ class Qwen2_5_VLConfig:
     def from_hf_dict(cls, d: dict[str, Any]) -> Qwen2_5_VLConfig:
         model_type = d.get("model_type")
         if model_type != MODEL_TYPE:
-            raise ValueError(f"unknown model_type {model_type!r}: expected {MODEL_TYPE!r}")
+            raise UserError(f"unknown model_type {model_type!r}: expected {MODEL_TYPE!r}")
         text_d = dict(d.get("text_config") or d)
         rope = text_d.get("rope_parameters") or text_d.get("rope_scaling") or {}
         text_fields = {f.name for f in dataclasses.fields(TextConfig)}
