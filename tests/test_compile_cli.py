@@ -126,7 +126,7 @@ def test_grpo_policy_update_compiles_the_mosaic_policy_loss(capsys):
     code, out, _ = compile_cli(capsys, "--config", "configs/grpo_tiny.py", "--topology", "v5e-8")
     assert code == 0
     assert "step: rows 8, tokens 1,152, response tokens 384, patches 128" in out
-    assert "attention: xla; policy loss: pallas" in out
+    assert "attention: xla+xla_blocked; policy loss: pallas" in out  # vision tower: xla_blocked
     kernels = out.split("Mosaic kernels (tpu_custom_call): ")[1].splitlines()[0]
     assert all(f"token_logprobs_{k} x" in kernels for k in ("fwd", "dh", "dw")), kernels
 

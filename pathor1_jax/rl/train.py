@@ -347,6 +347,7 @@ def rl_aot_step(config: ml_collections.ConfigDict, mesh: Mesh, rules: Rules, num
         )
         if patches
         else None,
+        "image_feature_index": field((rows, length)) if patches else None,
         "targets": field((rows, response)),
         "response_mask": field((rows, response)),
     }
