@@ -18,7 +18,6 @@ import ml_collections
 import numpy as np
 from flax import nnx
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
-from tqdm import tqdm
 
 from pathor1_jax.data.pipeline import get_processor, load_source, processor_spec_from_config
 from pathor1_jax.data.prompts import DEFAULT_PROMPT_STYLE
@@ -36,22 +35,18 @@ from pathor1_jax.rl.step import (
     jit_update,
     rl_step,
 )
-from pathor1_jax.sharding.multihost import PeerFailure, any_process, batch_spec, is_main_process
+from pathor1_jax.sharding.multihost import any_process, batch_spec
 from pathor1_jax.sharding.params import create_sharded
 from pathor1_jax.train.aot import AotStep, qwen_flops, sds
 from pathor1_jax.train.defaults import base_config
-from pathor1_jax.train.metrics import MetricsWriter, plot_losses
 from pathor1_jax.train.optim import make_optimizer
 from pathor1_jax.train.result import StageResult
 from pathor1_jax.train.run import image_patch_budget, initial_params, model_config, model_factory
 from pathor1_jax.train.schema import check_start
 from pathor1_jax.train.step import StepSpec, abstract_state
 from pathor1_jax.train.trainer import (
-    DivergenceError,
-    NonFiniteGuard,
     Stage,
     Trainer,
-    _Preemption,
     batch_parts,
     on_mesh,
 )
@@ -229,71 +224,34 @@ class RLTrainer(Trainer):
         )
 
     def fit(self) -> StageResult:
-        rl = self.config.rl
-        writer = MetricsWriter(self.out_dir, resume_step=self.start_step)
-        guard = NonFiniteGuard(self.config.train)
-        step = self.start_step
-        first = last = None
-        preempted = lost_peer = False
-        bar = tqdm(
-            total=self.rl_steps, initial=step, desc=rl.algo, disable=not is_main_process(), dynamic_ncols=True
-        )
-        try:
-            with _Preemption() as preemption, use_rules(self.mesh, self.rules), self.peer_failures():
-                while step < self.rl_steps:
-                    # every process stops at the same step on a SIGTERM to any of them (preemption)
-                    (preempted,) = any_process(preemption.requested)
-                    if preempted:
-                        self.save(step, self.data.get_state())
-                        break
-                    t0 = time.perf_counter()
-                    try:
-                        self.state, metrics = self._step()
-                    except ShortBatchError as e:  # the step's counts go to the log, then the error
-                        writer.write(step + 1, e.metrics)
-                        raise
-                    step += 1
-                    metrics.update(
-                        lr=float(self.schedule(max(int(self.state["step"]) - 1, 0))),
-                        step_time_s=time.perf_counter() - t0,
-                    )
-                    metrics["data/skipped"] = float(self.prompts.skipped)
-                    guard.check(step, metrics, self.checkpointer.latest_step())  # logs a skip, or stops
-                    first = metrics["reward/mean"] if first is None else first
-                    last = metrics["reward/mean"]
-                    writer.write(step, metrics)
-                    bar.set_postfix(reward=f"{last:.3f}", acc=f"{metrics['reward/accuracy']:.2f}")
-                    bar.update(1)
-                    if step % int(self.config.train.ckpt_every) == 0 or step == self.rl_steps:
-                        self.save(step, self.data.get_state())
-                self.checkpointer.wait()
-        except PeerFailure:
-            lost_peer = True
-            raise
-        except DivergenceError:
-            writer.write(step, metrics)
-            raise
-        finally:
-            bar.close()
-            try:
-                if not lost_peer:  # a save in flight cannot complete without the lost process
-                    self.checkpointer.close()
-                writer.close()
-            finally:
-                self.run_dir.release()
-        if is_main_process() and not preempted and writer.path.exists():
-            plot_losses([(rl.algo, writer.path)], self.out_dir / "reward.png", key="reward/mean")
-        return StageResult(
-            stage=rl.algo,
-            out_dir=self.out_dir,
-            metrics_path=writer.path,
-            start_step=self.start_step,
-            end_step=step,
-            metric="reward/mean",
-            first=first,
-            last=last,
-            preempted=preempted,
-        )
+        with self.fit_loop(self.rl_steps, self.config.rl.algo) as loop:
+            while loop.step < self.rl_steps:
+                # every process stops at the same step on a SIGTERM to any of them (preemption)
+                (loop.preempted,) = any_process(loop.preemption.requested)
+                if loop.preempted:
+                    self.save(loop.step, self.data.get_state())
+                    break
+                t0 = time.perf_counter()
+                try:
+                    self.state, metrics = self._step()
+                except ShortBatchError as e:  # the step's counts go to the log, then the error
+                    loop.writer.write(loop.step + 1, e.metrics)
+                    raise
+                loop.step += 1
+                metrics.update(
+                    lr=float(self.schedule(max(int(self.state["step"]) - 1, 0))),
+                    step_time_s=time.perf_counter() - t0,
+                )
+                metrics["data/skipped"] = float(self.prompts.skipped)
+                loop.check(loop.step, metrics, self.checkpointer.latest_step())  # logs a skip, or stops
+                loop.first = metrics["reward/mean"] if loop.first is None else loop.first
+                loop.last = metrics["reward/mean"]
+                loop.writer.write(loop.step, metrics)
+                loop.bar.set_postfix(reward=f"{loop.last:.3f}", acc=f"{metrics['reward/accuracy']:.2f}")
+                loop.bar.update(1)
+                if loop.step % int(self.config.train.ckpt_every) == 0 or loop.step == self.rl_steps:
+                    self.save(loop.step, self.data.get_state())
+        return self.result(loop, metric="reward/mean", plot="reward.png")
 
 
 def run_rl(config: ml_collections.ConfigDict, out_dir: str | Path | None = None) -> StageResult:

@@ -25,13 +25,14 @@ with `DivergenceError`, the last checkpoint intact; with "skip" it goes on, stop
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import logging
 import math
 import signal
 import sys
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -146,6 +147,29 @@ class _Preemption:
     def __exit__(self, *exc):
         if self._previous is not None:
             signal.signal(signal.SIGTERM, self._previous)
+
+
+@dataclasses.dataclass
+class FitLoop:
+    """What a fit loop writes to while its steps run (see `Trainer.fit_loop`)."""
+
+    name: str  # the stage's: the progress bar's, the result's and the plot's label
+    writer: MetricsWriter
+    guard: NonFiniteGuard
+    bar: tqdm
+    step: int  # steps taken so far, counting those of the run resumed
+    first: float | None = None  # the result's metric at the first step, and at the last
+    last: float | None = None
+    preempted: bool = False
+    preemption: _Preemption | None = None
+
+    def check(self, step: int, metrics: dict, last_saved: int | None) -> bool:
+        """`NonFiniteGuard.check`; a step that stops the run is logged first."""
+        try:
+            return self.guard.check(step, metrics, last_saved)
+        except DivergenceError:
+            self.writer.write(step, metrics)
+            raise
 
 
 def stack_micro_batches(micro_batches: list[dict]) -> dict:
@@ -323,87 +347,101 @@ class Trainer:
         counts = getattr(self.data, "drop_counts", None)
         return {f"data/{kind}": float(n) for kind, n in counts().items()} if counts else {}
 
-    def fit(self) -> StageResult:
-        cfg = self.config.train
-        writer = MetricsWriter(self.out_dir, resume_step=self.start_step)
-        guard = NonFiniteGuard(cfg)
-        step = self.start_step
-        first = last = None
-        preempted = lost_peer = False
-        bar = tqdm(
-            total=self.total_steps,
-            initial=step,
-            desc=self.stage.name,
-            disable=not is_main_process(),
-            dynamic_ncols=True,
+    @contextlib.contextmanager
+    def fit_loop(self, total: int, name: str) -> Iterator[FitLoop]:
+        """The frame a fit loop runs its steps in (this one's and `rl.train.RLTrainer`'s): the metrics
+        log, the non-finite guard, a progress bar to `total`, SIGTERM recorded as a preemption, the
+        mesh's rules and a lost process's errors as `PeerFailure`; after the steps, the saves in flight
+        awaited. However the loop ends, the bar, checkpointer (not after a lost process: a save in
+        flight cannot complete without it), log and run directory are closed."""
+        loop = FitLoop(
+            name=name,
+            writer=MetricsWriter(self.out_dir, resume_step=self.start_step),
+            guard=NonFiniteGuard(self.config.train),
+            bar=tqdm(
+                total=total,
+                initial=self.start_step,
+                desc=name,
+                disable=not is_main_process(),
+                dynamic_ncols=True,
+            ),
+            step=self.start_step,
         )
+        lost_peer = False
         try:
-            with _Preemption() as preemption, use_rules(self.mesh, self.rules), self.peer_failures():
-                while step < self.total_steps:
-                    t0 = time.perf_counter()
-                    position = self.data.local_state()
-                    try:
-                        host_batch, tokens = self._next_batch()
-                    except StopIteration:  # a finite data config (data.num_epochs) ran out
-                        host_batch = None
-                    # every process stops at the same step: on a SIGTERM to any of them (preemption),
-                    # or when any one's data runs out
-                    preempted, exhausted = any_process(preemption.requested, host_batch is None)
-                    if preempted or exhausted:
-                        if exhausted and step == 0:
-                            raise UserError(
-                                f"{self.stage.name}: the data gave no batch at all (data.num_epochs, source?)"
-                            )
-                        if exhausted:
-                            print(f"{self.stage.name}: data exhausted after step {step}", file=sys.stderr)
-                        self.save(step, self.data.gather_state(position))
-                        preempted = preempted and not exhausted
-                        break
-                    split = self.data.num_shards > 1
-                    batch = put_batch(host_batch, self.mesh, self.rules, split_patches=split)
-                    self.state, metrics = self.stage.step(self.spec, self.state, batch)
-                    metrics = {k: float(v) for k, v in jax.device_get(metrics).items()}
-                    dt = time.perf_counter() - t0
-                    step += 1
-                    metrics.update(
-                        lr=float(self.schedule(step - 1)), tokens_per_s=tokens / dt, step_time_s=dt
-                    )
-                    metrics.update(self._drop_counts())
-                    skipped = guard.check(step, metrics, self.checkpointer.latest_step())  # or stops
-                    if skipped or step % int(cfg.log_every) == 0 or step in (1, self.total_steps):
-                        writer.write(step, metrics)
-                    if not skipped:
-                        first = metrics["loss"] if first is None else first
-                        last = metrics["loss"]
-                    bar.set_postfix(loss=f"{metrics['loss']:.4f}", tok_s=f"{tokens / dt:,.0f}")
-                    bar.update(1)
-                    if step % int(cfg.ckpt_every) == 0 or step == self.total_steps:
-                        self.save(step, self.data.get_state())
+            with _Preemption() as loop.preemption, use_rules(self.mesh, self.rules), self.peer_failures():
+                yield loop
                 self.checkpointer.wait()
         except PeerFailure:
             lost_peer = True
             raise
-        except DivergenceError:
-            writer.write(step, metrics)
-            raise
         finally:
-            bar.close()
+            loop.bar.close()
             try:
-                if not lost_peer:  # a save in flight cannot complete without the lost process
+                if not lost_peer:
                     self.checkpointer.close()
-                writer.close()
+                loop.writer.close()
             finally:
                 self.run_dir.release()
-        if is_main_process() and not preempted and writer.path.exists():
-            plot_losses([(self.stage.name, writer.path)], self.out_dir / "loss.png")
+
+    def result(self, loop: FitLoop, metric: str, plot: str) -> StageResult:
+        """The finished loop's summary (`metric`: what its `first` and `last` are); unless preempted, the
+        main process plots `metric`'s curve to `plot` in the run directory."""
+        if is_main_process() and not loop.preempted and loop.writer.path.exists():
+            plot_losses([(loop.name, loop.writer.path)], self.out_dir / plot, key=metric)
         return StageResult(
-            stage=self.stage.name,
+            stage=loop.name,
             out_dir=self.out_dir,
-            metrics_path=writer.path,
+            metrics_path=loop.writer.path,
             start_step=self.start_step,
-            end_step=step,
-            metric="loss",
-            first=first,
-            last=last,
-            preempted=preempted,
+            end_step=loop.step,
+            metric=metric,
+            first=loop.first,
+            last=loop.last,
+            preempted=loop.preempted,
         )
+
+    def fit(self) -> StageResult:
+        cfg = self.config.train
+        with self.fit_loop(self.total_steps, self.stage.name) as loop:
+            while loop.step < self.total_steps:
+                t0 = time.perf_counter()
+                position = self.data.local_state()
+                try:
+                    host_batch, tokens = self._next_batch()
+                except StopIteration:  # a finite data config (data.num_epochs) ran out
+                    host_batch = None
+                # every process stops at the same step: on a SIGTERM to any of them (preemption),
+                # or when any one's data runs out
+                loop.preempted, exhausted = any_process(loop.preemption.requested, host_batch is None)
+                if loop.preempted or exhausted:
+                    if exhausted and loop.step == 0:
+                        raise UserError(
+                            f"{self.stage.name}: the data gave no batch at all (data.num_epochs, source?)"
+                        )
+                    if exhausted:
+                        print(f"{self.stage.name}: data exhausted after step {loop.step}", file=sys.stderr)
+                    self.save(loop.step, self.data.gather_state(position))
+                    loop.preempted = loop.preempted and not exhausted
+                    break
+                split = self.data.num_shards > 1
+                batch = put_batch(host_batch, self.mesh, self.rules, split_patches=split)
+                self.state, metrics = self.stage.step(self.spec, self.state, batch)
+                metrics = {k: float(v) for k, v in jax.device_get(metrics).items()}
+                dt = time.perf_counter() - t0
+                loop.step += 1
+                metrics.update(
+                    lr=float(self.schedule(loop.step - 1)), tokens_per_s=tokens / dt, step_time_s=dt
+                )
+                metrics.update(self._drop_counts())
+                skipped = loop.check(loop.step, metrics, self.checkpointer.latest_step())  # or stops
+                if skipped or loop.step % int(cfg.log_every) == 0 or loop.step in (1, self.total_steps):
+                    loop.writer.write(loop.step, metrics)
+                if not skipped:
+                    loop.first = metrics["loss"] if loop.first is None else loop.first
+                    loop.last = metrics["loss"]
+                loop.bar.set_postfix(loss=f"{metrics['loss']:.4f}", tok_s=f"{tokens / dt:,.0f}")
+                loop.bar.update(1)
+                if loop.step % int(cfg.ckpt_every) == 0 or loop.step == self.total_steps:
+                    self.save(loop.step, self.data.get_state())
+        return self.result(loop, metric="loss", plot="loss.png")
