@@ -8,6 +8,8 @@ import numpy as np
 import pytest
 from flax import nnx
 
+from pathor1_jax import stages
+from pathor1_jax.errors import ConfigError
 from pathor1_jax.rl.train import RLTrainer, run_rl
 from pathor1_jax.train.config import load_config
 from pathor1_jax.train.loading import load_for_inference
@@ -84,7 +86,6 @@ def test_grpo_run_resumes_prompts_and_sampling_rounds(grpo_run):
     [
         ("--config.rl.l_cache=100", "l_cache"),  # the cache zone longer than L_max = max_new_tokens = 64
         ("--config.rl.groups_per_minibatch=3", "groups_per_minibatch"),
-        ("--config.data.kind=chat", "mcq"),
         ("--config.rl.short_batch=pad", "short_batch='pad'"),
         ("--config.rl.prompt_style=cot", "rl.prompt_style='cot': expected one of"),
         ("--config.rl.loss_agg=sum", "rl.loss_agg='sum': expected one of"),
@@ -94,6 +95,15 @@ def test_grpo_run_resumes_prompts_and_sampling_rounds(grpo_run):
     ],
 )
 def test_bad_rl_configs_fail_before_building_anything(tmp_path, override, message):
-    config = load_config("configs/dapo_tiny.py", [override, f"--config.train.out_dir={tmp_path}"])
+    config = load_config("configs/dapo_tiny.py", [override, f"--config.train.out_dir={tmp_path / 'run'}"])
     with pytest.raises(ValueError, match=message):
-        RLTrainer(config, tmp_path)
+        run_rl(config)
+    assert not (tmp_path / "run").exists()  # nothing written
+
+
+def test_rl_on_other_records_is_refused_by_the_stage_registry(tmp_path):
+    config = load_config(
+        "configs/grpo_tiny.py", ["--config.data.kind=chat", f"--config.train.out_dir={tmp_path}"]
+    )
+    with pytest.raises(ConfigError, match="config.data.kind='chat' but stage 'grpo' trains on 'mcq' records"):
+        stages.run(config)

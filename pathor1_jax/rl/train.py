@@ -256,10 +256,7 @@ class RLTrainer(Trainer):
 
 def run_rl(config: ml_collections.ConfigDict, out_dir: str | Path | None = None) -> StageResult:
     """Train GRPO or DAPO (`config.stage`) on the MCQs of `config.data`, writing to `out_dir`."""
-    out_dir = Path(out_dir or config.train.out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    (out_dir / "run_config.json").write_text(config.to_json_best_effort(indent=2))
-    return RLTrainer(config, out_dir).fit()
+    return RLTrainer(config, out_dir or config.train.out_dir).fit()
 
 
 def rl_aot_step(config: ml_collections.ConfigDict, mesh: Mesh, rules: Rules, num_hosts: int) -> AotStep:

@@ -228,9 +228,6 @@ def _rl_rules(config: Mapping) -> str | None:
     stage = _get(config, "stage")[1]
     if rl.get("algo") != stage:
         return f"rl.algo={rl.get('algo')!r} and stage={stage!r} must agree"
-    kind = _get(config, "data.kind")[1]
-    if kind not in ("", "mcq"):
-        return f"data.kind={kind!r}: RL trains on 'mcq' records"
     batch, mini = rl.get("batch_groups"), rl.get("groups_per_minibatch")
     if _is_int(batch) and _is_int(mini) and mini > 0 and batch % mini:
         return f"rl.batch_groups={batch} is not a multiple of rl.groups_per_minibatch={mini}"
