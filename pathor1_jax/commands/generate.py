@@ -1,7 +1,9 @@
 """`pathor1 generate --model DIR --image F --prompt S`: answer one prompt about one image.
 
-The checkpoint directory holds the model (config.json + safetensors) and its own tokenizer and
-`preprocessor_config.json`; the prompt is rendered with the Qwen2.5-VL chat template.
+DIR is an HF checkpoint folder (config.json + safetensors, with its own tokenizer files and
+`preprocessor_config.json`) or a training run directory (its latest checkpoint, with the run's
+tokenizer and image settings), loaded as `pathor1 eval` and `pathor1 serve` do
+(`train.loading.load_for_inference`); the prompt is rendered with the Qwen2.5-VL chat template.
 """
 
 from __future__ import annotations
@@ -14,12 +16,9 @@ import numpy as np
 from pathor1_jax.errors import UserError
 from pathor1_jax.flags import non_negative_float, non_negative_int, positive_int, probability
 
-# A checkpoint folder's tokenizer: the fast tokenizer file, or the BPE vocabulary and merges.
-TOKENIZER_FILES = (("tokenizer.json",), ("vocab.json", "merges.txt"))
-
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--model", required=True, help="checkpoint directory (HF layout, safetensors)")
+    parser.add_argument("--model", required=True, help="HF checkpoint folder or training run directory")
     parser.add_argument("--image", required=True, help="image file")
     parser.add_argument("--prompt", required=True, help="the question or instruction")
     parser.add_argument("--max-new-tokens", type=positive_int, default=256)
@@ -29,32 +28,19 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--seed", type=int, default=0)
 
 
-def check_model_dir(model_dir: Path) -> None:
-    """A checkpoint folder with config.json and its own tokenizer files, else a `UserError`."""
-    if not (model_dir / "config.json").is_file():
-        raise UserError(f"--model {model_dir}: no config.json (expected a HF checkpoint folder)")
-    if not any(all((model_dir / f).is_file() for f in files) for files in TOKENIZER_FILES):
-        raise UserError(
-            f"--model {model_dir}: no tokenizer files (tokenizer.json, or vocab.json + merges.txt); "
-            "copy them from the base model's folder"
-        )
-
-
 def run(args: argparse.Namespace) -> int:
     from PIL import Image
 
-    from pathor1_jax.data.processing import QwenVLProcessor
     from pathor1_jax.data.records import ChatRecord, ImagePart, ImageRef, Message, TextPart
     from pathor1_jax.models import qwen2_5_vl
+    from pathor1_jax.train.loading import load_for_inference
 
-    model_dir, image_file = Path(args.model), Path(args.image)
-    check_model_dir(model_dir)
+    image_file = Path(args.image)
     try:
         image = Image.open(image_file).convert("RGB")
     except (OSError, ValueError) as e:
         raise UserError(f"--image {image_file}: cannot read the image ({e})") from e
-    model = qwen2_5_vl.load_pretrained(model_dir)
-    processor = QwenVLProcessor(model_dir, model_dir, rope_config=model.config)
+    model, processor = load_for_inference(args.model)
     user = Message("user", (ImagePart(), TextPart(args.prompt)))
     chat = ChatRecord(id=str(image_file), messages=(user,), images=(ImageRef(path=str(image_file)),))
     prompt = processor.encode_prompt(chat, images=[image])

@@ -1,6 +1,6 @@
 """A trained model and its processor for inference, from an HF checkpoint or a training run directory:
-the one loader of `pathor1 eval`, `pathor1 serve` and the demo's held-out evaluation (they sit above
-`train`, beside each other, and none imports another to load a model)."""
+the one loader of `pathor1 eval`, `pathor1 serve`, `pathor1 generate` and the demo's held-out
+evaluation (they sit above `train`, beside each other, and none imports another to load a model)."""
 
 from __future__ import annotations
 
@@ -14,8 +14,25 @@ from flax import nnx
 from pathor1_jax.data.processing import QwenVLProcessor
 from pathor1_jax.errors import UserError
 from pathor1_jax.models import qwen2_5_vl
+from pathor1_jax.train.rundir import RUN_CONFIG
 
-RUN_CONFIG = "run_config.json"  # the training config a run directory holds (pathor1_jax.train.run)
+# An HF checkpoint folder's tokenizer: the fast tokenizer file, or the BPE vocabulary and merges.
+TOKENIZER_FILES = (("tokenizer.json",), ("vocab.json", "merges.txt"))
+
+
+def _check_hf_checkpoint(path: Path) -> None:
+    """`path` has config.json and its own tokenizer files; else a `UserError` saying what is missing
+    (before any weights are read)."""
+    if not (path / "config.json").is_file():
+        raise UserError(
+            f"--model {path}: neither an HF checkpoint (config.json) nor a run directory "
+            f"({RUN_CONFIG} + checkpoints/)"
+        )
+    if not any(all((path / f).is_file() for f in files) for files in TOKENIZER_FILES):
+        raise UserError(
+            f"--model {path}: no tokenizer files (tokenizer.json, or vocab.json + merges.txt); "
+            "copy them from the base model's folder"
+        )
 
 
 def load_for_inference(
@@ -35,19 +52,14 @@ def load_for_inference(
     from pathor1_jax.train.run import model_config, model_factory
 
     path = Path(model_dir)
-    if (path / "checkpoints").is_dir() and (path / RUN_CONFIG).exists():
-        config = ml_collections.ConfigDict(json.loads((path / RUN_CONFIG).read_text()))
-    elif (path / "config.json").exists():
+    if not ((path / "checkpoints").is_dir() and (path / RUN_CONFIG).exists()):
+        _check_hf_checkpoint(path)
         kwargs = {} if dtype is None else {"dtype": dtype}
         if mesh is not None:
             kwargs["shardings"] = partial(state_shardings, mesh=mesh, rules=rules)
         model = qwen2_5_vl.load_pretrained(path, **kwargs)
         return model, QwenVLProcessor(path, path, rope_config=model.config)
-    else:
-        raise UserError(
-            f"--model {model_dir}: neither an HF checkpoint (config.json) nor a run directory "
-            f"({RUN_CONFIG} + checkpoints/)"
-        )
+    config = ml_collections.ConfigDict(json.loads((path / RUN_CONFIG).read_text()))
     cfg = model_config(config.model)
     graphdef, params = nnx.split(model_factory(config.model, cfg)(), nnx.Param)
     restored = restore_params(path / "checkpoints", nnx.to_pure_dict(params))
