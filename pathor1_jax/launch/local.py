@@ -31,7 +31,7 @@ import time
 from collections.abc import Sequence
 
 from pathor1_jax.errors import EXIT_PREEMPTED
-from pathor1_jax.sharding.multihost import (
+from pathor1_jax.sharding.env import (
     COORDINATOR_ENV,
     HEARTBEAT_ENV,
     NUM_PROCESSES_ENV,

@@ -21,16 +21,13 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from pathor1_jax.errors import Pathor1Error
 from pathor1_jax.logical import Rules, current_rules, logical_to_spec
-
-# Environment variables set by launch/gpu.sh (and usable by hand) for an explicit cluster.
-COORDINATOR_ENV = "JAX_COORDINATOR_ADDRESS"
-NUM_PROCESSES_ENV = "JAX_NUM_PROCESSES"
-PROCESS_ID_ENV = "JAX_PROCESS_ID"
-# Set by launch/tpu_pod.sh: JAX finds the other TPU workers itself.
-MULTIHOST_ENV = "PATHOR1_MULTIHOST"
-# Seconds without a heartbeat after which the coordinator declares a process dead and every other
-# process stops with an error (JAX's default, 100 s, when unset; launch/local.sh sets 60).
-HEARTBEAT_ENV = "PATHOR1_HEARTBEAT_TIMEOUT_S"
+from pathor1_jax.sharding.env import (
+    COORDINATOR_ENV,
+    HEARTBEAT_ENV,
+    MULTIHOST_ENV,
+    NUM_PROCESSES_ENV,
+    PROCESS_ID_ENV,
+)
 
 
 def multi_process_env(env: Mapping[str, str] | None = None) -> dict[str, object] | None:
