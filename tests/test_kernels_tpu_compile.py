@@ -23,7 +23,7 @@ import jax
 import jax.numpy as jnp
 import pytest
 from jax.sharding import NamedSharding
-from tpu import topology_devices, tpu_mesh
+from tpu import tpu_devices, tpu_mesh
 
 from pathor1_jax.kernels import policy_loss
 from pathor1_jax.kernels.flash_attention import flash_attention
@@ -61,7 +61,7 @@ def mosaic_kernels(compiled) -> list[str]:
 def attention_compiled(request):
     """Forward + backward of this chip's ATTENTION cases (packed segments) in one program."""
     cases = [ATTENTION[name] for name in ATTENTION_CASES[request.param]]
-    mesh = make_mesh({"fsdp": 1}, topology_devices(f"{request.param}:2x2")[:1])
+    mesh = make_mesh({"fsdp": 1}, tpu_devices(f"{request.param}:2x2")[:1])
 
     def loss(*qkv):
         total = 0.0
@@ -133,7 +133,7 @@ def test_block_sparse_vision_attention_compiles_with_mosaic():
     """The vision tower's block-sparse kernels (block ranges read from SMEM, dynamic loop bounds):
     forward, dq and dk/dv at 4 images x 1024 patches in windows of 64, head dim 80, on v5e."""
     t, heads, d = 4096, 16, 80
-    mesh = make_mesh({"fsdp": 1}, topology_devices("v5e:2x2")[:1])
+    mesh = make_mesh({"fsdp": 1}, tpu_devices("v5e:2x2")[:1])
     ids = (jnp.arange(t) // 64 + 1).astype(jnp.int32)[None]
 
     def loss(q, k, v):

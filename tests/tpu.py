@@ -7,24 +7,22 @@
 
 from __future__ import annotations
 
-import functools
-
 import jax
-from jax.experimental import topologies
 from jax.sharding import Mesh
 
 from pathor1_jax.sharding.mesh import make_mesh
+from pathor1_jax.sharding.topology import parse_topology, topology_devices
 
 
-@functools.cache
-def topology_devices(name: str) -> tuple[jax.Device, ...]:
-    """The devices of a TPU topology such as "v5e:2x2" (no hardware needed)."""
-    return tuple(topologies.get_topology_desc(platform="tpu", topology_name=name).devices)
+def tpu_devices(name: str) -> list[jax.Device]:
+    """The devices of a TPU topology such as "v5e:2x2" (no hardware needed), as `pathor1 compile`
+    gets them (cached per topology)."""
+    return topology_devices(parse_topology(name))
 
 
 def tpu_mesh(name: str, axes: dict) -> Mesh:
     """Our mesh (axes data / fsdp / tensor, Auto) over the devices of topology `name`."""
-    return make_mesh(axes, devices=topology_devices(name))
+    return make_mesh(axes, devices=tpu_devices(name))
 
 
 def mosaic_calls(compiled) -> int:
