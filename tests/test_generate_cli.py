@@ -80,7 +80,7 @@ def test_generate_from_a_run_directory_answers_as_its_weights_do(checkpoint, tmp
     checkpointer = Checkpointer(run / "checkpoints")
     checkpointer.save(3, {"params": nnx.to_pure_dict(nnx.state(qwen2_5_vl.load_pretrained(path), nnx.Param))})
     checkpointer.close()
-    argv = ["generate", "--image", str(image), "--prompt", "Describe.", "--max-new-tokens", "8"]
+    argv = ["generate", "--image", str(image), "--prompt", "Describe.", "--max-new-tokens", "5"]
     argv += ["--temperature", "1.0", "--seed", "3"]  # sampled, as above
     assert main([*argv, "--model", str(path)]) == 0
     from_hf = capsys.readouterr().out
