@@ -5,7 +5,7 @@ program does not grow with depth (so neither does its compile time).
 CI time: nearly all of it XLA compiling what each test compares (the tiny Qwen2.5-VL's gradient
 unrolled and scanned, under four remat policies, at 2 and 8 layers): those are the programs under
 test, so no test can borrow another's. They are compiled with LLVM's optimisations off (`jit`):
-what is compared does not depend on them, and compiling takes ~40% less CPU."""
+what is compared does not depend on them, and the file takes ~35% less CPU (80 -> 50 CPU-s here)."""
 
 from __future__ import annotations
 
@@ -26,6 +26,7 @@ FAST_CPU = {"xla_backend_optimization_level": 0, "xla_llvm_disable_expensive_pas
 
 
 def jit(fn):
+    """`jax.jit` compiling for the CPU without LLVM's optimisations (the numbers compared keep 1e-5)."""
     return jax.jit(fn, compiler_options=FAST_CPU)
 
 
