@@ -79,20 +79,27 @@ class Job:
         try:
             rc = self.proc.wait(timeout=self.timeout + 60)
         except subprocess.TimeoutExpired as e:
-            self.proc.send_signal(signal.SIGTERM)  # the launcher stops its processes
-            try:
-                self.proc.wait(timeout=30)
-            except subprocess.TimeoutExpired:
-                for pid in self.pids.values():
-                    try:
-                        os.killpg(pid, signal.SIGKILL)
-                    except ProcessLookupError:
-                        pass
-                self.proc.kill()
+            self.stop()
             late = f"job still running after {self.timeout + 60} s:\n{self.output[-5000:]}"
             raise AssertionError(late) from e
         self._reader.join(timeout=10)
         return rc
+
+    def stop(self) -> None:
+        """End the job if it still runs: SIGTERM to the launcher (it stops its processes), SIGKILL
+        to everything 30 s later."""
+        if self.proc.poll() is not None:
+            return
+        self.proc.send_signal(signal.SIGTERM)
+        try:
+            self.proc.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            for pid in self.pids.values():
+                try:
+                    os.killpg(pid, signal.SIGKILL)
+                except ProcessLookupError:
+                    pass
+            self.proc.kill()
 
 
 def train(num_processes: int, devices: int, workdir: Path, *args: str, timeout: float = 600, **kw) -> Job:
@@ -105,6 +112,16 @@ def run_ok(job: Job) -> Job:
     rc = job.wait()
     assert rc == 0, f"exit {rc}:\n{job.output[-8000:]}"
     return job
+
+
+def run_all_ok(*jobs: Job) -> None:
+    """`run_ok` for jobs started together; when one fails, the others are stopped."""
+    try:
+        for job in jobs:
+            run_ok(job)
+    finally:
+        for job in jobs:
+            job.stop()
 
 
 def metrics(run: Path) -> dict[int, dict]:
