@@ -21,7 +21,11 @@ def get_config() -> ml_collections.ConfigDict:
     config.optim.weight_decay = 0.01
     config.freeze = (r"^model\.visual\.",)  # vision tower frozen in SFT (as in the 3B/7B configs)
     # open: after 100 steps the model answers every held-out tile alike (accuracy 0.30, format 1.0),
-    # with this tower frozen and with it trained: the answers do not yet depend on the image
+    # with this tower frozen and with it trained: it ignores the image. Measured: a held-out tissue
+    # chat's NLL is the same with its own tile and with another tissue's (within 0.01 nats), and at
+    # the first <think> word attention puts <= 6% (layer 0) and ~0 (layer 1) on the 4 image tokens,
+    # though the tile features separate the tissues (linear probe 0.83 held-out; class means at
+    # cosine 0.97-0.999). Unchanged after 250 tissue-only steps and with 16 image tokens (112 px)
     config.train.steps = 100
     config.train.ckpt_every = 50
     config.train.out_dir = "runs/demo/sft"
