@@ -27,8 +27,8 @@ def get_config() -> ml_collections.ConfigDict:
     # GRPO kept it (0.88-1.0 over 8 steps, KL <= 0.09)
     config.optim.lr = 2e-4
     # the vision tower frozen, as in SFT and the 3B/7B RL configs; ours: the tied embedding (= LM
-    # head) too: its gradient reaches all 151,936 rows (softmax), so Adam would move every row each
-    # update, tokens never sampled included
+    # head) too: its gradient reaches all 151,936 rows. Trained, GRPO's sampled format rate fell to
+    # 0.56-0.81 by steps 5-6 (KL 0.13); frozen, it stayed 0.88-1.0 (lr 2e-4, temperature 0.5)
     config.freeze = (r"^model\.visual\.", r"^model\.language_model\.embed_tokens\.")
     config.train.steps = 10
     config.train.ckpt_every = 5
