@@ -144,3 +144,20 @@ def test_block_sparse_vision_attention_compiles_with_mosaic():
     with jax.default_matmul_precision("default"), jax.set_mesh(mesh):
         compiled = jax.jit(jax.grad(loss, argnums=(0, 1, 2))).lower(spec, spec, spec).compile()
     assert mosaic_kernels(compiled) == sorted(FLASH_KERNELS)
+
+
+def test_long_head_dim_80_rows_get_the_scoped_vmem_they_need_on_v6e():
+    """A vision tower's whole-row K/V at 65,536 patches, head dim 80, on v6e (configs/cpt_3b.py on
+    v6e-8): VMEM pads head dim 80 to 128 lanes, so the kernel needs 64.25 MiB; the estimate it sets
+    its scoped-VMEM limit from counted 80 and asked for 60 MiB (CompileTimeScopedVmemOom)."""
+    t, heads, d = 65_536, 16, 80
+    mesh = make_mesh({"fsdp": 1}, tpu_devices("v6e:2x4")[:1])
+    spec = jax.ShapeDtypeStruct((1, t, heads, d), jnp.bfloat16)
+    ids = jax.ShapeDtypeStruct((1, t), jnp.int32)
+
+    def fwd(q, k, v, ids):
+        return flash_attention(q, k, v, segment_ids=ids, backend="tpu", block_sparse=True)
+
+    with jax.default_matmul_precision("default"), jax.set_mesh(mesh):
+        compiled = jax.jit(fwd).lower(spec, spec, spec, ids).compile()
+    assert mosaic_kernels(compiled) == ["flash_attention_fwd"]

@@ -63,8 +63,10 @@ def _compiler_params(cfg: _Config, n_grid: int):
 
 def tpu_vmem_bytes(q_len: int, kv_len: int, head_dim: int, itemsize: int) -> int:
     """Estimated VMEM of the TPU kernels: two double-buffered whole-row operands (K and V, or Q and
-    dO) of one head, plus 4 MiB for tiles, f32 temporaries and segment ids."""
-    return 2 * 2 * max(q_len, kv_len) * head_dim * itemsize + 4 * 2**20
+    dO) of one head, their last dim padded to VMEM's 128 lanes (head dim 80 takes 128), plus 4 MiB
+    for tiles, f32 temporaries and segment ids."""
+    lanes = -(-head_dim // 128) * 128
+    return 2 * 2 * max(q_len, kv_len) * lanes * itemsize + 4 * 2**20
 
 
 def _mask(cfg: _Config, seg_eq, q_pos, k_pos):
