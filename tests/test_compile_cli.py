@@ -1,5 +1,6 @@
 """`pathor1 compile`: TPU slices by name, the report of a tiny config compiled for a deviceless v5e-8
-(libtpu), a config that cannot fit (exit 1), and one-line errors for bad topologies and layouts."""
+(libtpu), a config that cannot fit (exit 1), and one-line errors for bad topologies and layouts and
+for a kernel that the TPU compiler refuses."""
 
 from __future__ import annotations
 
@@ -7,11 +8,18 @@ import contextlib
 import io
 import json
 
+import jax
+import jax.numpy as jnp
 import pytest
+from tpu import tpu_devices
 
 from pathor1_jax.cli import main
 from pathor1_jax.errors import UserError
+from pathor1_jax.kernels import flash_attention as fa
+from pathor1_jax.sharding.mesh import make_mesh
+from pathor1_jax.sharding.rules import preset
 from pathor1_jax.sharding.topology import CHIPS, default_shape, parse_topology
+from pathor1_jax.train.aot import AotStep, compile_step
 
 GIB = 2**30
 
@@ -190,3 +198,29 @@ def test_max_batch_finds_the_largest_fitting_batch_in_few_compiles(per_row, fixe
     assert len(compiled) <= 4, compiled  # 2 to find the line, its crossing, one unit past it
     assert not compile_config(ml_collections.ConfigDict({"data": {"batch_size": value + 4}})).fits
     assert "rows per device" in capsys.readouterr().err
+
+
+@pytest.mark.libtpu
+def test_a_kernel_the_compiler_refuses_is_named_in_a_one_line_error(monkeypatch):
+    """Flash attention with its scoped-VMEM limit set from the estimate before 52fd32a (head dim 80
+    counted unpadded, 60 MiB asked, 64.25 MiB needed on v6e): the compiler's many-line message
+    becomes one line with its error, the kernel that failed and the sizes."""
+    unpadded = lambda q, k, d, itemsize: 4 * max(q, k) * d * itemsize + 4 * 2**20  # noqa: E731
+    monkeypatch.setattr(fa, "tpu_vmem_bytes", unpadded)
+    t, heads, d = 65_536, 16, 80
+    spec = jax.ShapeDtypeStruct((1, t, heads, d), jnp.bfloat16)
+    ids = jax.ShapeDtypeStruct((1, t), jnp.int32)
+
+    @jax.jit
+    def fwd(q, k, v, ids):
+        return fa.flash_attention(q, k, v, segment_ids=ids, backend="tpu", block_sparse=True)
+
+    step = AotStep(fwd, (spec, spec, spec, ids), flops=0.0, shapes={})
+    mesh = make_mesh({"fsdp": 1}, tpu_devices("v6e:2x4")[:1])
+    with pytest.raises(UserError) as error, jax.default_matmul_precision("default"):
+        compile_step(step, mesh, preset("fsdp"), parse_topology("v6e-8"))
+    assert str(error.value) == (
+        "the TPU compiler refused the step: RESOURCE_EXHAUSTED: E1001: CompileTimeScopedVmemOom in "
+        "jit(fwd)/flash_attention_fwd/pallas_call: Scoped allocation with size 64.25M and limit "
+        "60.00M exceeded scoped vmem limit by 4.25M."
+    )

@@ -37,6 +37,9 @@ from pathor1_jax.sharding.topology import GIB, Topology
 COLLECTIVES = ("all-reduce", "all-gather", "reduce-scatter", "collective-permute", "all-to-all")
 _COLLECTIVE = re.compile(r"\b(" + "|".join(COLLECTIVES) + r")(?:-start)?\(")
 _KERNEL_NAME = re.compile(r"^\s*(?:ROOT\s+)?%([A-Za-z_][A-Za-z0-9_]*?)(?:\.\d+)?\s*=")  # the instruction
+_OP_NAME = re.compile(r'op_name="([^"]+)"')  # the JAX op an HLO instruction came from
+_INSTRUCTION = re.compile(r"%([A-Za-z_][\w.-]*) = ")
+_FINDING = re.compile(r"\}\. (.+?\.)(?:\s|$)")  # the sentence after an instruction's text: what went wrong
 _OOM = re.compile(r"HLO temporaries \(([\d.]+)([KMGT])\).*?available HBM \(([\d.]+)([KMGT])\)", re.S)
 _UNITS = {"K": 2**10, "M": 2**20, "G": 2**30, "T": 2**40}
 
@@ -190,6 +193,20 @@ def mosaic_kernels(hlo: str) -> dict[str, int]:
     return counts
 
 
+def compiler_error(message: str) -> str:
+    """One line from the TPU compiler's error message: its first line, the JAX op (kernel) of the
+    instruction that failed, and what went wrong, without the instruction's HLO text, e.g.
+    `RESOURCE_EXHAUSTED: E1001: CompileTimeScopedVmemOom in jit(step)/flash_attention_fwd/pallas_call:
+    Scoped allocation with size 64.25M and limit 60.00M exceeded scoped vmem limit by 4.25M.`"""
+    head, _, rest = message.strip().partition("\n")
+    line = head.rstrip(": ")
+    where = _OP_NAME.search(rest) or _INSTRUCTION.search(rest)
+    if where:
+        line += f" in {where.group(1)}"
+    finding = _FINDING.search(rest)
+    return f"{line}: {finding.group(1)}" if finding else line
+
+
 def _bytes(value: str, unit: str) -> int:
     return int(float(value) * _UNITS[unit])
 
@@ -230,7 +247,7 @@ def compile_step(step: AotStep, mesh: Mesh, rules: Rules, topology: Topology) ->
                 raise
             refused = _OOM.search(str(e))
             if refused is None:
-                raise UserError(f"the TPU compiler refused the step: {str(e).splitlines()[0]}") from e
+                raise UserError(f"the TPU compiler refused the step: {compiler_error(str(e))}") from e
     common.update(
         attention=_describe_impls(impls, "attention") or "none",
         policy_loss=_describe_impls(impls, "policy_loss"),
