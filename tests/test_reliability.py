@@ -41,7 +41,7 @@ from pathor1_jax.errors import ConfigError, Pathor1Error, UserError
 from pathor1_jax.train.checkpoint import Checkpointer
 from pathor1_jax.train.config import load_config
 from pathor1_jax.train.metrics import MetricsWriter, read_metrics
-from pathor1_jax.train.rundir import LOCK, STALE_AFTER_S, RunDir
+from pathor1_jax.train.rundir import LOCK, RUN_CONFIG, STALE_AFTER_S, RunDir
 from pathor1_jax.train.schema import validate_config
 from pathor1_jax.train.trainer import DivergenceError, Trainer
 
@@ -395,7 +395,7 @@ def test_f13_demo_without_the_demo_extra_is_one_line_and_writes_nothing(tmp_path
     monkeypatch.setattr(importlib.util, "find_spec", find_spec)
     assert main(["demo", "--stages", "cpt", "--steps", "2", "--out", str(tmp_path / "demo")]) == 2
     assert "pip install 'pathor1_jax[demo]'" in _one_error_line(capsys)
-    assert not (tmp_path / "demo" / "cpt" / "run_config.json").exists()
+    assert not (tmp_path / "demo" / "cpt" / RUN_CONFIG).exists()
 
 
 # Deliver 6: every output is created and write-tested at start; a full disk is a start-up error ---
