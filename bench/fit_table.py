@@ -5,7 +5,8 @@ minutes and 2–7 GiB here; a process per cell gives the memory back), niced, on
 in priority order — each config on the slice it is written for first, then the largest SFT 3B batch
 on v5e-16 (`--max-batch`), then the other slices — and every finished cell is kept in `--out`
 (`<config>@<topology>.json` / `.txt`), so a rerun resumes where the last one stopped and the table
-can be printed at any time from what has finished:
+can be printed at any time from what has finished. Each cell's JSON also records the CPU seconds its
+process used (`cpu_seconds`: user + sys, the compile's cost whatever the load; wall time is not):
 
     nohup python bench/fit_table.py --out runs/fit_table &     # unattended; hours on a loaded host
     python bench/fit_table.py --out runs/fit_table --print     # the markdown table so far
@@ -17,6 +18,7 @@ import argparse
 import json
 import os
 import re
+import resource
 import subprocess
 import sys
 import time
@@ -56,15 +58,27 @@ def run_cell(config: str, topology: str, max_batch: bool, out: Path) -> None:
            f"configs/{config}", "--topology", topology, "--json", str(out / f"{name}.json")]  # fmt: skip
     if max_batch:
         cmd.append("--max-batch")
-    start = time.perf_counter()
+    start, cpu = time.perf_counter(), children_cpu_seconds()
     print(f"[{time.strftime('%H:%M:%S')}] {name} ...", flush=True)
     proc = subprocess.run(cmd, capture_output=True, text=True, env={**os.environ, "PYTHONUNBUFFERED": "1"})
+    cpu = children_cpu_seconds() - cpu
     log = proc.stdout + "\n--- stderr\n" + proc.stderr + f"\n--- exit {proc.returncode}\n"
     (out / f"{name}.txt").write_text(log)
     last = (proc.stderr.strip().splitlines() or [""])[-1]
+    path = out / f"{name}.json"
     if proc.returncode not in (0, 1):  # no report: bad input or a crash
-        (out / f"{name}.json").write_text(json.dumps({"error": last, "exit": proc.returncode}) + "\n")
-    print(f"  exit {proc.returncode} in {time.perf_counter() - start:.0f} s {last[:160]}", flush=True)
+        path.write_text(json.dumps({"error": last, "exit": proc.returncode}) + "\n")
+    if path.exists():
+        report = {**json.loads(path.read_text()), "cpu_seconds": round(cpu, 1)}
+        path.write_text(json.dumps(report, indent=2) + "\n")
+    wall = time.perf_counter() - start
+    print(f"  exit {proc.returncode} in {wall:.0f} s ({cpu:.0f} CPU-s) {last[:160]}", flush=True)
+
+
+def children_cpu_seconds() -> float:
+    """User + system CPU seconds of this process's finished children (cells run one at a time)."""
+    usage = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return usage.ru_utime + usage.ru_stime
 
 
 def row(config: str, topology: str, out: Path) -> str | None:
@@ -73,23 +87,24 @@ def row(config: str, topology: str, out: Path) -> str | None:
         return None
     report = json.loads(path.read_text())
     if "error" in report:
-        return f"| {config} | {topology} | – | error: {report['error']} | | | |"
+        return f"| {config} | {topology} | – | error: {report['error']} | | | | |"
     total = report["per_device_bytes"]["total"] / GIB
+    cpu = f"{report['cpu_seconds']:.0f}" if "cpu_seconds" in report else "–"
     fits = "yes" if report["fits"] else "**no**"
     chip_flops = {"v5e": 197e12, "v5p": 459e12, "v6e": 918e12, "v4": 275e12}[topology.split("-")[0]]
     ideal = report["flops_per_step"] / (report["devices"] * chip_flops)
     hbm = report["hbm_bytes"] / GIB
     return (
         f"| {config} | {topology} | {total:.2f} / {hbm:.2f} | {fits} | {report['flops_per_step']:.2e} | "
-        f"{ideal:.2f} | {report['attention']}, {report['policy_loss'] or '-'} |"
+        f"{ideal:.2f} | {report['attention']}, {report['policy_loss'] or '-'} | {cpu} |"
     )
 
 
 def table(out: Path) -> str:
     lines = [
         "| config | slice | GiB per device (total / usable HBM) | fits | FLOPs per step | ideal step (s) "
-        "| attention, policy loss |",
-        "|---|---|---|---|---|---|---|",
+        "| attention, policy loss | compile CPU-s |",
+        "|---|---|---|---|---|---|---|---|",
     ]
     lines += [r for c in STATED for t in TOPOLOGIES if (r := row(c, t, out)) is not None]
     text = out / f"{stem(*MAX_BATCH, True)}.txt"
