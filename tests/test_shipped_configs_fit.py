@@ -1,47 +1,91 @@
-"""Shipped configs fit the TPU slice they are written for, as the real XLA TPU compiler says
-(`pathor1 compile`'s path, over libtpu's deviceless topologies), at full depth: the layers are scanned,
-so the program and its compile time do not grow with depth.
+"""Shipped configs fit the TPU slice they are written for, as the real XLA TPU compiler says: the
+user's own `pathor1 compile --config configs/<config> --topology <slice> --json` over libtpu's
+deviceless topologies, at full depth (the layers are scanned: neither the program nor its compile time
+grows with depth), one process per cell (`fit_cells`), two at a time.
 
-What CI compiles, and what only the README's fit table proves (`bench/fit_table.py`, the same
-`compiler`, every shipped config on v5e-16 / v5p-8 / v5p-64 / v6e-8):
-- here, at real shapes: PathoCLIP-L at 1024 pairs on v5e-16 (CI_CELLS), the one TPU compile of the
-  contrastive step in CI;
-- the other code paths, compiled for a TPU in CI at tiny width (tests/test_compile_cli.py, v5e-8):
-  the Qwen2.5-VL SFT train step with images (configs/demo_sft.py) and the GRPO policy update with
-  the Mosaic policy loss (configs/grpo_tiny.py); their kernels at the 3B configs' shapes in
-  tests/test_kernels_tpu_compile.py and tests/test_attention_tpu_compile.py;
-- only in the README: every other (config, slice) cell — CPT/SFT/GRPO/DAPO 3B on v5e-16, the 7B
-  configs on v5p-64, PathoCLIP-B, the other slices, `--max-batch`.
-Why one cell: a cell costs 2.5-4.5 CPU-minutes whatever the depth (measured on this host: PathoCLIP-B
-v5e-16 ~160-185 CPU-s, GRPO 3B 266 CPU-s), > 90% of it libtpu generating code per HLO instruction;
-libtpu's start-up (~2 CPU-s) is already shared, all cells run in this one pytest process. The
-file's CI budget (~4 min on two idle cores) holds one cell."""
+CELLS lists every shipped config with its stated slice; CI compiles CI_CELLS, one per kind of step,
+each with the kernels the TPU runs:
+- SFT 3B: the LM train step with images (16 micro-batches, flash attention in the decoder);
+- GRPO 3B: the RL policy update, the Mosaic policy loss per shard inside shard_map;
+- PathoCLIP-L at 1024 pairs: the contrastive step, flash attention in the vision tower.
+`PATHOR1_FIT_CELLS=all pytest tests/test_shipped_configs_fit.py` compiles every cell (or a comma-separated
+list of config names; `PATHOR1_FIT_WORKERS=1` on a shared host). The README's fit table
+(`bench/fit_table.py`, the same command) holds every cell on every slice with its compile CPU seconds.
+
+Why not all ten in CI: a cell costs 220-300 CPU-seconds here (SFT 3B 263, GRPO 3B 293, PathoCLIP-L 220,
+measured by this file on a loaded host), the same at 2 layers as at full depth (GRPO 3B: 213 vs 216
+CPU-s compiling), because ~70% of it is libtpu generating code for the program's ~460 fusions (81 in
+XLA's windowed-einsum loops for the FSDP-sharded matmuls, ~60 the optimizer's per-parameter work),
+which grows with the slice's device count, not the model's size (README: "What the program is made of").
+The other cells run the CI cells' code at other shapes — CPT 3B is SFT's step, DAPO 3B is GRPO's
+update with DAPO's clip and aggregation (a different loss tail: its own program), PathoCLIP-B is L's
+step, the 7B configs are the 3B steps wider on 32 v5p chips — so only their fit, not their code, rests
+on the README table; at tiny width tests/test_compile_cli.py also compiles the SFT step with images and
+the GRPO update for v5e-8.
+"""
 
 from __future__ import annotations
 
-import pytest
+import os
 
-from pathor1_jax.commands.compile import compiler
-from pathor1_jax.sharding.topology import parse_topology
-from pathor1_jax.train.config import load_config
+import pytest
+from fit_cells import start
 
 pytestmark = pytest.mark.libtpu
 
-CI_CELLS = {
-    # PathoCLIP-L at 1024 pairs per contrastive batch: 64 pairs x 257 patches per v5e chip (the
-    # contrastive step is compiled for a TPU nowhere else in CI; the Qwen steps are, see above)
-    "pathoclip_l14.py": "v5e-16",
+FLASH_KERNELS = {"flash_attention_fwd", "flash_attention_dq", "flash_attention_dkv"}
+RL_KERNELS = FLASH_KERNELS | {"token_logprobs_fwd", "token_logprobs_dh", "token_logprobs_dw"}
+# config → (the slice it is written for, the Mosaic kernels its step must compile)
+CELLS = {
+    "sft_3b.py": ("v5e-16", FLASH_KERNELS),
+    "grpo_3b.py": ("v5e-16", RL_KERNELS),
+    "pathoclip_l14.py": ("v5e-16", FLASH_KERNELS),
+    "cpt_3b.py": ("v5e-16", FLASH_KERNELS),
+    "dapo_3b.py": ("v5e-16", RL_KERNELS),
+    "pathoclip_b16.py": ("v5e-16", FLASH_KERNELS),
+    "sft_7b.py": ("v5p-64", FLASH_KERNELS),
+    "grpo_7b.py": ("v5p-64", RL_KERNELS),
+    "cpt_7b.py": ("v5p-64", FLASH_KERNELS),
+    "dapo_7b.py": ("v5p-64", RL_KERNELS),
 }
+CI_CELLS = ("sft_3b.py", "grpo_3b.py", "pathoclip_l14.py")
 
 
-@pytest.mark.parametrize("config, topology", CI_CELLS.items())
-def test_shipped_config_fits_its_slice(config, topology):
-    # > 30 s: one TPU compile of the config's whole train step (~3 CPU-minutes; 17 wall-minutes under load)
-    cfg = load_config(f"configs/{config}", [])
-    report = compiler(cfg, parse_topology(topology))(cfg)
-    assert report.fits, report.verdict()
-    assert report.refused is None and report.temporaries > 0
-    # the TPU flash kernel where the chip has one (the vision tower's 257 patches; CLIP's 77-token
-    # captions are shorter than one block and stay XLA)
-    assert "pallas_tpu" in report.attention, report.attention
-    assert {"flash_attention_fwd", "flash_attention_dq", "flash_attention_dkv"} <= set(report.mosaic_kernels)
+def selected() -> list[str]:
+    wanted = os.environ.get("PATHOR1_FIT_CELLS", "")
+    if not wanted:
+        return list(CI_CELLS)
+    names = list(CELLS) if wanted == "all" else [w.removesuffix(".py") + ".py" for w in wanted.split(",")]
+    unknown = sorted(set(names) - set(CELLS))
+    if unknown:
+        raise ValueError(f"PATHOR1_FIT_CELLS: unknown configs {unknown}; known: {sorted(CELLS)}")
+    return names
+
+
+@pytest.fixture(scope="module")
+def pool():
+    """All selected cells queued at once; two compile at a time while the tests wait
+    (PATHOR1_FIT_WORKERS=1 on a shared host)."""
+    workers = int(os.environ.get("PATHOR1_FIT_WORKERS", "2"))
+    return start([(config, CELLS[config][0]) for config in selected()], workers=workers)
+
+
+@pytest.mark.parametrize("config", selected())
+def test_shipped_config_fits_its_slice(pool, config):
+    # > 30 s: TPU compiles of whole train steps, 3-6 CPU-minutes a cell (see the module docstring)
+    topology, kernels = CELLS[config]
+    cell = pool.result(config, topology)
+    # the cost of a cell (pytest -rP shows it)
+    print(f"{config} on {topology}: {cell.cpu_seconds:.0f} CPU-s, peak RSS {cell.max_rss_gib:.1f} GiB")
+    assert cell.returncode == 0 and cell.report is not None, cell.describe()
+    report = cell.report
+    assert (report["topology"], report["fits"]) == (topology, True), cell.describe()
+    per_device = report["per_device_bytes"]
+    assert 0 < per_device["temporaries"] and per_device["total"] <= report["hbm_bytes"]
+    # the TPU flash kernel where the chip has one: the decoder's rows and the vision towers (long
+    # rows of windows beyond the kernel's VMEM budget run xla_blocked; CLIP's 77-token captions are
+    # shorter than one block and stay XLA)
+    assert "pallas_tpu" in report["attention"].split("+"), report["attention"]
+    assert kernels <= set(cell.kernels), cell.kernels
+    # the RL update's policy loss is the fused Mosaic kernel (per shard, inside shard_map)
+    assert report["policy_loss"] == ("pallas" if "token_logprobs_fwd" in kernels else None)
