@@ -94,11 +94,12 @@ def test_chunked_loss_matches_cross_entropy_of_the_logits(setup):
         np.testing.assert_allclose(nll[r, t], expected, rtol=1e-5, atol=1e-5)
 
 
-@pytest.mark.parametrize("chunk", [16, 64, 1000])
-def test_labelled_positions_only_gives_the_loss_and_gradients_of_every_position(setup, chunk):
-    """`lm_nll` computes the LM head only at labelled positions (gathered to each row's front, chunks
-    past the longest row's count skipped); against `per_token_nll` without `valid` (the head at every
-    position): equal per-token NLL, loss and gradient of every parameter (vision tower included)."""
+@pytest.mark.parametrize(("chunk", "groups"), [(16, 1), (64, ROWS), (1000, 1)])
+def test_labelled_positions_only_gives_the_loss_and_gradients_of_every_position(setup, chunk, groups):
+    """`lm_nll` computes the LM head only at labelled positions (gathered to the front of each block
+    of rows: the whole batch, or each row; chunks past the largest block's count skipped);
+    against `per_token_nll` without `valid` (the head at every position): equal per-token NLL, loss
+    and gradient of every parameter (vision tower included)."""
     _, packed, *_ = setup
     cfg = qwen2_5_vl.tiny_config()
     batch = prepare_batch(packed, cfg)
@@ -115,7 +116,7 @@ def test_labelled_positions_only_gives_the_loss_and_gradients_of_every_position(
             image_feature_index=batch["image_feature_index"],
         )
         targets, valid = shifted_targets(batch["labels"], batch["segment_ids"])
-        nll = per_token_nll(hidden, model.logits, targets, chunk, valid if labelled else None)
+        nll = per_token_nll(hidden, model.logits, targets, chunk, valid if labelled else None, groups)
         return token_mean_loss(nll, valid), jnp.where(valid, nll, 0.0)
 
     grad = jax.jit(jax.value_and_grad(loss, has_aux=True), static_argnums=1)

@@ -35,7 +35,7 @@ from pathor1_jax.rl.step import (
     jit_update,
     rl_step,
 )
-from pathor1_jax.sharding.multihost import any_process, batch_spec
+from pathor1_jax.sharding.multihost import any_process, batch_parts, batch_spec
 from pathor1_jax.sharding.params import create_sharded
 from pathor1_jax.train.aot import AotStep, qwen_flops, sds
 from pathor1_jax.train.defaults import base_config
@@ -47,7 +47,6 @@ from pathor1_jax.train.step import StepSpec, abstract_state
 from pathor1_jax.train.trainer import (
     Stage,
     Trainer,
-    batch_parts,
     on_mesh,
 )
 

@@ -131,9 +131,14 @@ def local_rows(num_rows: int) -> tuple[slice, int, int]:
     return slice(index * per, (index + 1) * per), index, count
 
 
+def batch_parts(mesh: Mesh, rules: Rules) -> int:
+    """How many ways the rules split the batch dimension on `mesh`."""
+    return math.prod(mesh.shape[a] for a in axis_names(batch_spec(rules)[0]))
+
+
 def local_batch_devices(mesh: Mesh, rules: Rules) -> int:
     """How many parts of the batch axes this process's devices hold (its rows split over them)."""
-    return math.prod(mesh.shape[a] for a in axis_names(batch_spec(rules)[0])) // batch_block(mesh, rules)[1]
+    return batch_parts(mesh, rules) // batch_block(mesh, rules)[1]
 
 
 def to_global(local: Any, axis: int = 0) -> Any:

@@ -29,6 +29,7 @@ from pathor1_jax.logical import Rules, current_rules, logical_to_spec
 from pathor1_jax.models import clip
 from pathor1_jax.models.clip.preprocess import preprocess
 from pathor1_jax.models.clip.tokenizer import CLIPTokenizer
+from pathor1_jax.sharding.multihost import batch_parts
 from pathor1_jax.train.aot import AotStep, clip_flops, sds
 from pathor1_jax.train.checkpoint import restore_params
 from pathor1_jax.train.contrastive import clip_loss, sharded_clip_loss
@@ -37,7 +38,7 @@ from pathor1_jax.train.optim import make_optimizer
 from pathor1_jax.train.result import StageResult
 from pathor1_jax.train.schema import check_start
 from pathor1_jax.train.step import StepSpec, abstract_state, apply_gradients, zero_frozen
-from pathor1_jax.train.trainer import Stage, Trainer, batch_field_sharding, batch_parts
+from pathor1_jax.train.trainer import Stage, Trainer, batch_field_sharding
 
 
 def base_clip_config() -> ml_collections.ConfigDict:

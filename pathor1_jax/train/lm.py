@@ -13,7 +13,9 @@ from __future__ import annotations
 import jax
 import numpy as np
 
+from pathor1_jax.logical import current_rules
 from pathor1_jax.models import qwen2_5_vl
+from pathor1_jax.sharding.multihost import batch_parts
 from pathor1_jax.train.losses import per_token_nll, shifted_targets
 
 MODEL_INPUTS = ("input_ids", "labels", "segment_ids", "position_ids", "pixel_values")
@@ -68,7 +70,9 @@ def lm_nll(
     model: qwen2_5_vl.Qwen2_5_VLForConditionalGeneration, micro: dict, chunk: int = 64
 ) -> tuple[jax.Array, jax.Array]:
     """Per-token NLL `[B, T]` of the next token (computed only where valid, 0 elsewhere) and its
-    validity mask (labels != -100, same segment)."""
+    validity mask (labels != -100, same segment). The LM head's positions are gathered per block of
+    rows that one device holds (the batch's shards in the current `use_rules` context; all rows
+    outside one), `chunk` per row at a time."""
     hidden = model.hidden_states(
         micro["input_ids"],
         pixel_values=micro["pixel_values"],
@@ -78,4 +82,6 @@ def lm_nll(
         image_feature_index=micro["image_feature_index"],
     )  # [B, T, D]
     targets, valid = shifted_targets(micro["labels"], micro["segment_ids"])
-    return per_token_nll(hidden, model.logits, targets, chunk, valid), valid
+    ctx = current_rules()
+    groups = 1 if ctx is None else batch_parts(*ctx)
+    return per_token_nll(hidden, model.logits, targets, chunk, valid, groups), valid

@@ -3,10 +3,11 @@
 Labels follow the Hugging Face convention: `labels[t]` is the token that `logits[t - 1]` predicts
 (the shift happens here). In a packed row the first token of a segment is never a target of the
 previous segment's last token: a target counts only when it is in the same segment as its input.
-The LM head is applied in chunks of `chunk` positions under `jax.checkpoint`, so the `[B, T, V]`
-logits are never materialised whole (forward or backward), and only where a target is: each row's
-labelled positions are gathered to its front and chunks past the longest row's count are skipped, so
-an SFT batch whose labels cover 20% of the positions pays ~20% of the LM head (rounded up to chunks).
+The LM head is applied in chunks under `jax.checkpoint`, so the `[B, T, V]` logits are never
+materialised whole (forward or backward), and only where a target is: the labelled positions of a
+block of rows (the whole batch on one device, each device's rows on a sharded batch) are gathered to
+its front and chunks past the largest block's count are skipped, so an SFT batch whose labels cover
+20% of the positions pays ~20% of the LM head (rounded up to one chunk).
 """
 
 from __future__ import annotations
@@ -39,35 +40,48 @@ def per_token_nll(
     targets: jax.Array,
     chunk: int = 256,
     valid: jax.Array | None = None,
+    groups: int = 1,
 ) -> jax.Array:
-    """Negative log-likelihood `[B, T]` of `targets` under `logits_fn(hidden)`, `chunk` positions at
-    a time. hidden `[B, T, D]`; `logits_fn` maps `[B, c, D]` → float32 logits `[B, c, V]`.
+    """Negative log-likelihood `[B, T]` of `targets` under `logits_fn(hidden)`, `chunk` positions
+    per row at a time. hidden `[B, T, D]`; `logits_fn` maps `[G, c, D]` → float32 logits `[G, c, V]`.
 
-    valid `[B, T]` bool: compute only there (0 elsewhere). Each row's valid positions are moved to
-    its front (stable, so in order) and a chunk that no row reaches is skipped (`lax.cond`, forward
-    and backward), so the cost follows the longest row's count of valid positions, not T.
+    valid `[B, T]` bool: compute only there (0 elsewhere). The rows are taken in `groups` blocks of
+    consecutive rows (1: the whole batch; a sharded batch: its number of shards, so that a block
+    never leaves its device); each block's valid positions are moved to its front (stable, so in
+    order) and a chunk of `B / groups · chunk` positions that no block reaches is skipped
+    (`lax.cond`, forward and backward), so the cost follows the largest block's count of valid
+    positions, not B · T. Every position's NLL is its own row's: the grouping changes only which
+    positions share a chunk.
     """
     b, t, d = hidden.shape
-    chunk = min(chunk, t)
+    if valid is None:
+        groups = b  # every position computed, one row per block: nothing to move
+    elif b % groups:
+        raise ValueError(f"per_token_nll: {b} rows do not split into {groups} blocks")
+    n_pos = b // groups * t  # positions per block
+    hidden = hidden.reshape(groups, n_pos, d)
+    targets = targets.reshape(groups, n_pos)
+    chunk = min(chunk * (b // groups), n_pos)
     order = None
     if valid is not None:
-        order = jnp.argsort(~valid, axis=1, stable=True)  # [B, T]: each row's valid positions first
+        flat_valid = valid.reshape(groups, n_pos)
+        order = jnp.argsort(~flat_valid, axis=1, stable=True)  # [G, N]: each block's valid first
         hidden = jnp.take_along_axis(hidden, order[..., None], axis=1)
         targets = jnp.take_along_axis(targets, order, axis=1)
-        count = valid.sum(axis=1).max()  # chunks at or past it hold no valid position of any row
-    pad = -t % chunk
+        count = flat_valid.sum(axis=1).max()  # chunks at or past it hold no valid position of any block
+    pad = -n_pos % chunk
     if pad:
         hidden = jnp.pad(hidden, ((0, 0), (0, pad), (0, 0)))
         targets = jnp.pad(targets, ((0, 0), (0, pad)))
-    n = (t + pad) // chunk
-    hs = hidden.reshape(b, n, chunk, d).swapaxes(0, 1)  # [n, B, c, D]
-    ts = targets.reshape(b, n, chunk).swapaxes(0, 1)  # [n, B, c]
+    n = (n_pos + pad) // chunk
+    hs = hidden.reshape(groups, n, chunk, d).swapaxes(0, 1)  # [n, G, c, D]
+    ts = targets.reshape(groups, n, chunk).swapaxes(0, 1)  # [n, G, c]
 
     @jax.checkpoint
     def chunk_nll(h, tgt):
-        logits = logits_fn(h).astype(jnp.float32)  # [B, c, V]
+        logits = logits_fn(h).astype(jnp.float32)  # [G, c, V]
         picked = jnp.take_along_axis(logits, tgt[..., None], axis=-1)[..., 0]
-        return jax.nn.logsumexp(logits, axis=-1) - picked  # [B, c]
+        return jax.nn.logsumexp(logits, axis=-1) - picked  # [G, c]
 
     def skip(h, tgt):
         return jnp.zeros(tgt.shape, jnp.float32)
@@ -79,11 +93,11 @@ def per_token_nll(
         return carry, jax.lax.cond(i * chunk < count, chunk_nll, skip, h, tgt)
 
     _, nll = jax.lax.scan(body, None, (jnp.arange(n), hs, ts))
-    nll = nll.swapaxes(0, 1).reshape(b, t + pad)[:, :t]  # [B, T]
-    if order is None:
-        return nll
-    nll = jnp.take_along_axis(nll, jnp.argsort(order, axis=1), axis=1)  # back to the positions
-    return jnp.where(valid, nll, 0.0)
+    nll = nll.swapaxes(0, 1).reshape(groups, n_pos + pad)[:, :n_pos]  # [G, N]
+    if order is not None:
+        nll = jnp.take_along_axis(nll, jnp.argsort(order, axis=1), axis=1)  # back to the positions
+    nll = nll.reshape(b, t)
+    return nll if valid is None else jnp.where(valid, nll, 0.0)
 
 
 def token_mean_loss(nll: jax.Array, valid: jax.Array) -> jax.Array:

@@ -28,6 +28,7 @@ from pathor1_jax.logical import Rules
 from pathor1_jax.models import qwen2_5_vl
 from pathor1_jax.models.qwen2_5_vl.presets import preset
 from pathor1_jax.sharding.mesh import make_mesh
+from pathor1_jax.sharding.multihost import batch_parts
 from pathor1_jax.sharding.params import state_shardings
 from pathor1_jax.sharding.rules import rules_from_config
 from pathor1_jax.train.aot import AotStep, qwen_flops, sds
@@ -39,7 +40,7 @@ from pathor1_jax.train.result import StageResult
 from pathor1_jax.train.schema import check_start
 from pathor1_jax.train.sft import sft_step
 from pathor1_jax.train.step import StepSpec, abstract_state
-from pathor1_jax.train.trainer import Stage, Trainer, batch_field_sharding, batch_parts
+from pathor1_jax.train.trainer import Stage, Trainer, batch_field_sharding
 
 STEPS = {"cpt": cpt_step, "sft": sft_step}
 

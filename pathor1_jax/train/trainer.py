@@ -28,7 +28,6 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import logging
-import math
 import signal
 import sys
 import time
@@ -50,7 +49,6 @@ from pathor1_jax.sharding.mesh import make_mesh
 from pathor1_jax.sharding.multihost import (
     PeerFailure,
     any_process,
-    axis_names,
     batch_block,
     batch_spec,
     is_main_process,
@@ -209,11 +207,6 @@ def batch_field_sharding(key: str, mesh: Mesh, rules, split_patches: bool) -> Na
     split = key in ROW_AXIS or split_patches
     spec = PartitionSpec(*([None] * axis), batch_spec(rules)[0]) if split else PartitionSpec()
     return NamedSharding(mesh, spec)
-
-
-def batch_parts(mesh: Mesh, rules) -> int:
-    """How many ways the rules split the batch dimension on `mesh`."""
-    return math.prod(mesh.shape[a] for a in axis_names(batch_spec(rules)[0]))
 
 
 def put_batch(batch: dict, mesh: Mesh, rules, split_patches: bool = False) -> dict:
