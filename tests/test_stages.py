@@ -139,3 +139,31 @@ def test_demo_runs_a_data_stage_by_its_function_and_reports_its_note(tmp_path, m
     row = next(line for line in rows if line.startswith("curation "))
     assert row.split()[:5] == ["curation", "recall", "-", "-", "0.7500"]
     assert row.endswith("s  3 of 4 found")
+
+
+def test_held_out_mcq_measures_a_run_once_until_its_checkpoints_change(tmp_path, monkeypatch):
+    """GRPO and DAPO both start from the SFT run: the demo evaluates it once. Another budget or prompt
+    style, or a new checkpoint, is measured again."""
+    import ml_collections
+
+    from pathor1_jax.eval import demo as eval_demo
+
+    calls = []
+
+    def fake(config, model_dir):
+        calls.append((model_dir, config.rl.max_new_tokens))
+        return {"mcq/accuracy": float(len(calls))}
+
+    monkeypatch.setattr(eval_demo, "_held_out_mcq", fake)
+    monkeypatch.setattr(eval_demo, "_MCQ_RESULTS", {})
+    run = tmp_path / "sft"
+    (run / "checkpoints" / "100").mkdir(parents=True)
+    config = ml_collections.ConfigDict({"rl": {"prompt_style": "patho_r1", "max_new_tokens": 48}})
+    assert eval_demo.held_out_mcq(config, run) == {"mcq/accuracy": 1.0}
+    assert eval_demo.held_out_mcq(config, tmp_path / "." / "sft") == {"mcq/accuracy": 1.0}
+    assert calls == [(run, 48)]
+    config.rl.max_new_tokens = 64
+    assert eval_demo.held_out_mcq(config, run) == {"mcq/accuracy": 2.0}
+    (run / "checkpoints" / "200").mkdir()
+    assert eval_demo.held_out_mcq(config, run) == {"mcq/accuracy": 3.0}
+    assert eval_demo.held_out_mcq(config, None) == {} and len(calls) == 3
