@@ -5,6 +5,7 @@ demo walk starts each stage from the right run."""
 from __future__ import annotations
 
 import dataclasses
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -167,3 +168,31 @@ def test_held_out_mcq_measures_a_run_once_until_its_checkpoints_change(tmp_path,
     (run / "checkpoints" / "200").mkdir()
     assert eval_demo.held_out_mcq(config, run) == {"mcq/accuracy": 3.0}
     assert eval_demo.held_out_mcq(config, None) == {} and len(calls) == 3
+
+
+def test_demo_compile_settings_apply_only_before_jax_starts(tmp_path):
+    """A fresh `pathor1 demo` process: LLVM's expensive passes off (beside the user's XLA flags) and the
+    persistent compilation cache under --out unless one is named; a process that has imported jax (a
+    test, a notebook) keeps its settings."""
+    script = (
+        "import os, sys\n"
+        "from pathlib import Path\n"
+        "from pathor1_jax.commands.demo import compile_settings\n"
+        "if sys.argv[1] == 'jax': import jax\n"
+        "compile_settings(Path(sys.argv[2]))\n"
+        "print(os.environ.get('XLA_FLAGS', '-'), os.environ.get('JAX_COMPILATION_CACHE_DIR', '-'))\n"
+    )
+
+    def settings(mode, env):
+        names = ("XLA_FLAGS", "JAX_COMPILATION_CACHE_DIR")
+        env = {k: v for k, v in os.environ.items() if k not in names} | env
+        out = subprocess.run([sys.executable, "-c", script, mode, str(tmp_path / "demo")], env=env,
+                             capture_output=True, text=True, check=True).stdout  # fmt: skip
+        return out.split()
+
+    cache = str(tmp_path / "demo" / "jax_cache")
+    assert settings("fresh", {}) == ["--xla_llvm_disable_expensive_passes=true", cache]
+    assert settings("fresh", {"XLA_FLAGS": "--xla_cpu_x=1", "JAX_COMPILATION_CACHE_DIR": "/c"}) == [
+        "--xla_cpu_x=1", "--xla_llvm_disable_expensive_passes=true", "/c"
+    ]
+    assert settings("jax", {"XLA_FLAGS": "--xla_cpu_x=1"}) == ["--xla_cpu_x=1", "-"]
