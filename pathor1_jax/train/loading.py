@@ -8,6 +8,7 @@ import json
 from functools import partial
 from pathlib import Path
 
+import jax
 import ml_collections
 from flax import nnx
 
@@ -61,8 +62,13 @@ def load_for_inference(
         return model, QwenVLProcessor(path, path, rope_config=model.config)
     config = ml_collections.ConfigDict(json.loads((path / RUN_CONFIG).read_text()))
     cfg = model_config(config.model)
-    graphdef, params = nnx.split(model_factory(config.model, cfg)(), nnx.Param)
-    restored = restore_params(path / "checkpoints", nnx.to_pure_dict(params))
+    # the checkpoint's params into a model of abstract shapes: no random init to throw away
+    graphdef, params = nnx.split(nnx.eval_shape(model_factory(config.model, cfg)), nnx.Param)
+    device = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
+    like = jax.tree.map(
+        lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=device), nnx.to_pure_dict(params)
+    )
+    restored = restore_params(path / "checkpoints", like)
     model = nnx.merge(graphdef, restored)
     if mesh is not None:
         shard_model(model, mesh, rules)
