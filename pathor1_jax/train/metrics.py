@@ -12,6 +12,7 @@ import json
 import logging
 import math
 import os
+import sys
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 
@@ -59,6 +60,21 @@ def json_record(step: int, scalars: Mapping[str, float]) -> dict:
     return record
 
 
+def summary_writer(log_dir: Path):
+    """tensorboardX's `SummaryWriter`, imported without torch: tensorboardX imports torch when it is
+    installed, only to accept torch tensors (we log floats), and that is 3 of a run's start-up's
+    CPU seconds. A later `import torch` elsewhere works as usual."""
+    if "tensorboardX" not in sys.modules and "torch" not in sys.modules:
+        sys.modules["torch"] = None  # type: ignore[assignment]  # `import torch` raises ImportError
+        try:
+            import tensorboardX  # noqa: F401
+        finally:
+            del sys.modules["torch"]
+    from tensorboardX import SummaryWriter
+
+    return SummaryWriter(str(log_dir))
+
+
 class MetricsWriter:
     """Appends `{"step": n, ...}` lines and TensorBoard scalars; a no-op off process 0.
 
@@ -80,10 +96,8 @@ class MetricsWriter:
             tmp = self.path.with_suffix(".jsonl.tmp")
             tmp.write_text("".join(json.dumps(r) + "\n" for r in kept))
             os.replace(tmp, self.path)
-        from tensorboardX import SummaryWriter
-
         self._file = open(self.path, "a")
-        self._tb = SummaryWriter(str(Path(out_dir) / "tensorboard"))
+        self._tb = summary_writer(Path(out_dir) / "tensorboard")
 
     def write(self, step: int, scalars: Mapping[str, float]) -> None:
         if not self.enabled:
