@@ -23,10 +23,6 @@ import numpy as np
 import orbax.checkpoint as ocp
 
 REPO = Path(__file__).resolve().parents[1]
-# LLVM's cheapest code generation for every process of a job: compiling the tiny models' steps is
-# most of a job's CPU time (the CLIP step's compile takes ~40% less), their few steps run a little
-# slower; both process layouts of a comparison are compiled alike
-FAST_COMPILE = "--xla_backend_optimization_level=0 --xla_llvm_disable_expensive_passes=true"
 CLIP = [
     "--config", str(REPO / "configs/pathoclip_tiny.py"), "--config.optim.warmup_steps=1",
     "--config.data.shards=2", "--config.data.batch_size=4", "--config.train.keep=100",
@@ -52,7 +48,6 @@ class Job:
             env={
                 **os.environ,
                 "JAX_PLATFORMS": "cpu",
-                "XLA_FLAGS": f"{os.environ.get('XLA_FLAGS', '')} {FAST_COMPILE}".strip(),
                 **(env or {}),
             },
             cwd=REPO,

@@ -4,8 +4,8 @@ program does not grow with depth (so neither does its compile time).
 
 CI time: nearly all of it XLA compiling what each test compares (the tiny Qwen2.5-VL's gradient
 unrolled and scanned, under four remat policies, at 2 and 8 layers): those are the programs under
-test, so no test can borrow another's. They are compiled with LLVM's optimisations off (`jit`):
-what is compared does not depend on them, and the file takes ~35% less CPU (80 -> 50 CPU-s here)."""
+test, so no test can borrow another's. They are compiled with LLVM's optimisations off, as the whole suite's
+CPU programs are (conftest.py): what is compared does not depend on them."""
 
 from __future__ import annotations
 
@@ -22,12 +22,6 @@ from pathor1_jax.models import clip, qwen2_5_vl
 from pathor1_jax.models.scan import REMAT_POLICIES, layer_paths
 
 B, T, GRID = 2, 16, (1, 4, 4)  # each row: one 56 px image = 16 patches = 4 image tokens
-FAST_CPU = {"xla_backend_optimization_level": 0, "xla_llvm_disable_expensive_passes": True}
-
-
-def jit(fn):
-    """`jax.jit` compiling for the CPU without LLVM's optimisations (the numbers compared keep 1e-5)."""
-    return jax.jit(fn, compiler_options=FAST_CPU)
 
 
 def qwen(scan: bool, remat: str = "none", layers: int | None = None):
@@ -96,7 +90,7 @@ def test_scanned_qwen_equals_unrolled():
         return jnp.mean(jnp.where(mask[..., None] == 1, jnp.tanh(logits), 0.0)), logits
 
     grad = jax.value_and_grad(loss, argnums=1, has_aux=True)
-    results = jit(lambda ps: {name: grad(name, p) for name, p in ps.items()})(params)
+    results = jax.jit(lambda ps: {name: grad(name, p) for name, p in ps.items()})(params)
     (ref_loss, ref_logits), ref_grads = results["unrolled"]
     (value, logits), grads = results["scanned"]
     np.testing.assert_allclose(logits, ref_logits, rtol=0, atol=1e-5)
@@ -120,7 +114,7 @@ def test_remat_policies_give_the_gradients_of_none():
         assert ("remat" in jaxpr) == (policy is not None), name
         assert policy is None or "policy=" + re.sub("0x[0-9a-f]+", "0xXXXXXXXXXXXX", repr(policy)) in jaxpr
     grad = jax.value_and_grad(loss, argnums=1)
-    results = jit(lambda ps: {name: grad(name, p) for name, p in ps.items()})(params)
+    results = jax.jit(lambda ps: {name: grad(name, p) for name, p in ps.items()})(params)
     for name, (value, grads) in results.items():
         np.testing.assert_allclose(value, results["none"][0], rtol=1e-6, err_msg=name)
         assert_grads_close(grads, results["none"][1], {}, name)
@@ -161,7 +155,7 @@ def test_scanned_clip_equals_unrolled():
         models = {name: nnx.merge(graphdefs[name], state) for name, state in states.items()}
         return {name: (m.encode_image(images), m.encode_text(ids)) for name, m in models.items()}
 
-    out = jit(encode)(states)  # both towers of both models: one compile
+    out = jax.jit(encode)(states)  # both towers of both models: one compile
     for got, want in zip(out["scanned"], out["unrolled"], strict=True):
         np.testing.assert_allclose(got, want, rtol=0, atol=1e-5)
 
@@ -182,7 +176,7 @@ def _program_sizes(scan: bool, layers: int, compile_: bool) -> tuple[int, int | 
         hidden = nnx.merge(graphdef, p).hidden_states(ids, position_ids=pos, segment_ids=jnp.ones_like(ids))
         return jnp.sum(hidden**2)
 
-    lowered = jit(jax.grad(loss)).lower(params, ids, pos)
+    lowered = jax.jit(jax.grad(loss)).lower(params, ids, pos)
     count = lambda text: sum(1 for line in text.splitlines() if " = " in line)  # noqa: E731
     return count(lowered.as_text()), count(lowered.compile().as_text()) if compile_ else None
 
