@@ -8,6 +8,7 @@ from pathlib import Path
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 import optax
 import pytest
 from flax import nnx
@@ -16,6 +17,7 @@ from jax.sharding import PartitionSpec as P
 from pathor1_jax.cli import main as cli_main
 from pathor1_jax.errors import UserError
 from pathor1_jax.logical import logical_to_spec
+from pathor1_jax.models import layers
 from pathor1_jax.models.layers import Embed, Linear, RMSNorm
 from pathor1_jax.sharding.mesh import abstract_mesh, mesh_shape, parse_mesh_arg
 from pathor1_jax.sharding.multihost import batch_spec, multi_process_env
@@ -287,6 +289,26 @@ def test_abstract_layout_needs_no_memory():
         axes = logical_axes(var)
         assert axes is not None and len(axes) == var.get_value().ndim, path
         assert set(axes) <= set(LOGICAL_AXES), (path, axes)
+
+
+def test_parameters_are_flax_s_keys_eagerly_and_traced(monkeypatch):
+    """`layers.next_key` (the traced count set whole: model construction under tracing is no longer
+    quadratic in the number of parameters) draws `RngStream()`'s keys and leaves its count."""
+
+    def params(eager: bool) -> dict:
+        def make():
+            rngs = nnx.Rngs(3)
+            return nnx.state(Toy(rngs)), rngs.params.count.get_value()
+
+        state, count = make() if eager else jax.jit(make)()
+        return {"count": count} | {path: v.get_value() for path, v in nnx.to_flat_state(state)}
+
+    ours = params(True), params(False)
+    monkeypatch.setattr(layers, "next_key", lambda stream: stream())
+    for got, want in zip(ours, (params(True), params(False)), strict=True):
+        assert got.keys() == want.keys() and int(got["count"]) == 5  # one key per parameter
+        for path in want:
+            np.testing.assert_array_equal(got[path], want[path], err_msg=str(path))
 
 
 def test_load_sharded_reads_params_and_initialises_other_variables(tmp_path):
