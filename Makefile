@@ -2,6 +2,9 @@
 PY ?= python3
 VENV := .venv
 STAMP := $(VENV)/.installed
+# `make demo` needs only the demo and curation extras (not torch, libtpu, apache-beam, pytest: the
+# test extra); a venv that `make test` set up has them too
+DEMO_STAMP := $(VENV)/.installed-demo
 
 .PHONY: demo test lint
 
@@ -14,7 +17,14 @@ $(STAMP): pyproject.toml
 	$(VENV)/bin/python -m zipfile -e $(VENV)/open_clip_ref/open_clip_torch-3.3.0-py3-none-any.whl $(VENV)/open_clip_ref
 	touch $(STAMP)
 
-demo: $(STAMP)
+$(DEMO_STAMP): pyproject.toml
+	test -x $(VENV)/bin/python || $(PY) -m venv $(VENV)
+	test $(STAMP) -nt pyproject.toml || { \
+		$(VENV)/bin/python -m pip install -q --upgrade pip && \
+		$(VENV)/bin/python -m pip install -q -e '.[demo,curation]'; }
+	touch $(DEMO_STAMP)
+
+demo: $(DEMO_STAMP)
 	$(VENV)/bin/pathor1 demo
 
 test: $(STAMP)
