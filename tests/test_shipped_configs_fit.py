@@ -10,13 +10,14 @@ each with the kernels the TPU runs:
 - PathoCLIP-L at 1024 pairs: the contrastive step, flash attention in the vision tower.
 `PATHOR1_FIT_CELLS=all pytest tests/test_shipped_configs_fit.py` compiles every cell (or a comma-separated
 list of config names; `PATHOR1_FIT_WORKERS=1` on a shared host). The README's fit table
-(`bench/fit_table.py`, the same command) holds every cell on every slice with its compile CPU seconds.
+(`bench/fit_table.py`, the same command; it records each compile's CPU seconds) holds every slice.
 
-Why not all ten in CI: a cell costs 220-300 CPU-seconds here (SFT 3B 263, GRPO 3B 293, PathoCLIP-L 220,
-measured by this file on a loaded host), the same at 2 layers as at full depth (GRPO 3B: 213 vs 216
-CPU-s compiling), because ~70% of it is libtpu generating code for the program's ~460 fusions (81 in
-XLA's windowed-einsum loops for the FSDP-sharded matmuls, ~60 the optimizer's per-parameter work),
-which grows with the slice's device count, not the model's size (README: "What the program is made of").
+Why not all ten in CI: a cell costs 220-350 CPU-seconds here (SFT 3B 263, GRPO 3B 293, PathoCLIP-L 220,
+DAPO 3B 287, CPT 3B 328, SFT 7B on v5p-64 352: measured by this file on a loaded host), the same at
+2 layers as at full depth (GRPO 3B: 213 vs 216 CPU-s compiling), because ~70% of it is libtpu
+generating code for the program's ~460 fusions (81 in XLA's windowed-einsum loops for the
+FSDP-sharded matmuls, ~60 the optimizer's per-parameter work), which grows with the slice's
+device count, not the model's size (README: "What the program is made of").
 The other cells run the CI cells' code at other shapes — CPT 3B is SFT's step, DAPO 3B is GRPO's
 update with DAPO's clip and aggregation (a different loss tail: its own program), PathoCLIP-B is L's
 step, the 7B configs are the 3B steps wider on 32 v5p chips — so only their fit, not their code, rests
