@@ -80,7 +80,7 @@ def main() -> None:
     jax.monitoring.register_event_duration_secs_listener(listener)
     chosen = args.stages.split(",") if args.stages else DEMO_STAGES
     out = Path(args.out)
-    rows, seconds, ran, table = [], [], {}, []
+    rows, seconds, ran, measured, table = [], [], {}, {}, []
     for name in DEMO_STAGES:
         if name not in chosen:
             if (out / name / "checkpoints").is_dir():  # an earlier run's stage: the next ones start from it
@@ -95,7 +95,7 @@ def main() -> None:
         profile = cProfile.Profile() if args.cprofile else None
         if profile:
             profile.enable()
-        rows.append(run_demo(STAGES[name], stage_dir, ran, args.steps))
+        rows.append(run_demo(STAGES[name], stage_dir, ran, args.steps, measured))
         if profile:
             profile.disable()
             Path(args.cprofile).mkdir(parents=True, exist_ok=True)

@@ -38,6 +38,9 @@ class Demo:
         demo has run so far; none run (or none named) → random init.
     evaluate: `"module:function"`, `(config, model_dir | None) -> {name: value}`: held-out numbers of
         the model the stage starts from (None: random init) and of the trained one.
+    evaluate_reads: the config keys (dotted) `evaluate` reads, the only ones it is given: a model
+        that one walk of the demo has measured with the same values there (GRPO and DAPO both start
+        from the SFT run) is not measured again.
     run: `"module:function"`, `(out_dir) -> StageResult`, in place of `configs`: a demo that trains
         nothing (curation: its result reports the pairs found against the demo book's truth).
     """
@@ -45,6 +48,7 @@ class Demo:
     configs: tuple[str, ...] = ()
     start_from: tuple[str, ...] = ()
     evaluate: str | None = None
+    evaluate_reads: tuple[str, ...] = ()
     run: str | None = None
 
 
@@ -86,12 +90,14 @@ STAGES: dict[str, StageEntry] = {
         ),
         StageEntry(
             "grpo", "GRPO (Eqs. 1, 3)", "§3.4", "mcq", "pathor1_jax.rl.train:run_rl",
-            Demo(("grpo_tiny.py",), start_from=("cpt", "sft"), evaluate="pathor1_jax.eval.demo:held_out_mcq"),
+            Demo(("grpo_tiny.py",), start_from=("cpt", "sft"), evaluate="pathor1_jax.eval.demo:held_out_mcq",
+                 evaluate_reads=("rl.prompt_style", "rl.max_new_tokens")),
             compile="pathor1_jax.rl.train:rl_aot_step", batch_key="rl.groups_per_minibatch",
         ),
         StageEntry(
             "dapo", "DAPO (Eqs. 2, 4)", "§3.4", "mcq", "pathor1_jax.rl.train:run_rl",
-            Demo(("dapo_tiny.py",), start_from=("cpt", "sft"), evaluate="pathor1_jax.eval.demo:held_out_mcq"),
+            Demo(("dapo_tiny.py",), start_from=("cpt", "sft"), evaluate="pathor1_jax.eval.demo:held_out_mcq",
+                 evaluate_reads=("rl.prompt_style", "rl.max_new_tokens")),
             compile="pathor1_jax.rl.train:rl_aot_step", batch_key="rl.groups_per_minibatch",
         ),
         StageEntry(
@@ -100,6 +106,7 @@ STAGES: dict[str, StageEntry] = {
             Demo(
                 ("pathoclip_tiny.py:stage1", "pathoclip_tiny.py:stage2"),
                 evaluate="pathor1_jax.eval.demo:held_out_zero_shot",
+                evaluate_reads=("model",),
             ),
             compile="pathor1_jax.train.clip_stage:clip_aot_step",
         ),
@@ -136,16 +143,23 @@ def run(config: ml_collections.ConfigDict, out_dir: str | Path | None = None) ->
     return resolve(entry.run)(config, out_dir)
 
 
-def run_demo(entry: StageEntry, out_dir: Path, ran: dict[str, Path], steps: int | None = None) -> StageResult:
+def run_demo(
+    entry: StageEntry,
+    out_dir: Path,
+    ran: dict[str, Path],
+    steps: int | None = None,
+    measured: dict[tuple, dict[str, float]] | None = None,
+) -> StageResult:
     """`entry`'s demo stage under `out_dir`, starting from the runs of the stages `ran` so far (name →
-    run directory, in order); `steps` shortens (or lengthens) each run, its warmup kept below it."""
+    run directory, in order); `steps` shortens (or lengthens) each run, its warmup kept below it.
+    `measured`: the held-out numbers of this walk so far, added to here (see `evaluate_reads`)."""
     from pathor1_jax.train.config import load_config
 
     demo = entry.demo
     if demo.run is not None:
         return resolve(demo.run)(out_dir)
     start = next((path for name, path in reversed(ran.items()) if name in demo.start_from), None)
-    evaluate = resolve(demo.evaluate) if demo.evaluate else None
+    measured = {} if measured is None else measured
     results, init, before = [], start, {}
     for i, spec in enumerate(demo.configs):
         file, _, arg = spec.partition(":")
@@ -156,11 +170,11 @@ def run_demo(entry: StageEntry, out_dir: Path, ran: dict[str, Path], steps: int 
             with config.unlocked():
                 config.train.steps = steps
                 config.optim.warmup_steps = min(config.optim.warmup_steps, max(1, steps // 8))
-        if evaluate is not None and i == 0:
-            before = evaluate(config, start)
+        if demo.evaluate and i == 0:
+            before = _held_out(demo, config, start, measured)
         results.append(run(config))
         init = run_dir
-    after = evaluate(config, init) if evaluate is not None else {}
+    after = _held_out(demo, config, init, measured) if demo.evaluate else {}
     first, last = results[0], results[-1]
     return dataclasses.replace(
         last,
@@ -170,3 +184,25 @@ def run_demo(entry: StageEntry, out_dir: Path, ran: dict[str, Path], steps: int 
         first=first.first,
         evals={name: (before.get(name), value) for name, value in after.items()},
     )
+
+
+def _held_out(
+    demo: Demo, config: ml_collections.ConfigDict, model_dir: Path | None, measured: dict
+) -> dict[str, float]:
+    """`demo.evaluate` of `model_dir`, given the keys of `config` that `demo.evaluate_reads` names;
+    numbers in `measured` for the same evaluator, model and values are used instead, new ones kept."""
+    import ml_collections
+
+    reads: dict = {}
+    for key in demo.evaluate_reads:
+        *parents, leaf = key.split(".")
+        value, node = config, reads
+        for part in parents:
+            value, node = value[part], node.setdefault(part, {})
+        node[leaf] = value[leaf]
+    reads = ml_collections.ConfigDict(reads)
+    model = None if model_dir is None else str(Path(model_dir).resolve())
+    key = (demo.evaluate, model, reads.to_json_best_effort(sort_keys=True))
+    if key not in measured:
+        measured[key] = resolve(demo.evaluate)(reads, model_dir)
+    return measured[key]

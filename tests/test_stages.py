@@ -5,6 +5,7 @@ demo walk starts each stage from the right run."""
 from __future__ import annotations
 
 import dataclasses
+import json
 import os
 import subprocess
 import sys
@@ -21,11 +22,15 @@ CALLS: list[dict] = []  # what the fake stage below was run with
 
 
 def fake_run(config, out_dir=None) -> StageResult:
-    """A stage that trains nothing: records its config and reports `steps` steps from loss 2 to 1."""
+    """A stage that trains nothing: records its config and reports (and writes the metrics of) `steps`
+    steps from loss 2 to 1."""
     CALLS.append({"out_dir": config.train.out_dir, "init_from": config.model.init_from,
                   "steps": config.train.steps, "warmup": config.optim.warmup_steps,
                   "kind": config.data.kind})  # fmt: skip
     run_dir = Path(out_dir or config.train.out_dir)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    last = json.dumps({"step": config.train.steps, "loss": 1.0})
+    (run_dir / "metrics.jsonl").write_text(f'{{"step": 1, "loss": 2.0}}\n{last}\n')
     return StageResult(config.stage, run_dir, run_dir / "metrics.jsonl", 0, config.train.steps,
                        "loss", 2.0, 1.0, False)  # fmt: skip
 
@@ -59,6 +64,9 @@ def test_entries_resolve_and_their_demo_configs_are_theirs(name):
         config = load_config(str(stages.CONFIGS / spec))
         assert config.stage == name, spec
         assert config.data.get("kind", entry.records) in ("", entry.records), spec
+        for key in entry.demo.evaluate_reads:  # what the evaluator is given is in the config
+            parent, _, leaf = key.rpartition(".")
+            assert leaf in (config[parent] if parent else config), (spec, key)
 
 
 def test_train_refuses_an_unknown_stage_and_the_wrong_records(tmp_path, capsys):
@@ -142,32 +150,45 @@ def test_demo_runs_a_data_stage_by_its_function_and_reports_its_note(tmp_path, m
     assert row.endswith("s  3 of 4 found")
 
 
-def test_held_out_mcq_measures_a_run_once_until_its_checkpoints_change(tmp_path, monkeypatch):
-    """GRPO and DAPO both start from the SFT run: the demo evaluates it once. Another budget or prompt
-    style, or a new checkpoint, is measured again."""
-    import ml_collections
+EVALS: list[tuple[str, dict]] = []  # what counting_eval below measured: (run directory name, config)
 
-    from pathor1_jax.eval import demo as eval_demo
 
-    calls = []
+def counting_eval(config, model_dir):
+    EVALS.append((Path(model_dir).name, config.to_dict()))
+    return {"score": float(len(EVALS))}
 
-    def fake(config, model_dir):
-        calls.append((model_dir, config.rl.max_new_tokens))
-        return {"mcq/accuracy": float(len(calls))}
 
-    monkeypatch.setattr(eval_demo, "_held_out_mcq", fake)
-    monkeypatch.setattr(eval_demo, "_MCQ_RESULTS", {})
-    run = tmp_path / "sft"
-    (run / "checkpoints" / "100").mkdir(parents=True)
-    config = ml_collections.ConfigDict({"rl": {"prompt_style": "patho_r1", "max_new_tokens": 48}})
-    assert eval_demo.held_out_mcq(config, run) == {"mcq/accuracy": 1.0}
-    assert eval_demo.held_out_mcq(config, tmp_path / "." / "sft") == {"mcq/accuracy": 1.0}
-    assert calls == [(run, 48)]
-    config.rl.max_new_tokens = 64
-    assert eval_demo.held_out_mcq(config, run) == {"mcq/accuracy": 2.0}
-    (run / "checkpoints" / "200").mkdir()
-    assert eval_demo.held_out_mcq(config, run) == {"mcq/accuracy": 3.0}
-    assert eval_demo.held_out_mcq(config, None) == {} and len(calls) == 3
+def test_the_demo_walk_measures_the_sft_run_once_for_grpo_and_dapo(tmp_path, monkeypatch, capsys):
+    """GRPO and DAPO both start from the SFT run: the walk measures it once and both rows show those
+    numbers; the evaluator is given only the keys it reads. Read differently (another budget), the
+    SFT run is measured again."""
+    (tmp_path / "toy.py").write_text(
+        "import ml_collections\n"
+        "def get_config(arg):\n"
+        "    stage, _, budget = arg.partition('-')\n"
+        "    return ml_collections.ConfigDict(dict(stage=stage, data=dict(kind='chat'),\n"
+        "        rl=dict(max_new_tokens=int(budget or 48), algo=stage), model=dict(init_from=''),\n"
+        "        optim=dict(warmup_steps=0), train=dict(steps=4, out_dir='')))\n"
+    )
+    monkeypatch.setattr(stages, "CONFIGS", tmp_path)
+
+    def walk(dapo_spec):
+        for name, spec in (("sft", "toy.py:sft"), ("grpo", "toy.py:grpo"), ("dapo", dapo_spec)):
+            measure = dict(evaluate="test_stages:counting_eval", evaluate_reads=("rl.max_new_tokens",))
+            demo = stages.Demo((spec,), start_from=("sft",), **(measure if name != "sft" else {}))
+            entry = stages.StageEntry(name, name, "§0", "chat", "test_stages:fake_run", demo)
+            monkeypatch.setitem(stages.STAGES, name, entry)
+        EVALS.clear()
+        assert main(["demo", "--out", str(tmp_path / "demo"), "--stages", "sft,grpo,dapo"]) == 0
+        rows = capsys.readouterr().out.splitlines()
+        return {row.split()[0]: row.split("s  ")[-1] for row in rows if row.startswith(("grpo ", "dapo "))}
+
+    budget = {"rl": {"max_new_tokens": 48}}
+    assert walk("toy.py:dapo") == {"grpo": "score 1.000 -> 2.000", "dapo": "score 1.000 -> 3.000"}
+    assert EVALS == [("sft", budget), ("grpo", budget), ("dapo", budget)]
+    assert walk("toy.py:dapo-64") == {"grpo": "score 1.000 -> 2.000", "dapo": "score 3.000 -> 4.000"}
+    assert [name for name, _ in EVALS] == ["sft", "grpo", "sft", "dapo"]
+    assert EVALS[2] == ("sft", {"rl": {"max_new_tokens": 64}})
 
 
 def test_demo_compile_settings_apply_only_before_jax_starts(tmp_path):

@@ -107,14 +107,14 @@ def run(args: argparse.Namespace) -> int:
     if unknown:
         raise UserError(f"--stages: unknown stage(s) {unknown}; stages are {DEMO_STAGES}")
     out = Path(args.out)
-    rows, seconds, ran = [], [], {}
+    rows, seconds, ran, measured = [], [], {}, {}  # measured: GRPO and DAPO measure the SFT run once
     for name in DEMO_STAGES:
         if name not in chosen:
             continue
         stage_dir = out / name
         shutil.rmtree(stage_dir, ignore_errors=True)  # the demo always starts fresh
         t0 = time.perf_counter()
-        rows.append(run_demo(STAGES[name], stage_dir, ran, args.steps))
+        rows.append(run_demo(STAGES[name], stage_dir, ran, args.steps, measured))
         seconds.append(time.perf_counter() - t0)
         ran[name] = stage_dir
     trained = [r for r in rows if r.metrics_path]  # curation writes data, not metrics

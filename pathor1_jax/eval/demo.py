@@ -1,6 +1,7 @@
 """The held-out numbers `pathor1 demo` prints before and after a stage (the `evaluate` hooks of
-`pathor1_jax.stages`): `(config, model_dir | None) -> {name: value}`, where `model_dir` is a run
-directory and None the model a stage starts from when it starts from scratch."""
+`pathor1_jax.stages`): `(config, model_dir | None) -> {name: value}`, where `config` holds the keys
+of the stage's config that its `Demo.evaluate_reads` names, `model_dir` is a run directory and None
+the model a stage starts from when it starts from scratch."""
 
 from __future__ import annotations
 
@@ -12,29 +13,12 @@ import numpy as np
 PROMPTS = Path(__file__).resolve().parents[1] / "data" / "assets" / "demo" / "zeroshot_prompts.json"
 
 
-# held_out_mcq's results in this process: (run directory, its checkpoints' names and mtimes, prompt
-# style, max new tokens) -> numbers. GRPO and DAPO both start from the SFT run: the demo measures it once.
-_MCQ_RESULTS: dict[tuple, dict[str, float]] = {}
-
-
 def held_out_mcq(config: ml_collections.ConfigDict, model_dir: Path | None) -> dict[str, float]:
     """Greedy accuracy and format rate on the embedded held-out MCQs, in the RL stage's prompt style
     and budget (`config.rl.prompt_style`, `max_new_tokens`); nothing to measure without a starting
-    model. The same checkpoints measured the same way again in this process: the numbers of the first
-    time (greedy decoding: they would be the same)."""
+    model."""
     if model_dir is None:
         return {}
-    checkpoints = Path(model_dir).resolve() / "checkpoints"
-    if not checkpoints.is_dir():  # an HF checkpoint folder
-        return _held_out_mcq(config, model_dir)
-    saved = tuple(sorted((p.name, p.stat().st_mtime_ns) for p in checkpoints.iterdir()))
-    key = (str(checkpoints), saved, config.rl.prompt_style, int(config.rl.max_new_tokens))
-    if key not in _MCQ_RESULTS:
-        _MCQ_RESULTS[key] = _held_out_mcq(config, model_dir)
-    return dict(_MCQ_RESULTS[key])
-
-
-def _held_out_mcq(config: ml_collections.ConfigDict, model_dir: Path) -> dict[str, float]:
     from pathor1_jax.data.demo import demo_records
     from pathor1_jax.eval.mcq import evaluate_mcq
     from pathor1_jax.train.loading import load_for_inference
