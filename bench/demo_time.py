@@ -22,6 +22,8 @@ import time
 from collections import defaultdict
 from pathlib import Path
 
+from pathor1_jax.flags import positive_int
+
 
 def cpu_seconds() -> float:
     """User + sys seconds of this process (all threads) and of its waited-for children."""
@@ -39,7 +41,7 @@ def main() -> None:
         help="comma-separated subset (default: all demo stages); a stage left out whose run is under --out "
         "(e.g. cpt, sft) is what the later stages start from",
     )
-    parser.add_argument("--steps", type=int, help="steps per stage (default: each config's)")
+    parser.add_argument("--steps", type=positive_int, help="steps per stage (default: each config's)")
     parser.add_argument("--cprofile", help="directory for each stage's cProfile stats")
     parser.add_argument(
         "--keep-cache",

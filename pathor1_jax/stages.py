@@ -143,6 +143,18 @@ def run(config: ml_collections.ConfigDict, out_dir: str | Path | None = None) ->
     return resolve(entry.run)(config, out_dir)
 
 
+def set_steps(config: ml_collections.ConfigDict, steps: int) -> str:
+    """`config` set to train `steps` steps (>= 1), its warmup cut to at most `steps // 8` (none below
+    8 steps); the change in words."""
+    warmup = min(config.optim.warmup_steps, steps // 8)
+    said = f"train.steps={config.train.steps} -> {steps}"
+    if warmup != config.optim.warmup_steps:
+        said += f", optim.warmup_steps={config.optim.warmup_steps} -> {warmup}"
+    with config.unlocked():
+        config.train.steps, config.optim.warmup_steps = steps, warmup
+    return said
+
+
 def run_demo(
     entry: StageEntry,
     out_dir: Path,
@@ -151,7 +163,7 @@ def run_demo(
     measured: dict[tuple, dict[str, float]] | None = None,
 ) -> StageResult:
     """`entry`'s demo stage under `out_dir`, starting from the runs of the stages `ran` so far (name →
-    run directory, in order); `steps` shortens (or lengthens) each run, its warmup kept below it.
+    run directory, in order); `steps` shortens (or lengthens) each run (see `set_steps`; printed).
     `measured`: the held-out numbers of this walk so far, added to here (see `evaluate_reads`)."""
     from pathor1_jax.train.config import load_config
 
@@ -167,9 +179,7 @@ def run_demo(
         overrides = [f"--config.train.out_dir={run_dir}", f"--config.model.init_from={init or ''}"]
         config = load_config(str(CONFIGS / spec), overrides)
         if steps is not None:
-            with config.unlocked():
-                config.train.steps = steps
-                config.optim.warmup_steps = min(config.optim.warmup_steps, max(1, steps // 8))
+            print(f"{entry.name} ({spec}): --steps {steps}: {set_steps(config, steps)}")
         if demo.evaluate and i == 0:
             before = _held_out(demo, config, start, measured)
         results.append(run(config))

@@ -138,6 +138,37 @@ def fake_data_stage(out_dir) -> StageResult:
     return StageResult("curation", out_dir, None, 0, 0, "recall", None, 0.75, False, note="3 of 4 found")
 
 
+def test_demo_steps_cut_the_warmup_to_fit_and_say_so(tmp_path, monkeypatch, capsys):
+    """`pathor1 demo --steps N` trains N steps a stage with a warmup of at most N // 8 (none below 8
+    steps: `--steps 1` works), and says so; `--steps 0` is a usage error before anything runs."""
+    (tmp_path / "toy.py").write_text(
+        "import ml_collections\n"
+        "def get_config():\n"
+        "    return ml_collections.ConfigDict(dict(stage='sft', data=dict(kind='chat'),\n"
+        "        model=dict(init_from=''), optim=dict(warmup_steps=5), train=dict(steps=100, out_dir='')))\n"
+    )
+    monkeypatch.setattr(stages, "CONFIGS", tmp_path)
+    fake = stages.StageEntry("sft", "sft", "§0", "chat", "test_stages:fake_run", stages.Demo(("toy.py",)))
+    monkeypatch.setitem(stages.STAGES, "sft", fake)
+    said = {}
+    for steps in (1, 7, 16, 80):
+        CALLS.clear()
+        assert main(["demo", "--out", str(tmp_path / "demo"), "--stages", "sft", "--steps", str(steps)]) == 0
+        assert [(c["steps"], c["warmup"]) for c in CALLS] == [(steps, min(5, steps // 8))]
+        said[steps] = capsys.readouterr().out.splitlines()[0]
+    assert said == {
+        1: "sft (toy.py): --steps 1: train.steps=100 -> 1, optim.warmup_steps=5 -> 0",
+        7: "sft (toy.py): --steps 7: train.steps=100 -> 7, optim.warmup_steps=5 -> 0",
+        16: "sft (toy.py): --steps 16: train.steps=100 -> 16, optim.warmup_steps=5 -> 2",
+        80: "sft (toy.py): --steps 80: train.steps=100 -> 80",
+    }
+    CALLS.clear()
+    with pytest.raises(SystemExit) as exit_:
+        main(["demo", "--out", str(tmp_path / "zero"), "--stages", "sft", "--steps", "0"])
+    assert exit_.value.code == 2 and CALLS == [] and not (tmp_path / "zero").exists()
+    assert "argument --steps: must be a positive integer, got 0" in capsys.readouterr().err
+
+
 def test_demo_runs_a_data_stage_by_its_function_and_reports_its_note(tmp_path, monkeypatch, capsys):
     fake = dataclasses.replace(stages.STAGES["curation"], demo=stages.Demo(run="test_stages:fake_data_stage"))
     monkeypatch.setitem(stages.STAGES, "curation", fake)

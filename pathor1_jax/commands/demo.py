@@ -20,6 +20,7 @@ import time
 from pathlib import Path
 
 from pathor1_jax.errors import UserError
+from pathor1_jax.flags import positive_int
 from pathor1_jax.stages import STAGES, run_demo
 from pathor1_jax.train.result import StageResult
 
@@ -29,7 +30,9 @@ DEMO_STAGES = [name for name, entry in STAGES.items() if entry.demo is not None]
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--out", default="runs/demo", help="output directory (default: runs/demo)")
     parser.add_argument(
-        "--steps", type=int, help="steps per stage (default: each config's; warmup shortened to fit)"
+        "--steps",
+        type=positive_int,
+        help="steps per stage (default: each config's; warmup cut to at most steps/8)",
     )
     parser.add_argument(
         "--stages", help=f"comma-separated subset of {DEMO_STAGES} (default: all, in order)"
