@@ -22,17 +22,13 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from pathor1_jax.data.demo import demo_records
+from pathor1_jax.data.demo import demo_records, tile_class
 from pathor1_jax.data.images import load_image
 from pathor1_jax.eval.fewshot import fit_logistic_regression
 from pathor1_jax.models.qwen2_5_vl import vision_index
 from pathor1_jax.train.loading import load_for_inference
 
 THINK = "<think>"
-
-
-def tissue(record_id: str) -> str:
-    return record_id.split("-")[0]  # demo ids: "<tissue>-<split>-<n>[-...]"
 
 
 def tile_features(model, processor, records, chunk: int = 30) -> np.ndarray:
@@ -72,18 +68,18 @@ def main() -> None:
     cfg, tok = model.config, processor.tokenizer
 
     train, test = demo_records("caption", "train"), demo_records("caption", "test")
-    classes = sorted({tissue(r.id) for r in train})
+    classes = sorted({tile_class(r.id) for r in train})
     label = {c: i for i, c in enumerate(classes)}
     train_x, test_x = tile_features(model, processor, train), tile_features(model, processor, test)
-    train_y = np.array([label[tissue(r.id)] for r in train])
-    test_y = np.array([label[tissue(r.id)] for r in test])
+    train_y = np.array([label[tile_class(r.id)] for r in train])
+    test_y = np.array([label[tile_class(r.id)] for r in test])
     means = np.stack([train_x[train_y == k].mean(0) for k in range(len(classes))])
     unit = means / np.linalg.norm(means, axis=-1, keepdims=True)
     cosines = [float(unit[a] @ unit[b]) for a in range(len(classes)) for b in range(a + 1, len(classes))]
 
     chats = [r for r in demo_records("chat", "test") if "-tissue-" in r.id][: args.records]
     examples = [processor.encode(r) for r in chats]
-    chat_class = np.array([label[tissue(r.id)] for r in chats])
+    chat_class = np.array([label[tile_class(r.id)] for r in chats])
     words = {}  # each tissue's first think word, read from the chats
     for r, k in zip(chats, chat_class, strict=True):
         words.setdefault(int(k), r.messages[-1].content.split(THINK, 1)[1].split()[0].strip(",.:;"))

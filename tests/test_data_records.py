@@ -12,7 +12,7 @@ import pytest
 from PIL import Image
 
 from pathor1_jax.data import build_demo_data as bdd
-from pathor1_jax.data.demo import demo_dir, demo_records
+from pathor1_jax.data.demo import demo_dir, demo_records, tile_class
 from pathor1_jax.data.images import ImageDecodeError, load_image
 from pathor1_jax.data.jsonl import read_jsonl, read_jsonl_files, write_jsonl
 from pathor1_jax.data.prompts import PROMPT_STYLES
@@ -199,7 +199,7 @@ def test_demo_data_answers_follow_from_the_pixels():
             assert answer == bdd.density_label(bdd.tissue_fraction(pixels)), mcq.id
             checked += 1
         else:
-            assert answer == bdd.SOURCES[mcq.id.split("-")[0]]["tissue"], mcq.id
+            assert answer == bdd.SOURCES[tile_class(mcq.id)]["tissue"], mcq.id
     chats = demo_records("chat", "train")
     assert {c.messages[0].content for c in chats} == {PROMPT_STYLES["patho_r1"].system}  # the official prompt
     assert checked > 20

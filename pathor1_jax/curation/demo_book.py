@@ -25,7 +25,7 @@ from typing import Any
 import numpy as np
 from PIL import Image, ImageDraw, ImageFont
 
-from pathor1_jax.data.demo import demo_dir
+from pathor1_jax.data.demo import demo_dir, tile_class
 
 PAGE_W, PAGE_H = 595.0, 842.0  # A4 in points
 MARGIN = 56.0
@@ -122,7 +122,7 @@ def _dense_tiles() -> dict[str, list[str]]:
             path = os.path.join(demo_dir(), rec["image"])
             with Image.open(path) as im:
                 white = float((np.asarray(im.convert("RGB")).min(axis=-1) > 200).mean())
-            scored.setdefault(rec["id"].split("-")[0], []).append((white, path))
+            scored.setdefault(tile_class(rec["id"]), []).append((white, path))
     return {k: [p for _, p in sorted(v)] for k, v in scored.items()}
 
 

@@ -32,3 +32,9 @@ def demo_path(kind: str, split: str) -> str:
 def demo_records(kind: str, split: str = "train") -> list[Record]:
     """The demo records of `kind` and `split`, image paths resolved to the packaged tiles."""
     return read_jsonl(demo_path(kind, split), kind)
+
+
+def tile_class(record_id: str) -> str:
+    """The class of a demo record's tile (its source: `ihc_colon`, `he_skin`, `he_tumour`): the id's
+    prefix (`<class>-<split>-<n>[-<kind>]`)."""
+    return record_id.split("-")[0]

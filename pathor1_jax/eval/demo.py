@@ -60,6 +60,7 @@ def held_out_zero_shot(config: ml_collections.ConfigDict, model_dir: Path | None
 
 
 def zero_shot_accuracy(model, records, prompts_file: Path = PROMPTS) -> float:
+    from pathor1_jax.data.demo import tile_class
     from pathor1_jax.data.images import load_image
     from pathor1_jax.eval.zeroshot import class_embeddings, load_prompts, zero_shot
     from pathor1_jax.models.clip.preprocess import preprocess
@@ -70,7 +71,7 @@ def zero_shot_accuracy(model, records, prompts_file: Path = PROMPTS) -> float:
     tokenizer = CLIPTokenizer(model.config.text.max_position_embeddings)
     size = model.config.vision.image_size
     pixels = np.stack([preprocess(load_image(r.image, record_id=r.id), size) for r in records])
-    labels = np.array([index[r.id.split("-")[0]] for r in records])
+    labels = np.array([index[tile_class(r.id)] for r in records])
     class_embeds = class_embeddings(
         lambda texts: np.asarray(model.encode_text(tokenizer(texts))), classnames, templates
     )
