@@ -58,9 +58,12 @@ def tiny_batch(cfg, batch: int = 8, length: int = 16):
     prep = qwen2_5_vl.prepare_inputs(cfg, ids, mask, thw, types, batch * 16)
     labels = np.roll(ids, -1, 1)
     labels[:, -1] = -1
-    return {"input_ids": ids, "segment_ids": mask, "labels": labels}, prep["position_ids"], pixels, prep[
-        "vision_index"
-    ]
+    return (
+        {"input_ids": ids, "segment_ids": mask, "labels": labels},
+        prep["position_ids"],
+        pixels,
+        prep["vision_index"],
+    )
 
 
 def loss_fn(model, batch, position_ids, pixel_values, vision_index):

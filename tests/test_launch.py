@@ -159,7 +159,7 @@ def test_slurm_batch_script_requeues_on_143_only(tmp_path):
     script.write_text("\n".join(out.stdout.strip().splitlines()[1:]) + "\n")
     for code in (0, 143, 1):
         (tmp_path / "srun").write_text(f"#!/bin/sh\nexit {code}\n")
-        (tmp_path / "scontrol").write_text(f"#!/bin/sh\necho \"scontrol $@\" > {tmp_path}/requeued\n")
+        (tmp_path / "scontrol").write_text(f'#!/bin/sh\necho "scontrol $@" > {tmp_path}/requeued\n')
         for tool in ("srun", "scontrol"):
             (tmp_path / tool).chmod(0o755)
         (tmp_path / "requeued").unlink(missing_ok=True)

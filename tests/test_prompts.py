@@ -40,7 +40,8 @@ def test_chain_of_draft_style():
 def test_vlmevalkit_style_has_no_system_prompt_of_its_own():
     text = render_messages(mcq_prompt_messages(RECORD, "vlmevalkit"))
     assert text == (
-        "<|im_start|>system\nYou are a helpful assistant.<|im_end|>\n<|im_start|>user\n" + HEAD
+        "<|im_start|>system\nYou are a helpful assistant.<|im_end|>\n<|im_start|>user\n"
+        + HEAD
         + "Question: What feature is indicative of chronic inflammation?\nOptions:\nA. Granuloma formation\n"
         "B. Plasma cells\nPlease select the correct answer from the options above.<|im_end|>\n"
     )
@@ -50,7 +51,8 @@ def test_plain_style_and_sft_chat():
     chat = mcq_to_chat(RECORD, "Plasma cells mark chronic inflammation.", "plain")
     text = render_messages(chat.messages)
     assert text == (
-        "<|im_start|>system\nYou are a helpful assistant.<|im_end|>\n<|im_start|>user\n" + HEAD
+        "<|im_start|>system\nYou are a helpful assistant.<|im_end|>\n<|im_start|>user\n"
+        + HEAD
         + "What feature is indicative of chronic inflammation?\nA. Granuloma formation\nB. Plasma cells\n"
         "Think step by step inside <think></think>, then give the letter of the correct option inside "
         "<answer></answer>.<|im_end|>\n<|im_start|>assistant\n<think>Plasma cells mark chronic "

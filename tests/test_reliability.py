@@ -329,8 +329,7 @@ def test_f9_special_token_strings_in_text_stay_text(spec):
     "argv",
     [
         ["eval", "mcq", "--model", "no-such-model", "--data", "demo", "--out", "/proc/x/p.jsonl"],
-        ["eval", "clip", "--model", "no-such-model", "--task", "retrieval", "--data", "d.jsonl",
-         "--out", "/proc/x/p.png"],  # fmt: skip
+        "eval clip --model no-such-model --task retrieval --data d.jsonl --out /proc/x/p.png".split(),
     ],
 )
 def test_f10_unwritable_out_is_refused_before_evaluating(capsys, argv):

@@ -7,7 +7,7 @@ from multidevice import run_on_8_devices
 
 pytestmark = pytest.mark.multidevice
 
-TOY = r'''
+TOY = r"""
 import json, tempfile
 from pathlib import Path
 import jax, jax.numpy as jnp, numpy as np
@@ -124,10 +124,10 @@ try:
 except ValueError as e:
     assert "parameter down.kernel: checkpoint tensor 'down.weight' gives shape (16, 32)" in str(e), e
 print("OK")
-'''
+"""
 
 
-QWEN = r'''
+QWEN = r"""
 import dataclasses, tempfile, time
 import jax, jax.numpy as jnp, numpy as np, optax
 jax.config.update("jax_default_matmul_precision", "highest")
@@ -235,10 +235,10 @@ for p, v in nnx.to_flat_state(nnx.state(loaded, nnx.Param)):
     np.testing.assert_array_equal(np.asarray(x), want[key], err_msg=key)
 print("loaded", len(want), "parameters sharded", f"{time.time() - t0:.1f}s")
 print("OK")
-'''
+"""
 
 
-OPTIMIZER = r'''
+OPTIMIZER = r"""
 import jax, jax.numpy as jnp, numpy as np
 from flax import nnx
 from pathor1_jax.models.layers import Embed, Linear, RMSNorm
@@ -317,7 +317,7 @@ assert losses[2] < losses[0], losses
 assert check(state) == moment_bytes
 print("moment bytes per device", moment_bytes, "of", full)
 print("OK")
-'''
+"""
 
 
 def test_toy_sharded_creation_loading_and_batches_on_8_devices():

@@ -245,6 +245,8 @@ def test_demo_compile_settings_apply_only_before_jax_starts(tmp_path):
     cache = str(tmp_path / "demo" / "jax_cache")
     assert settings("fresh", {}) == ["--xla_llvm_disable_expensive_passes=true", cache]
     assert settings("fresh", {"XLA_FLAGS": "--xla_cpu_x=1", "JAX_COMPILATION_CACHE_DIR": "/c"}) == [
-        "--xla_cpu_x=1", "--xla_llvm_disable_expensive_passes=true", "/c"
+        "--xla_cpu_x=1",
+        "--xla_llvm_disable_expensive_passes=true",
+        "/c",
     ]
     assert settings("jax", {"XLA_FLAGS": "--xla_cpu_x=1"}) == ["--xla_cpu_x=1", "-"]

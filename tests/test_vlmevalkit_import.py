@@ -43,7 +43,7 @@ ROWS = [
     dict(index=13, image=str([B64_RED, B64_BLUE]), question="Two tiles: same case?", answer="Yes"),
     dict(index=14, image=B64_BLUE, question="What is shown?", answer="Lymphoid infiltrate"),
     dict(index=15, image="", question="No image row", answer="no"),  # dropped, as VLMEvalKit does
-]
+]  # fmt: skip
 
 
 def test_import_mcq_and_vqa_rows(tmp_path):
@@ -73,14 +73,26 @@ def test_benchmark_name_and_text_only_files(tmp_path):
 @pytest.mark.parametrize(
     "row, header, message",
     [
-        (dict(index=1, image="!!notbase64!!" * 8, question="q", A="x", B="y", answer="A"), HEADER,
-         r"x.tsv:2 \(record '1'\): field 'images\[0\]': invalid base64"),
-        (dict(index=1, image="99", question="q", A="x", B="y", answer="A"), HEADER,
-         "neither base64 nor the index of a row holding an image"),
-        (dict(index=1, image=B64_RED, question="q", A="x", B="y", answer="C"), HEADER,
-         r"x.tsv:2 \(record '1'\): field 'answer' must be one of \['A', 'B'\]"),
-        (dict(index=1, image=B64_RED, question="q", A="x", B="y", G="z", answer="A"), [*HEADER, "G"],
-         "option G: at most 6 options"),
+        (
+            dict(index=1, image="!!notbase64!!" * 8, question="q", A="x", B="y", answer="A"),
+            HEADER,
+            r"x.tsv:2 \(record '1'\): field 'images\[0\]': invalid base64",
+        ),
+        (
+            dict(index=1, image="99", question="q", A="x", B="y", answer="A"),
+            HEADER,
+            "neither base64 nor the index of a row holding an image",
+        ),
+        (
+            dict(index=1, image=B64_RED, question="q", A="x", B="y", answer="C"),
+            HEADER,
+            r"x.tsv:2 \(record '1'\): field 'answer' must be one of \['A', 'B'\]",
+        ),
+        (
+            dict(index=1, image=B64_RED, question="q", A="x", B="y", G="z", answer="A"),
+            [*HEADER, "G"],
+            "option G: at most 6 options",
+        ),
         (dict(index=1, image=B64_RED, question="q", answer=""), HEADER, "field 'answer' must be a non-empty"),
         (dict(index=1, question="q"), ["index", "question"], r"no column\(s\) \['answer'\]"),
     ],

@@ -3,6 +3,8 @@
     mesh = tpu_mesh("v5e:2x2", {"fsdp": -1})   # 4 v5e chips, our data/fsdp/tensor axes
     with jax.set_mesh(mesh), use_rules(mesh, rules):
         compiled = jax.jit(f).lower(*shape_dtype_structs).compile()   # XLA TPU + Mosaic
+
+Pallas TPU lowering reads the chip from the mesh in context: lower inside `jax.set_mesh(mesh)`.
 """
 
 from __future__ import annotations

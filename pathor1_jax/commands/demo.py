@@ -34,9 +34,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         type=positive_int,
         help="steps per stage (default: each config's; warmup cut to at most steps/8)",
     )
-    parser.add_argument(
-        "--stages", help=f"comma-separated subset of {DEMO_STAGES} (default: all, in order)"
-    )
+    parser.add_argument("--stages", help=f"comma-separated subset of {DEMO_STAGES} (default: all, in order)")
 
 
 # ours: LLVM's expensive optimisation passes off for the demo's XLA CPU programs. Compiling the tiny
