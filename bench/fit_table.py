@@ -16,13 +16,11 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import re
-import resource
-import subprocess
-import sys
 import time
 from pathlib import Path
+
+from pathor1_jax.train.compile_process import CompileProcess
 
 GIB = 2**30
 STATED = {  # each shipped config and the slice it is written for
@@ -54,31 +52,21 @@ def stem(config: str, topology: str, max_batch: bool) -> str:
 
 def run_cell(config: str, topology: str, max_batch: bool, out: Path) -> None:
     name = stem(config, topology, max_batch)
-    cmd = ["nice", "-n", "10", sys.executable, "-m", "pathor1_jax.cli", "compile", "--config",
-           f"configs/{config}", "--topology", topology, "--json", str(out / f"{name}.json")]  # fmt: skip
-    if max_batch:
-        cmd.append("--max-batch")
-    start, cpu = time.perf_counter(), children_cpu_seconds()
-    print(f"[{time.strftime('%H:%M:%S')}] {name} ...", flush=True)
-    proc = subprocess.run(cmd, capture_output=True, text=True, env={**os.environ, "PYTHONUNBUFFERED": "1"})
-    cpu = children_cpu_seconds() - cpu
-    log = proc.stdout + "\n--- stderr\n" + proc.stderr + f"\n--- exit {proc.returncode}\n"
-    (out / f"{name}.txt").write_text(log)
-    last = (proc.stderr.strip().splitlines() or [""])[-1]
     path = out / f"{name}.json"
-    if proc.returncode not in (0, 1):  # no report: bad input or a crash
-        path.write_text(json.dumps({"error": last, "exit": proc.returncode}) + "\n")
-    if path.exists():
-        report = {**json.loads(path.read_text()), "cpu_seconds": round(cpu, 1)}
+    start = time.perf_counter()
+    print(f"[{time.strftime('%H:%M:%S')}] {name} ...", flush=True)
+    done = CompileProcess(config, topology, path, ["--max-batch"] if max_batch else []).wait()
+    log = done.stdout + "\n--- stderr\n" + done.stderr + f"\n--- exit {done.returncode}\n"
+    (out / f"{name}.txt").write_text(log)
+    last = (done.stderr.strip().splitlines() or [""])[-1]
+    report = done.report
+    if done.returncode not in (0, 1):  # no report: bad input or a crash
+        report = {"error": last, "exit": done.returncode}
+    if report is not None:
+        report = {**report, "cpu_seconds": round(done.cpu_seconds, 1)}
         path.write_text(json.dumps(report, indent=2) + "\n")
     wall = time.perf_counter() - start
-    print(f"  exit {proc.returncode} in {wall:.0f} s ({cpu:.0f} CPU-s) {last[:160]}", flush=True)
-
-
-def children_cpu_seconds() -> float:
-    """User + system CPU seconds of this process's finished children (cells run one at a time)."""
-    usage = resource.getrusage(resource.RUSAGE_CHILDREN)
-    return usage.ru_utime + usage.ru_stime
+    print(f"  exit {done.returncode} in {wall:.0f} s ({done.cpu_seconds:.0f} CPU-s) {last[:160]}", flush=True)
 
 
 def row(config: str, topology: str, out: Path) -> str | None:

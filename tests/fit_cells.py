@@ -15,34 +15,26 @@ from __future__ import annotations
 
 import atexit
 import dataclasses
-import json
-import os
 import queue
 import re
 import shutil
-import subprocess
-import sys
 import tempfile
 import threading
 from pathlib import Path
+
+from pathor1_jax.train.compile_process import Compiled, CompileProcess
 
 ROOT = Path(__file__).resolve().parents[1]
 TIMEOUT_S = 3600  # one cell; a compile here takes 3-10 minutes of wall under load
 _KERNELS = re.compile(r"^Mosaic kernels \(tpu_custom_call\): (.*)$", re.M)
 
 
-@dataclasses.dataclass(frozen=True)
-class Cell:
-    """One finished `pathor1 compile` process."""
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class Cell(Compiled):
+    """One finished `pathor1 compile` process: how it went, and which cell it was."""
 
     config: str
     topology: str
-    returncode: int
-    stdout: str
-    stderr: str
-    report: dict | None  # the --json report (None when the process wrote none)
-    cpu_seconds: float  # user + system CPU of the process (its cost whatever else runs)
-    max_rss_gib: float  # the process's peak resident memory
 
     @property
     def kernels(self) -> dict[str, int]:
@@ -65,7 +57,7 @@ class Pool:
         self.todo: queue.Queue = queue.Queue()
         self.done: dict[tuple[str, str], threading.Event] = {}
         self.cells: dict[tuple[str, str], Cell] = {}
-        self.running: set[subprocess.Popen] = set()
+        self.running: set[CompileProcess] = set()
         self.stopped = False
         for _ in range(workers):
             threading.Thread(target=self._work, daemon=True).start()
@@ -96,32 +88,21 @@ class Pool:
             try:
                 self.cells[key] = self._compile(*key)
             except Exception as e:  # a failure to start the process: the test reports it
-                self.cells[key] = Cell(*key, -1, "", repr(e), None, 0.0, 0.0)
+                self.cells[key] = Cell(-1, "", repr(e), None, 0.0, 0.0, config=key[0], topology=key[1])
             finally:
                 self.done[key].set()
 
     def _compile(self, config: str, topology: str) -> Cell:
-        stem = self.out / f"{Path(config).stem}@{topology}"
-        out, log, err = (stem.with_suffix(suffix) for suffix in (".json", ".out", ".err"))
-        cmd = ["nice", "-n", str(self.nice), sys.executable, "-m", "pathor1_jax.cli", "compile",
-               "--config", f"configs/{config}", "--topology", topology, "--json", str(out)]  # fmt: skip
-        env = {**os.environ, "PYTHONUNBUFFERED": "1"}
         if self.stopped:
             raise RuntimeError("the pool was stopped")
-        with open(log, "w") as stdout, open(err, "w") as stderr:
-            proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=stdout, stderr=stderr)
+        out = self.out / f"{Path(config).stem}@{topology}.json"
+        proc = CompileProcess(config, topology, out, nice=self.nice, cwd=ROOT)
         self.running.add(proc)
-        timer = threading.Timer(TIMEOUT_S, proc.kill)
-        timer.start()
-        try:  # wait4, not proc.wait(): the child's own CPU time, even with other cells running
-            _, status, usage = os.wait4(proc.pid, 0)
-            proc.returncode = os.waitstatus_to_exitcode(status)
+        try:
+            done = proc.wait(TIMEOUT_S)
         finally:
-            timer.cancel()
             self.running.discard(proc)
-        report = json.loads(out.read_text()) if out.exists() else None
-        cpu, rss = usage.ru_utime + usage.ru_stime, usage.ru_maxrss / 2**20  # ru_maxrss: KiB
-        return Cell(config, topology, proc.returncode, log.read_text(), err.read_text(), report, cpu, rss)
+        return Cell(**dataclasses.asdict(done), config=config, topology=topology)
 
 
 _POOL: Pool | None = None
