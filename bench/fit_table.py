@@ -20,7 +20,7 @@ import re
 import time
 from pathlib import Path
 
-from pathor1_jax.train.compile_process import CompileProcess
+from pathor1_jax.launch.compile import CompileProcess
 
 GIB = 2**30
 STATED = {  # each shipped config and the slice it is written for

@@ -22,7 +22,7 @@ import tempfile
 import threading
 from pathlib import Path
 
-from pathor1_jax.train.compile_process import Compiled, CompileProcess
+from pathor1_jax.launch.compile import Compiled, CompileProcess
 
 ROOT = Path(__file__).resolve().parents[1]
 TIMEOUT_S = 3600  # one cell; a compile here takes 3-10 minutes of wall under load
