@@ -35,6 +35,14 @@ def fake_run(config, out_dir=None) -> StageResult:
                        "loss", 2.0, 1.0, False)  # fmt: skip
 
 
+@pytest.fixture
+def no_plots(monkeypatch):
+    """The demo's loss plot left out (matplotlib: ~1 s a walk) where a test walks fake stages."""
+    from pathor1_jax.train import metrics
+
+    monkeypatch.setattr(metrics, "plot_losses", lambda runs, out_png, **_: out_png)
+
+
 def fake_eval(config, model_dir):
     return {} if model_dir is None else {"score": float(len(Path(model_dir).name))}
 
@@ -138,7 +146,7 @@ def fake_data_stage(out_dir) -> StageResult:
     return StageResult("curation", out_dir, None, 0, 0, "recall", None, 0.75, False, note="3 of 4 found")
 
 
-def test_demo_steps_cut_the_warmup_to_fit_and_say_so(tmp_path, monkeypatch, capsys):
+def test_demo_steps_cut_the_warmup_to_fit_and_say_so(tmp_path, monkeypatch, capsys, no_plots):
     """`pathor1 demo --steps N` trains N steps a stage with a warmup of at most N // 8 (none below 8
     steps: `--steps 1` works), and says so; `--steps 0` is a usage error before anything runs."""
     (tmp_path / "toy.py").write_text(
@@ -189,7 +197,7 @@ def counting_eval(config, model_dir):
     return {"score": float(len(EVALS))}
 
 
-def test_the_demo_walk_measures_the_sft_run_once_for_grpo_and_dapo(tmp_path, monkeypatch, capsys):
+def test_the_demo_walk_measures_the_sft_run_once_for_grpo_and_dapo(tmp_path, monkeypatch, capsys, no_plots):
     """GRPO and DAPO both start from the SFT run: the walk measures it once and both rows show those
     numbers; the evaluator is given only the keys it reads. Read differently (another budget), the
     SFT run is measured again."""
