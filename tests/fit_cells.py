@@ -1,14 +1,16 @@
 """Shipped configs compiled for their TPU slices by `pathor1 compile`, each cell in its own process.
 
-    pool = start([("grpo_3b.py", "v5e-16"), ...], workers=2)   # returns at once
+    pool = start([("grpo_3b.py", "v5e-16"), ...], workers=1, nice=19)   # returns at once
     cell = pool.result("grpo_3b.py", "v5e-16")                   # waits for that compile
     cell.report["fits"], cell.kernels["token_logprobs_fwd"]
 
 A cell is the user's command, `pathor1 compile --config configs/<config> --topology <slice> --json`,
 run from the repository root: its exit code, its JSON report and the Mosaic kernels its text report
 lists. A compile takes minutes and 2-7 GiB, and libtpu's code generation is mostly one thread: a
-process per cell gives the memory back, and `workers` processes at a time use the other core while a
-test waits. Cells start in the order given (put the longest first); `start` is idempotent per cell.
+process per cell gives the memory back, and `workers` processes at a time use a core the other tests
+leave idle (tests/conftest.py starts the suite's cells at collection: one at a time at nice 19; a later
+`start` with more workers adds them). Cells start in the order given (put the longest first); `start`
+is idempotent per cell.
 """
 
 from __future__ import annotations
@@ -59,9 +61,15 @@ class Pool:
         self.cells: dict[tuple[str, str], Cell] = {}
         self.running: set[CompileProcess] = set()
         self.stopped = False
-        for _ in range(workers):
-            threading.Thread(target=self._work, daemon=True).start()
+        self.workers = 0
+        self.grow(workers)
         atexit.register(self.stop)
+
+    def grow(self, workers: int) -> None:
+        """At least `workers` processes at a time from now on."""
+        for _ in range(workers - self.workers):
+            threading.Thread(target=self._work, daemon=True).start()
+        self.workers = max(self.workers, workers)
 
     def add(self, config: str, topology: str) -> None:
         key = (config, topology)
@@ -109,11 +117,12 @@ _POOL: Pool | None = None
 
 
 def start(cells: list[tuple[str, str]], workers: int = 2, nice: int = 10) -> Pool:
-    """The process-wide pool (made on the first call, with its `workers` and `nice`), with `cells`
-    queued in order unless already queued."""
+    """The process-wide pool (made on the first call, with its `nice`), with `cells` queued in order
+    unless already queued and at least `workers` processes at a time."""
     global _POOL
     if _POOL is None:
         _POOL = Pool(workers, nice)
+    _POOL.grow(workers)
     for cell in cells:
         _POOL.add(*cell)
     return _POOL

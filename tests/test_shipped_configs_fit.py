@@ -1,7 +1,8 @@
 """Shipped configs fit the TPU slice they are written for, as the real XLA TPU compiler says: the
 user's own `pathor1 compile --config configs/<config> --topology <slice> --json` over libtpu's
 deviceless topologies, at full depth (the layers are scanned: neither the program nor its compile time
-grows with depth), one process per cell (`fit_cells`), two at a time.
+grows with depth), one process per cell (`fit_cells`): started at collection, one at a time at nice 19
+beside the rest of the suite (tests/conftest.py), two at a time once these tests, sorted last, wait.
 
 CELLS lists every shipped config with its stated slice; CI compiles CI_CELLS, one per kind of step,
 each with the kernels the TPU runs:
@@ -65,8 +66,8 @@ def selected() -> list[str]:
 
 @pytest.fixture(scope="module")
 def pool():
-    """All selected cells queued at once; two compile at a time while the tests wait
-    (PATHOR1_FIT_WORKERS=1 on a shared host)."""
+    """All selected cells queued (conftest started them at collection); two compile at a time while
+    the tests wait (PATHOR1_FIT_WORKERS=1 on a shared host)."""
     workers = int(os.environ.get("PATHOR1_FIT_WORKERS", "2"))
     return start([(config, CELLS[config][0]) for config in selected()], workers=workers)
 
