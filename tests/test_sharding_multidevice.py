@@ -321,7 +321,7 @@ print("OK")
 
 
 def test_toy_sharded_creation_loading_and_batches_on_8_devices():
-    out = run_on_8_devices(TOY, timeout=300)
+    out = run_on_8_devices(TOY)
     assert out.strip().endswith("OK"), out
     assert "created fsdp_tp {'down.kernel': \"P('tensor', 'fsdp')\"" in out, out
     assert "created fsdp {'down.kernel': \"P(None, 'fsdp')\"" in out, out
@@ -331,7 +331,7 @@ def test_qwen2_5_vl_three_adamw_steps_match_one_device():
     """Image + text batch; meshes (data=2, fsdp=2, tensor=2) with fsdp_tp and (fsdp=8) with fsdp:
     losses and every parameter after 3 AdamW steps equal one device within 1e-5; every parameter
     and its Adam moment carry the rules' sharding; a HF checkpoint loads straight into its shards."""
-    out = run_on_8_devices(QWEN, timeout=500)
+    out = run_on_8_devices(QWEN)
     assert out.strip().endswith("OK"), out
     assert "fsdp_tp {'data': 2, 'fsdp': 2, 'tensor': 2}" in out and "fsdp {'fsdp': 8}" in out, out
 
@@ -340,5 +340,5 @@ def test_optimizer_state_is_sharded_like_the_parameters_and_steps_compile_once()
     """FSDP on 8 devices: every AdamW moment is laid out like its parameter (1/8 of it per device),
     the per-device optimizer bytes equal `pathor1 shardings`' estimate and `abstract_state`'s
     layout, and the train step compiles once (steps 2 and 3 reuse it)."""
-    out = run_on_8_devices(OPTIMIZER, timeout=300)
+    out = run_on_8_devices(OPTIMIZER)
     assert out.strip().endswith("OK"), out
