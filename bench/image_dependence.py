@@ -38,7 +38,7 @@ def tile_features(model, processor, records, chunk: int = 30) -> np.ndarray:
     for i in range(0, len(records), chunk):
         part = records[i : i + chunk]
         images = [load_image(r.image, record_id=r.id) for r in part]
-        processed = processor.image_processor(images=images, return_tensors="np")
+        processed = processor.image_processor(images)
         pixels = np.asarray(processed["pixel_values"], np.float32)
         grid = np.asarray(processed["image_grid_thw"]).reshape(-1, 3)
         per_tile = len(pixels) // len(part)

@@ -37,6 +37,14 @@ def proc(spec):
     return get_processor(spec)
 
 
+@pytest.fixture(scope="module")
+def hf_tokenizer(spec):
+    """transformers' tokenizer on the same files: the reference."""
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(spec.tokenizer_path)
+
+
 def _png(color=(180, 40, 120)) -> bytes:
     buffer = io.BytesIO()
     Image.new("RGB", (56, 56), color).save(buffer, format="PNG")
@@ -85,9 +93,9 @@ def test_template_renders_the_official_format():
     )
 
 
-def test_labels_cover_only_assistant_turns(proc):
+def test_labels_cover_only_assistant_turns(proc, hf_tokenizer):
     ex = proc.encode(_chat())
-    tok = proc.tokenizer
+    tok = hf_tokenizer
     ids, labels = ex["input_ids"], ex["labels"]
     expanded = EXPECTED_TEXT.replace("<|image_pad|>", "<|image_pad|>" * 4)
     assert ids.tolist() == tok(expanded, add_special_tokens=False)["input_ids"]
@@ -298,14 +306,14 @@ def test_long_sample_follows_the_overflow_policy(spec, caplog):
     assert (batch["segment_ids"][3] == 1).all() and (batch["loss_mask"][3] > 0).any()
 
 
-def test_template_rendering_matches_transformers_apply_chat_template(proc):
+def test_template_rendering_matches_transformers_apply_chat_template(hf_tokenizer):
     from pathor1_jax.data.chat_template import messages_to_json, template_text
 
     chat = _chat()
     messages = messages_to_json(chat.messages)
-    hf = proc.tokenizer.apply_chat_template(messages, chat_template=template_text(), tokenize=False)
+    hf = hf_tokenizer.apply_chat_template(messages, chat_template=template_text(), tokenize=False)
     assert hf == render_messages(chat.messages) == EXPECTED_TEXT
-    hf_prompt = proc.tokenizer.apply_chat_template(
+    hf_prompt = hf_tokenizer.apply_chat_template(
         messages[1:2], chat_template=template_text(), tokenize=False, add_generation_prompt=True
     )
     assert hf_prompt == render_messages(chat.messages[1:2], add_generation_prompt=True)

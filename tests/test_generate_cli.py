@@ -14,7 +14,7 @@ from PIL import Image
 from qwen_reference import random_hf_model
 
 from pathor1_jax.cli import main
-from pathor1_jax.data.processing import load_image_processor, load_tokenizer
+from pathor1_jax.data.processing import load_image_processor
 from pathor1_jax.models import qwen2_5_vl
 from pathor1_jax.train.checkpoint import Checkpointer
 from pathor1_jax.train.defaults import base_config
@@ -43,9 +43,15 @@ def test_generate_prints_the_decoded_sampled_tokens(checkpoint, capsys):
     # sampled: this random model's greedy tokens decode to an empty string (nothing to compare)
     assert main(["generate", "--model", str(path), *argv, "--temperature", "1.0", "--seed", "3"]) == 0
     printed = capsys.readouterr().out
-    tokenizer = load_tokenizer(path)
+    # the reference: transformers' tokenizer and image processor on the checkpoint's own files
+    from transformers import AutoTokenizer
+    from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLImageProcessorPil
+
+    tokenizer = AutoTokenizer.from_pretrained(path)
     model = qwen2_5_vl.load_pretrained(path)
-    processed = load_image_processor(path)(images=[Image.open(image)], return_tensors="np")
+    processed = Qwen2VLImageProcessorPil.from_pretrained(path)(
+        images=[Image.open(image)], return_tensors="np"
+    )
     grid = np.asarray(processed["image_grid_thw"])
     prompt = tokenizer.apply_chat_template(
         [{"role": "user", "content": "<|vision_start|><|image_pad|><|vision_end|>Describe."}],

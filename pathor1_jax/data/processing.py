@@ -8,7 +8,7 @@ An example is a dict:
                                    turns' content and `<|im_end|>`; image pads never carry loss
     mm_token_type_ids  [T] int32   1 at image-pad tokens, 0 elsewhere
     position_ids       [3, T] int32  M-RoPE positions from `qwen2_5_vl.get_rope_index`
-    pixel_values       [P, 1176] float32  patches of all images in order (transformers image processor)
+    pixel_values       [P, 1176] float32  patches of all images in order (Qwen2-VL image processor)
     image_grid_thw     [N, 3] int32
 """
 
@@ -22,6 +22,7 @@ import numpy as np
 from .chat_template import render_pieces, render_with_spans
 from .images import BadImageError, load_image
 from .prompts import CAPTION_PROMPT, DEFAULT_PROMPT_STYLE, caption_to_chat, mcq_prompt_messages
+from .qwen_preprocessing import PREPROCESSOR_CONFIG, QwenTokenizer, QwenVLImageProcessor
 from .records import CaptionRecord, ChatRecord, MCQRecord, Record, VQARecord
 
 IGNORE_INDEX = -100
@@ -33,28 +34,24 @@ class ImageCountError(BadImageError):
     """A record whose number of images differs from its number of image placeholders."""
 
 
-def load_tokenizer(path: str | os.PathLike):
+def load_tokenizer(path: str | os.PathLike) -> QwenTokenizer:
     """The Qwen2 tokenizer from a directory (a checkpoint's own files or any tokenizer folder)."""
-    from transformers.models.auto.tokenization_auto import AutoTokenizer
-
-    return AutoTokenizer.from_pretrained(os.fspath(path))
+    return QwenTokenizer.from_dir(path)
 
 
 def load_image_processor(
     path: str | os.PathLike | None = None, *, min_pixels: int | None = None, max_pixels: int | None = None
-):
-    """transformers' Qwen2-VL image processor (PIL backend): from `path`'s `preprocessor_config.json`
-    when it has one, else the Qwen2.5-VL defaults; `min_pixels` / `max_pixels` override."""
-    from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLImageProcessorPil
-
+) -> QwenVLImageProcessor:
+    """The Qwen2-VL image processor: from `path`'s `preprocessor_config.json` when it has one, else the
+    Qwen2.5-VL defaults; `min_pixels` / `max_pixels` override."""
     kwargs: dict[str, Any] = {}
     if min_pixels is not None:
         kwargs["min_pixels"] = min_pixels
     if max_pixels is not None:
         kwargs["max_pixels"] = max_pixels
-    if path is not None and os.path.exists(os.path.join(os.fspath(path), "preprocessor_config.json")):
-        return Qwen2VLImageProcessorPil.from_pretrained(os.fspath(path), **kwargs)
-    return Qwen2VLImageProcessorPil(**kwargs)
+    if path is not None and os.path.exists(os.path.join(os.fspath(path), PREPROCESSOR_CONFIG)):
+        return QwenVLImageProcessor.from_pretrained(path, **kwargs)
+    return QwenVLImageProcessor(**kwargs)
 
 
 class QwenVLProcessor:
@@ -173,7 +170,7 @@ class QwenVLProcessor:
             )
         if images:
             try:
-                processed = self.image_processor(images=images, return_tensors="np")
+                processed = self.image_processor(images)
             except ValueError as e:  # e.g. "absolute aspect ratio must be smaller than 200"
                 sizes = ", ".join(f"{im.width}x{im.height}" for im in images)
                 raise BadImageError(f"record {chat.id!r}: image processor: {e} (image sizes {sizes})") from e
