@@ -4,10 +4,12 @@ deviceless topologies, at full depth (the layers are scanned: neither the progra
 grows with depth), one process per cell (`fit_cells`): started at collection, one at a time at nice 19
 beside the rest of the suite (tests/conftest.py), two at a time once these tests, sorted last, wait.
 
-CELLS lists every shipped config with its stated slice; CI compiles CI_CELLS, one per kind of step,
-each with the kernels the TPU runs:
-- SFT 3B: the LM train step with images (16 micro-batches, flash attention in the decoder);
-- GRPO 3B: the RL policy update, the Mosaic policy loss per shard inside shard_map;
+CELLS lists every shipped config with its stated slice; CI compiles CI_CELLS, every kind of step and
+both stated slices, each with the kernels the TPU runs (longest first: the order they start in):
+- SFT 7B on v5p-64 and SFT 3B: the LM train step with images (16 micro-batches, flash attention in
+  the decoder);
+- GRPO 3B and DAPO 3B: the RL policy updates, the Mosaic policy loss per shard inside shard_map (DAPO:
+  clip-higher and token aggregation instead of β·KL, no π_ref input: its own program);
 - PathoCLIP-L at 1024 pairs: the contrastive step, flash attention in the vision tower.
 `PATHOR1_FIT_CELLS=all pytest tests/test_shipped_configs_fit.py` compiles every cell (or a comma-separated
 list of config names; `PATHOR1_FIT_WORKERS=1` on a shared host). The README's fit table
@@ -18,12 +20,12 @@ DAPO 3B 287, CPT 3B 328, SFT 7B on v5p-64 352: measured by this file on a loaded
 2 layers as at full depth (GRPO 3B: 213 vs 216 CPU-s compiling), because ~70% of it is libtpu
 generating code for the program's ~460 fusions (81 in XLA's windowed-einsum loops for the
 FSDP-sharded matmuls, ~60 the optimizer's per-parameter work), which grows with the slice's
-device count, not the model's size (README: "What the program is made of").
-The other cells run the CI cells' code at other shapes — CPT 3B is SFT's step, DAPO 3B is GRPO's
-update with DAPO's clip and aggregation (a different loss tail: its own program), PathoCLIP-B is L's
-step, the 7B configs are the 3B steps wider on 32 v5p chips — so only their fit, not their code, rests
-on the README table; at tiny width tests/test_compile_cli.py also compiles the SFT step with images and
-the GRPO update for v5e-8.
+device count, not the model's size (README: "What the program is made of"). These five compile on the
+core the rest of the suite leaves idle (idle suite 1,216.9 s with them, 1,285.5 s with three: within
+run-to-run spread); the other five would add ~14 idle minutes. They run the CI cells' code at other
+shapes — CPT 3B is SFT's step, PathoCLIP-B is L's step, CPT/GRPO/DAPO 7B are the 3B steps wider on
+v5p-64 — so only their fit, not their code, rests on the README table; at tiny width
+tests/test_compile_cli.py also compiles the SFT step with images and the GRPO update for v5e-8.
 """
 
 from __future__ import annotations
@@ -50,7 +52,7 @@ CELLS = {
     "cpt_7b.py": ("v5p-64", FLASH_KERNELS),
     "dapo_7b.py": ("v5p-64", RL_KERNELS),
 }
-CI_CELLS = ("sft_3b.py", "grpo_3b.py", "pathoclip_l14.py")
+CI_CELLS = ("sft_7b.py", "sft_3b.py", "grpo_3b.py", "dapo_3b.py", "pathoclip_l14.py")
 
 
 def selected() -> list[str]:
