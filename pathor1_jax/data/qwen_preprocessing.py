@@ -4,7 +4,7 @@ transformers' fast Qwen2 tokenizer runs the `tokenizers` library on the folder's
 its Qwen2-VL image processor (PIL backend) is PIL's bicubic resize plus numpy; importing transformers
 costs a process ~9 CPU-seconds where torch is installed (transformers imports it), more than loading
 a tiny model. `QwenTokenizer` and `QwenVLImageProcessor` compute the same ids, offsets, text and
-pixels (tests/test_data_pipeline.py holds them against transformers); a tokenizer folder without
+pixels (tests/test_qwen_preprocessing.py holds them against transformers); a tokenizer folder without
 `tokenizer.json` (vocab.json + merges.txt only) is still read by transformers.
 """
 
