@@ -29,7 +29,9 @@ demo: $(DEMO_STAMP)
 
 test: $(STAMP)
 	$(VENV)/bin/ruff check pathor1_jax tests bench configs
+	$(VENV)/bin/ruff format --check pathor1_jax tests bench configs
 	$(VENV)/bin/python -m pytest -q --durations=30 tests
 
 lint: $(STAMP)
 	$(VENV)/bin/ruff check pathor1_jax tests bench configs
+	$(VENV)/bin/ruff format --check pathor1_jax tests bench configs
