@@ -1,16 +1,20 @@
 """Kernel benchmarks: flash attention (Pallas vs XLA) and the fused policy loss (tiled vs unfused).
 
 On a GPU/TPU (compiled kernels): attention forward+backward at T in {1k, 4k, 8k, 16k}, 16 q heads,
-2 kv heads, D=128, bf16, causal; policy loss at V=151,936, T=4096, D=2048 (bf16 inputs), time and
-peak memory. Without an accelerator it says so, times small shapes (XLA vs Pallas interpret mode:
-interpreter timings say nothing about kernel speed), reports the XLA:CPU compiler's memory
-estimate of the policy loss at the full shape (compiled, not run; float32 there), and, with
-libtpu installed, compiles the policy loss for a TPU topology ahead of time (`--topology`,
-default v5e:4x4 = v5e-16): per-device temporaries of xla / chunked / pallas at the GRPO 3B
-shape (16 groups x 8 responses x 1024 tokens, D 2048, float32 and bfloat16 head, FSDP rules),
-the Mosaic kernels compiled and the compile times.
+2 kv heads, D=128, bf16, causal: median time, model TFLOP/s (7·H·T²·D per causal fwd+bwd, as
+FlashAttention counts), the compiler's temporaries, and the kernel's gradients against xla's
+(a cell that does not fit the device's memory prints OOM); policy loss at V=151,936, T=4096,
+D=2048 (bf16 inputs), time and compiled peak memory (on a GPU `auto` is the chunked path: the
+Pallas policy-loss kernels are Mosaic, TPU only). Without an accelerator it says so, times small
+shapes (XLA vs Pallas interpret mode: interpreter timings say nothing about kernel speed), reports
+the XLA:CPU compiler's memory estimate of the policy loss at the full shape (compiled, not run;
+float32 there), and, with libtpu installed, compiles the policy loss for a TPU topology ahead of
+time (`--topology`, default v5e:4x4 = v5e-16): per-device temporaries of xla / chunked / pallas at
+the GRPO 3B shape (16 groups x 8 responses x 1024 tokens, D 2048, float32 and bfloat16 head, FSDP
+rules), the Mosaic kernels compiled and the compile times.
 
     python bench/kernels.py [--iters 5] [--topology v5e:4x4]
+    PYTHONPATH=. python bench/kernels.py --iters 20      # on a GPU host, from a source checkout
 """
 
 from __future__ import annotations
@@ -24,13 +28,14 @@ import time
 
 import jax
 import jax.numpy as jnp
+import jaxlib
 
 from pathor1_jax.kernels import policy_loss
 from pathor1_jax.kernels.attention import attention
 
 
 def timed_ms(fn, *args, iters: int) -> float:
-    """Median wall time (ms) of a jitted call after one compile/warm-up call."""
+    """Median wall time (ms) of `fn` (a compiled or jitted function) after one warm-up call."""
     jax.block_until_ready(fn(*args))
     times = []
     for _ in range(iters):
@@ -40,11 +45,15 @@ def timed_ms(fn, *args, iters: int) -> float:
     return statistics.median(times)
 
 
-def memory_gib(fn, *args) -> tuple[float, float]:
-    """(peak, temporaries) of the compiled program in GiB; peak = arguments + outputs + temporaries."""
-    stats = fn.lower(*args).compile().memory_analysis()
+def memory_gib(compiled) -> tuple[float, float]:
+    """(peak, temporaries) of a compiled program in GiB; peak = arguments + outputs + temporaries."""
+    stats = compiled.memory_analysis()
     total = stats.argument_size_in_bytes + stats.output_size_in_bytes + stats.temp_size_in_bytes
     return (total - stats.alias_size_in_bytes) / 2**30, stats.temp_size_in_bytes / 2**30
+
+
+def out_of_memory(error: Exception) -> bool:
+    return "RESOURCE_EXHAUSTED" in str(error) or "out of memory" in str(error).lower()
 
 
 def attention_step(impl: str):
@@ -54,18 +63,51 @@ def attention_step(impl: str):
     return jax.jit(jax.value_and_grad(loss, argnums=(0, 1, 2)))
 
 
+def attention_cell(impl: str, q, k, v, iters: int):
+    """(ms, temporaries GiB, (dq, dk, dv)) of one compiled fwd+bwd, or None when it does not fit."""
+    try:
+        compiled = attention_step(impl).lower(q, k, v).compile()
+        ms = timed_ms(compiled, q, k, v, iters=iters)
+        return ms, memory_gib(compiled)[1], compiled(q, k, v)[1]
+    except jax.errors.JaxRuntimeError as e:
+        if not out_of_memory(e):
+            raise
+        return None
+
+
+def max_rel_err(x: jax.Array, ref: jax.Array) -> float:
+    """Max absolute error relative to the reference's largest magnitude (float32)."""
+    x, ref = x.astype(jnp.float32), ref.astype(jnp.float32)
+    return float(jnp.max(jnp.abs(x - ref)) / jnp.max(jnp.abs(ref)))
+
+
 def bench_attention(lengths, heads, kv_heads, head_dim, dtype, kernel: str, iters: int) -> None:
-    print(f"\n## attention fwd+bwd, causal, H={heads}, K={kv_heads}, D={head_dim}, {jnp.dtype(dtype).name}")
-    print(f"| T | xla (ms) | {kernel} (ms) | speed-up |")
-    print("|---|---|---|---|")
+    print(
+        f"\n## attention fwd+bwd, causal, B=1, H={heads}, K={kv_heads}, D={head_dim}, {jnp.dtype(dtype).name}"
+    )
+    print(
+        f"| T | xla (ms) | {kernel} (ms) | speed-up | {kernel} TFLOP/s | temporaries xla / {kernel} (GiB) "
+        "| grad err vs xla |"
+    )
+    print("|---|---|---|---|---|---|---|")
     for t in lengths:
         ks = jax.random.split(jax.random.key(0), 3)
         q = jax.random.normal(ks[0], (1, t, heads, head_dim), dtype)
         k = jax.random.normal(ks[1], (1, t, kv_heads, head_dim), dtype)
         v = jax.random.normal(ks[2], (1, t, kv_heads, head_dim), dtype)
-        xla = timed_ms(attention_step("xla"), q, k, v, iters=iters)
-        pallas = timed_ms(attention_step(kernel), q, k, v, iters=iters)
-        print(f"| {t} | {xla:.2f} | {pallas:.2f} | {xla / pallas:.2f}x |")
+        xla = attention_cell("xla", q, k, v, iters)
+        pallas = attention_cell(kernel, q, k, v, iters)
+        flops = 7 * heads * t * t * head_dim  # causal fwd (2 matmuls) + bwd (5), half the scores each
+        xla_ms, xla_temp = ("OOM", "OOM") if xla is None else (f"{xla[0]:.2f}", f"{xla[1]:.2f}")
+        if pallas is None:
+            print(f"| {t} | {xla_ms} | OOM | - | - | {xla_temp} / OOM | - |")
+            continue
+        speedup = "-" if xla is None else f"{xla[0] / pallas[0]:.2f}x"
+        err = "-" if xla is None else f"{max(map(max_rel_err, pallas[2], xla[2])):.1e}"
+        print(
+            f"| {t} | {xla_ms} | {pallas[0]:.2f} | {speedup} | {flops / pallas[0] / 1e9:.0f} | "
+            f"{xla_temp} / {pallas[1]:.2f} | {err} |"
+        )
 
 
 def loss_step(impl: str):
@@ -92,10 +134,11 @@ def bench_policy_loss(t, d, vocab, dtype, impls, iters: int, run: bool) -> None:
     print("| impl | time (ms) | peak (GiB) | peak / unfused | temporaries (GiB) | temp / unfused |")
     print("|---|---|---|---|---|---|")
     args = loss_inputs(t, d, vocab, dtype)
-    peak_xla, temp_xla = memory_gib(loss_step("xla"), *args)
+    compiled = {impl: loss_step(impl).lower(*args).compile() for impl in ("xla", *impls)}
+    peak_xla, temp_xla = memory_gib(compiled["xla"])
     for impl in impls:
-        peak, temp = memory_gib(loss_step(impl), *args)
-        ms = f"{timed_ms(loss_step(impl), *args, iters=iters):.2f}" if run else "-"
+        peak, temp = memory_gib(compiled[impl])
+        ms = f"{timed_ms(compiled[impl], *args, iters=iters):.2f}" if run else "-"
         print(f"| {impl} | {ms} | {peak:.3f} | {peak / peak_xla:.3f} | {temp:.3f} | {temp / temp_xla:.3f} |")
 
 
@@ -150,7 +193,10 @@ def main() -> None:
     parser.add_argument("--topology", default="v5e:4x4", help="TPU topology for the AOT table (CPU host)")
     args = parser.parse_args()
     backend = jax.default_backend()
-    print(f"device: {jax.devices()[0].device_kind} ({backend}), jax {jax.__version__}")
+    print(
+        f"device: {jax.devices()[0].device_kind} ({backend}), jax {jax.__version__}, "
+        f"jaxlib {jaxlib.__version__}, {time.strftime('%Y-%m-%d', time.gmtime())}"
+    )
     if backend in ("gpu", "tpu"):
         kernel = "pallas_gpu" if backend == "gpu" else "pallas_tpu"
         bench_attention([1024, 4096, 8192, 16384], 16, 2, 128, jnp.bfloat16, kernel, args.iters)

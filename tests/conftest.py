@@ -1,6 +1,7 @@
 """Shared pytest set-up: float32 matmuls at full precision so parity tests mean something; XLA's
 cheapest CPU code generation; tests marked `libtpu` are skipped where libtpu (the `jax[tpu]` extra)
-is not installed; the shipped configs' TPU compiles start at collection, beside the rest of the suite."""
+is not installed, tests marked `gpu` unless JAX's backend is a GPU; the shipped configs' TPU
+compiles start at collection, beside the rest of the suite."""
 
 import importlib.util
 import os
@@ -32,6 +33,12 @@ def pytest_collection_modifyitems(config, items):
     for item in items:
         if "libtpu" in item.keywords:
             item.add_marker(skip)
+
+
+def pytest_runtest_setup(item):
+    # asked at set-up, not at collection: collecting must not start JAX's backends
+    if "gpu" in item.keywords and jax.default_backend() != "gpu":
+        pytest.skip(f"needs a GPU (JAX's default backend is {jax.default_backend()!r})")
 
 
 def pytest_collection_finish(session):

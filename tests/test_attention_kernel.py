@@ -1,4 +1,5 @@
-"""Pallas flash attention (interpret mode on CPU) against the plain-jnp reference, and the dispatch."""
+"""Pallas flash attention against the plain-jnp reference, and the dispatch: interpreted on any host,
+compiled (Triton) on a GPU (`gpu` marker: `pytest -m gpu tests/test_attention_kernel.py` there)."""
 
 import logging
 import re
@@ -13,6 +14,14 @@ from pathor1_jax.kernels.attention import attention, attention_reference, select
 from pathor1_jax.kernels.flash_attention import flash_attention
 
 TOL = 1e-5
+# Compiled on a GPU, against the XLA reference on the same GPU: float32 at "highest" precision
+# (conftest; the Triton dots then run IEEE float32, not TF32) within 1e-4 of the largest magnitude
+# (summation order over ~1k keys differs); bfloat16 inputs against the float32 reference within
+# 2e-2 (output) / 3e-2 (gradients), as the interpreted bf16 test. A wrong mask or tile is >= 1e-2 off
+# in float32.
+GPU_TOL = {jnp.float32: (1e-4, 1e-4), jnp.bfloat16: (2e-2, 3e-2)}
+# Asserts what `auto` does where JAX's default backend is the CPU (skipped on a GPU/TPU host).
+cpu_host = pytest.mark.skipif("jax.default_backend() != 'cpu'", reason="asserts the CPU host's dispatch")
 
 
 def max_rel_err(x: jax.Array, ref: jax.Array) -> float:
@@ -142,6 +151,7 @@ def test_segments_change_the_result():
     assert max_rel_err(masked, unmasked) > 1e-2
 
 
+@cpu_host
 def test_auto_on_cpu_is_xla():
     q, k, v, _ = qkvw(1, 8, 8, 4, 2, 128)
     ids = packed(1, 8, [5])
@@ -167,6 +177,7 @@ def test_select_impl_per_backend_and_fallbacks(caplog, monkeypatch):
     assert "head_dim 96" in messages[0] and "shorter than one" in messages[1] and "VMEM" in messages[2]
 
 
+@cpu_host
 def test_auto_follows_the_platform_of_the_mesh_in_context():
     """`target_platform()`: the abstract mesh JAX tracks, then `use_rules`' mesh, then the backend."""
     from jax.sharding import AbstractDevice, AbstractMesh, AxisType, use_abstract_mesh
@@ -200,6 +211,7 @@ def test_explicit_pallas_impl_uses_interpret_switch(monkeypatch):
     assert max_rel_err(out, ref) <= TOL
 
 
+@cpu_host
 def test_bad_inputs_raise():
     q, k, v, _ = qkvw(1, 8, 8, 3, 2, 16)
     with pytest.raises(ValueError, match="3 query heads are not a multiple of 2 kv heads"):
@@ -278,3 +290,128 @@ def test_triton_kernels_lower_for_cuda():
     names = sorted(re.search(r'name = "flash_attention_(\w+)"', line).group(1) for line in calls)
     assert exported.platforms == ("cuda",)
     assert names == ["dkv", "dq", "fwd"]
+
+
+# ------------------------------------------------------------------------------ compiled on a GPU
+
+
+def assert_vjp_close(fn, ref_fn, args, cotangent, dtype) -> None:
+    """`fn` (bf16 or f32 inputs) against `ref_fn` on the float32 inputs: output and q/k/v gradients."""
+    out_tol, grad_tol = GPU_TOL[dtype]
+    cast = [x.astype(dtype) for x in args]
+    out, grads = jax.jit(lambda *a: _value_and_vjp(fn, a, cotangent.astype(dtype)))(*cast)
+    ref, ref_grads = jax.jit(lambda *a: _value_and_vjp(ref_fn, a, cotangent))(
+        *(x.astype(jnp.float32) for x in cast)
+    )
+    assert out.dtype == dtype and max_rel_err(out.astype(jnp.float32), ref) <= out_tol
+    for grad, ref_grad, which in zip(grads, ref_grads, "qkv", strict=True):
+        assert grad.dtype == dtype, which
+        assert max_rel_err(grad.astype(jnp.float32), ref_grad) <= grad_tol, which
+
+
+def _value_and_vjp(fn, args, cotangent):
+    out, vjp = jax.vjp(fn, *args)
+    return out, vjp(cotangent)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16], ids=["f32", "bf16"])
+@pytest.mark.parametrize("name", list(CASES))
+def test_triton_kernels_compiled_match_reference(name, dtype):
+    """The cases above (16 x 16 blocks, padded lengths, GQA, causal offsets, packed and padding-only
+    rows), compiled by Triton for the GPU, forward and backward."""
+    b, t, s, h, k, d, causal, make_ids, _ = CASES[name]
+    q, kk, v, do = qkvw(b, t, s, h, k, d)
+    ids = make_ids()
+
+    def pallas(q, k, v):
+        return flash_attention(q, k, v, segment_ids=ids, causal=causal, backend="gpu", block_q=16, block_k=16)
+
+    def reference(q, k, v):
+        return attention_reference(q, k, v, segment_ids=ids, causal=causal)
+
+    assert_vjp_close(pallas, reference, (q, kk, v), do, dtype)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16], ids=["f32", "bf16"])
+@pytest.mark.parametrize("head_dim", [64, 128])
+def test_auto_on_gpu_runs_the_triton_kernel(head_dim, dtype):
+    """`attention(impl="auto")` on a GPU picks `pallas_gpu` (recorded while tracing; the compiled
+    program holds the Triton kernels) at the real 64 x 64 blocks: T = 1000 (padded to 1024), GQA 8/2,
+    causal, two packed documents and a padding tail; equal to xla forward and backward."""
+    from pathor1_jax.kernels.platform import recording_impls
+
+    q, k, v, do = qkvw(2, 1000, 1000, 8, 2, head_dim, seed=5)
+    ids = packed(2, 1000, [600, 350])
+
+    def auto(q, k, v):
+        return attention(q, k, v, segment_ids=ids, causal=True)
+
+    def reference(q, k, v):
+        return attention(q, k, v, segment_ids=ids, causal=True, impl="xla")
+
+    with recording_impls() as impls:
+        hlo = (
+            jax.jit(lambda *a: _value_and_vjp(auto, a, do.astype(dtype)))
+            .lower(*(x.astype(dtype) for x in (q, k, v)))
+            .as_text()
+        )
+    assert impls == {"attention": {"pallas_gpu"}}
+    assert sorted(set(re.findall(r'name = "flash_attention_(\w+)"', hlo))) == ["dkv", "dq", "fwd"]
+    assert_vjp_close(auto, reference, (q, k, v), do, dtype)
+
+
+@pytest.mark.gpu
+def test_qwen2_5_vl_forward_and_grad_on_gpu_auto_equals_xla():
+    """The tiny Qwen2.5-VL (text decoder and vision tower, one 112 px image per row: 64 patches, 16
+    image tokens; T = 96, one row left-padded) on a GPU: `attention_impl="auto"` runs the Triton
+    kernel in every attention, and its logits and parameter gradients equal the xla model's."""
+    import dataclasses
+
+    from flax import nnx
+
+    from pathor1_jax.kernels.platform import recording_impls
+    from pathor1_jax.models import qwen2_5_vl
+
+    cfg = qwen2_5_vl.tiny_config(vocab_size=2048)
+    cfg = dataclasses.replace(cfg, image_token_id=2000, vision_start_token_id=2002, vision_end_token_id=2003)
+    b, t, grid = 2, 96, (1, 8, 8)
+    rng = np.random.default_rng(0)
+    ids = rng.integers(0, 1000, size=(b, t))
+    ids[:, 1], ids[:, 2:18], ids[:, 18] = (
+        cfg.vision_start_token_id,
+        cfg.image_token_id,
+        cfg.vision_end_token_id,
+    )
+    mask = np.ones((b, t), np.int32)
+    mask[1, 80:] = 0
+    pixels = rng.standard_normal((b * 64, cfg.vision.patch_dim)).astype(np.float32)
+    types = (ids == cfg.image_token_id).astype(np.int32)
+    prep = qwen2_5_vl.prepare_inputs(cfg, ids, mask, np.array([grid] * b), types, b * 64)
+
+    def loss_and_grads(impl: str):
+        model = qwen2_5_vl.Qwen2_5_VLForConditionalGeneration(cfg, rngs=nnx.Rngs(0), attention_impl=impl)
+        graphdef, params = nnx.split(model, nnx.Param)
+
+        def loss(p):
+            logits = nnx.merge(graphdef, p)(
+                ids,
+                pixel_values=pixels,
+                position_ids=prep["position_ids"],
+                segment_ids=mask,
+                vision_index=prep["vision_index"],
+            )
+            return jnp.mean(jnp.where(mask[..., None] == 1, jnp.tanh(logits), 0.0)), logits
+
+        with recording_impls() as impls:
+            (_, logits), grads = jax.jit(jax.value_and_grad(loss, has_aux=True))(params)
+        return impls["attention"], logits, {k: np.asarray(v.get_value()) for k, v in nnx.to_flat_state(grads)}
+
+    auto_impls, logits, grads = loss_and_grads("auto")
+    xla_impls, ref_logits, ref_grads = loss_and_grads("xla")
+    assert auto_impls == {"pallas_gpu"} and xla_impls <= {"xla", "xla_blocked"}
+    assert max_rel_err(logits, ref_logits) <= 1e-4
+    assert grads.keys() == ref_grads.keys()
+    for key, ref in ref_grads.items():
+        assert np.max(np.abs(grads[key] - ref)) <= 1e-4 * max(np.max(np.abs(ref)), 1e-30), key

@@ -1,5 +1,6 @@
 """Fused clipped policy loss: hand-computed surrogate values and tiled (chunked / Pallas interpret)
-implementations against the plain-jnp reference, forward and gradients."""
+implementations against the plain-jnp reference, forward and gradients; on a GPU (`gpu` marker)
+`auto` is the chunked path, compiled, equal to xla at Qwen's vocabulary."""
 
 import math
 
@@ -174,6 +175,42 @@ def test_bad_inputs_raise(batch):
     with pytest.raises(ValueError, match="lm_head"):
         token_logprobs(hidden, lm_head.T, tokens)
     with pytest.raises(ValueError, match="impl 'pallas' needs a TPU"):
+        token_logprobs(hidden, lm_head, tokens, impl="pallas")
+
+
+@pytest.mark.gpu
+def test_auto_on_gpu_is_chunked_and_matches_xla():
+    """The Pallas kernels are Mosaic (TPU) only: on a GPU `auto` runs the chunked path (recorded
+    while tracing), which equals xla at V = 151,936 (19 tiles of 8192, the last overlapping) within
+    1e-4 of the largest magnitude (float32, GPU summation order); `pallas` is refused."""
+    from pathor1_jax.kernels.platform import recording_impls
+
+    b, t, d, v = 4, 32, 64, 151_936
+    ks = jax.random.split(jax.random.key(2), 5)
+    hidden = jax.random.normal(ks[0], (b, t, d))
+    lm_head = 0.1 * jax.random.normal(ks[1], (d, v))
+    tokens = jax.random.randint(ks[2], (b, t), 0, v)
+    old = token_logprobs(hidden, lm_head, tokens, impl="xla") + 0.3 * jax.random.normal(ks[3], (b, t))
+    advantages, mask = jax.random.normal(ks[4], (b,)), jnp.ones((b, t)).at[:, :4].set(0.0)
+
+    def loss(impl, h, w):
+        return clipped_policy_loss(
+            h, w, tokens, old, advantages, mask, eps_low=EPS_LOW, eps_high=EPS_HIGH, impl=impl
+        )
+
+    with recording_impls() as impls:
+        (value, metrics), grads = jax.jit(
+            jax.value_and_grad(lambda h, w: loss("auto", h, w), argnums=(0, 1), has_aux=True)
+        )(hidden, lm_head)
+    assert impls == {"policy_loss": {"chunked"}}
+    (ref, ref_metrics), ref_grads = jax.jit(
+        jax.value_and_grad(lambda h, w: loss("xla", h, w), argnums=(0, 1), has_aux=True)
+    )(hidden, lm_head)
+    assert abs(float(value - ref)) <= 1e-4 * abs(float(ref))
+    np.testing.assert_allclose(metrics["clip_fraction"], ref_metrics["clip_fraction"], rtol=1e-4)
+    for grad, ref_grad in zip(grads, ref_grads, strict=True):
+        assert max_rel_err(grad, ref_grad) <= 1e-4
+    with pytest.raises(ValueError, match="impl 'pallas' needs a TPU target .* 'gpu'"):
         token_logprobs(hidden, lm_head, tokens, impl="pallas")
 
 
