@@ -365,8 +365,9 @@ def test_auto_on_gpu_runs_the_triton_kernel(head_dim, dtype):
 @pytest.mark.gpu
 def test_qwen2_5_vl_forward_and_grad_on_gpu_auto_equals_xla():
     """The tiny Qwen2.5-VL (text decoder and vision tower, one 112 px image per row: 64 patches, 16
-    image tokens; T = 96, one row left-padded) on a GPU: `attention_impl="auto"` runs the Triton
-    kernel in every attention, and its logits and parameter gradients equal the xla model's."""
+    image tokens; T = 96, the second row padded from position 80) on a GPU: `attention_impl="auto"`
+    runs the Triton kernel in every attention, and its logits and parameter gradients equal the xla
+    model's."""
     import dataclasses
 
     from flax import nnx
