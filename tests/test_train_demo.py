@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import math
 
+import jax
 import numpy as np
 
 from pathor1_jax.cli import main
@@ -30,7 +31,11 @@ def test_demo_cpt_then_sft_losses_fall(tmp_path, capsys):
     assert abs(losses["cpt"][0] - math.log(151936)) < 0.1
     assert losses["sft"][0] < losses["cpt"][0] - 0.1  # random init would start at ln V again
     assert (out / "losses.png").stat().st_size > 0
-    table = capsys.readouterr().out
+    captured = capsys.readouterr()
+    table = captured.out
+    for stage in ("cpt", "sft"):  # the text decoder's attention and the vision tower's block-sparse one
+        ran = f"{stage}: ran on {jax.device_count()} × cpu (cpu); kernels traced: attention xla, xla_blocked"
+        assert ran in captured.err
     assert "stage      metric      steps   first 3    last 3   change" in table
     for stage in ("cpt", "sft"):  # the loss averaged over the first and the last 3 steps
         first, last = losses[stage][:3].mean(), losses[stage][-3:].mean()

@@ -31,7 +31,7 @@ import logging
 import signal
 import sys
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -43,6 +43,7 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec
 from tqdm import tqdm
 
 from pathor1_jax.errors import Pathor1Error, UserError
+from pathor1_jax.kernels.platform import recording_impls
 from pathor1_jax.logical import use_rules
 from pathor1_jax.outputs import check_free_space
 from pathor1_jax.sharding.mesh import make_mesh
@@ -236,6 +237,19 @@ def on_mesh(tree, mesh: Mesh):
     )
 
 
+def where_it_ran(name: str, mesh: Mesh, kernels: Mapping[str, set[str]]) -> str:
+    """`<name>: ran on <devices> × <kind> (<platform>); kernels traced: attention pallas_gpu, ...`: the
+    devices of the run's mesh and the implementations its kernels traced (`impl="auto"` picks them
+    per platform; `kernels.platform.recording_impls`), or "none" when every step was compiled
+    earlier in the process or the op has no kernel (a toy model)."""
+    device = mesh.devices.flat[0]
+    traced = "; ".join(f"{op} {', '.join(sorted(impls))}" for op, impls in sorted(kernels.items()))
+    return (
+        f"{name}: ran on {mesh.devices.size} × {device.device_kind} ({device.platform}); "
+        f"kernels traced: {traced or 'none'}"
+    )
+
+
 class Trainer:
     def __init__(
         self,
@@ -362,9 +376,17 @@ class Trainer:
         )
         lost_peer = False
         try:
-            with _Preemption() as loop.preemption, use_rules(self.mesh, self.rules), self.peer_failures():
+            with (
+                _Preemption() as loop.preemption,
+                use_rules(self.mesh, self.rules),
+                self.peer_failures(),
+                recording_impls() as kernels,
+            ):
                 yield loop
                 self.checkpointer.wait()
+            loop.bar.close()  # its last line before the one below (`finally` closing it again is harmless)
+            if is_main_process():
+                print(where_it_ran(name, self.mesh, kernels), file=sys.stderr)
         except PeerFailure:
             lost_peer = True
             raise
