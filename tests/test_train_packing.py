@@ -131,3 +131,33 @@ def test_labelled_positions_only_gives_the_loss_and_gradients_of_every_position(
     for a, b in zip(flat_every, flat_only, strict=True):
         scale = float(np.abs(a).max()) or 1.0
         np.testing.assert_allclose(b, a, rtol=0, atol=1e-5 * scale)
+
+
+@pytest.mark.parametrize(("chunk", "groups", "labelled"), [(3, 1, True), (4, 2, True), (5, 1, False)])
+def test_chunked_loss_gradients_equal_autodiff_of_the_full_logits(chunk, groups, labelled):
+    """`per_token_nll`'s own backward pass (logits recomputed per chunk, d nll / d logits = softmax −
+    onehot) gives the gradients that autodiff of plain cross-entropy on the whole `[B, T, V]` logits
+    gives, for the hidden states and the head (a closed-over parameter), under any cotangent."""
+    b, t, d, v = 4, 10, 8, 37
+    keys = jax.random.split(jax.random.key(0), 5)
+    hidden = jax.random.normal(keys[0], (b, t, d))
+    head = jax.random.normal(keys[1], (d, v))
+    targets = jax.random.randint(keys[2], (b, t), 0, v)
+    valid = jax.random.bernoulli(keys[3], 0.4, (b, t)) if labelled else None
+    weights = jax.random.normal(keys[4], (b, t))  # a cotangent that is not the token mean's
+
+    def chunked(hidden, head):
+        nll = per_token_nll(hidden, lambda h: h @ head, targets, chunk, valid, groups)
+        return (nll * weights).sum(), nll
+
+    def reference(hidden, head):
+        logp = jax.nn.log_softmax(hidden @ head, axis=-1)
+        nll = -jnp.take_along_axis(logp, targets[..., None], axis=-1)[..., 0]
+        nll = nll if valid is None else jnp.where(valid, nll, 0.0)
+        return (nll * weights).sum(), nll
+
+    (_, got_nll), got = jax.jit(jax.value_and_grad(chunked, (0, 1), has_aux=True))(hidden, head)
+    (_, want_nll), want = jax.jit(jax.value_and_grad(reference, (0, 1), has_aux=True))(hidden, head)
+    np.testing.assert_allclose(got_nll, want_nll, rtol=1e-5, atol=1e-5)
+    for g, w in zip(got, want, strict=True):
+        np.testing.assert_allclose(g, w, rtol=1e-5, atol=1e-5)

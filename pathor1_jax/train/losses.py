@@ -3,8 +3,10 @@
 Labels follow the Hugging Face convention: `labels[t]` is the token that `logits[t - 1]` predicts
 (the shift happens here). In a packed row the first token of a segment is never a target of the
 previous segment's last token: a target counts only when it is in the same segment as its input.
-The LM head is applied in chunks under `jax.checkpoint`, so the `[B, T, V]` logits are never
-materialised whole (forward or backward), and only where a target is: the labelled positions of a
+The LM head is applied in chunks with its own backward pass (`jax.custom_vjp`: each chunk's logits
+recomputed, d nll / d logits = softmax − onehot, the head's gradient summed over chunks in the loop's
+carry), so the `[B, T, V]` logits are never materialised whole, no copy of the head is stacked per
+chunk for the backward pass, and the head is applied only where a target is: the labelled positions of a
 block of rows (the whole batch on one device, each device's rows on a sharded batch) are gathered to
 its front and chunks past the largest block's count are skipped, so an SFT batch whose labels cover
 20% of the positions pays ~20% of the LM head (rounded up to one chunk).
@@ -13,6 +15,7 @@ its front and chunks past the largest block's count are skipped, so an SFT batch
 from __future__ import annotations
 
 from collections.abc import Callable
+from functools import partial
 
 import jax
 import jax.numpy as jnp
@@ -76,28 +79,81 @@ def per_token_nll(
     n = (n_pos + pad) // chunk
     hs = hidden.reshape(groups, n, chunk, d).swapaxes(0, 1)  # [n, G, c, D]
     ts = targets.reshape(groups, n, chunk).swapaxes(0, 1)  # [n, G, c]
-
-    @jax.checkpoint
-    def chunk_nll(h, tgt):
-        logits = logits_fn(h).astype(jnp.float32)  # [G, c, V]
-        picked = jnp.take_along_axis(logits, tgt[..., None], axis=-1)[..., 0]
-        return jax.nn.logsumexp(logits, axis=-1) - picked  # [G, c]
-
-    def skip(h, tgt):
-        return jnp.zeros(tgt.shape, jnp.float32)
-
-    def body(carry, xs):
-        i, h, tgt = xs
-        if order is None:
-            return carry, chunk_nll(h, tgt)
-        return carry, jax.lax.cond(i * chunk < count, chunk_nll, skip, h, tgt)
-
-    _, nll = jax.lax.scan(body, None, (jnp.arange(n), hs, ts))
+    head, consts = jax.closure_convert(lambda h: logits_fn(h).astype(jnp.float32), hs[0])
+    limit = None if order is None else count  # positions of each block to compute (None: all)
+    nll = _chunked_nll(head, chunk, hs, ts, limit, *consts)  # [n, G, c]
     nll = nll.swapaxes(0, 1).reshape(groups, n_pos + pad)[:, :n_pos]  # [G, N]
     if order is not None:
         nll = jnp.take_along_axis(nll, jnp.argsort(order, axis=1), axis=1)  # back to the positions
     nll = nll.reshape(b, t)
     return nll if valid is None else jnp.where(valid, nll, 0.0)
+
+
+def _chunk_logits(head: Callable, h: jax.Array, consts: tuple) -> jax.Array:
+    return head(h, *consts)  # [G, c, V] float32
+
+
+def _run_chunks(chunk: int, limit, body, skip, carry, xs):
+    """`lax.scan` of `body(carry, x)` over the chunks (leading axis of `xs`), `skip` in place of
+    `body` for a chunk at or past `limit` positions (None: none skipped)."""
+
+    def step(carry, ix):
+        i, x = ix
+        if limit is None:
+            return body(carry, x)
+        return jax.lax.cond(i * chunk < limit, body, skip, carry, x)
+
+    n = jax.tree.leaves(xs)[0].shape[0]
+    return jax.lax.scan(step, carry, (jnp.arange(n), xs))
+
+
+@partial(jax.custom_vjp, nondiff_argnums=(0, 1))
+def _chunked_nll(head: Callable, chunk: int, hs, ts, limit, *consts) -> jax.Array:
+    return _chunked_nll_fwd(head, chunk, hs, ts, limit, *consts)[0]
+
+
+def _chunked_nll_fwd(head, chunk, hs, ts, limit, *consts):
+    """Per-chunk NLL `[n, G, c]` and log-sum-exp (the backward pass's only residual besides the
+    inputs): one `[G, c, V]` block of logits at a time."""
+
+    def body(_, x):
+        h, tgt = x
+        logits = _chunk_logits(head, h, consts)
+        lse = jax.nn.logsumexp(logits, axis=-1)  # [G, c]
+        picked = jnp.take_along_axis(logits, tgt[..., None], axis=-1)[..., 0]
+        return None, (lse - picked, lse)
+
+    def skip(_, x):
+        zeros = jnp.zeros(x[1].shape, jnp.float32)
+        return None, (zeros, zeros)
+
+    _, (nll, lse) = _run_chunks(chunk, limit, body, skip, None, (hs, ts))
+    return nll, (hs, ts, limit, lse, consts)
+
+
+def _chunked_nll_bwd(head, chunk, res, g):
+    """Recompute each chunk's logits: d nll / d logits = softmax − onehot(target), scaled by the
+    chunk's cotangent; its VJP through the head gives the hidden states' gradient (per chunk) and
+    the head's (summed over chunks in the carry, never stacked)."""
+    hs, ts, limit, lse, consts = res
+
+    def body(dconsts, x):
+        h, tgt, lse_c, g_c = x
+        logits, head_vjp = jax.vjp(lambda h, *c: _chunk_logits(head, h, c), h, *consts)
+        onehot = jax.lax.broadcasted_iota(jnp.int32, logits.shape, logits.ndim - 1) == tgt[..., None]
+        dlogits = g_c[..., None] * (jnp.exp(logits - lse_c[..., None]) - onehot)
+        dh, *dc = head_vjp(dlogits)
+        return jax.tree.map(jnp.add, dconsts, tuple(dc)), dh
+
+    def skip(dconsts, x):
+        return dconsts, jnp.zeros_like(x[0])
+
+    zeros = jax.tree.map(jnp.zeros_like, consts)
+    dconsts, dhs = _run_chunks(chunk, limit, body, skip, zeros, (hs, ts, lse, g))
+    return (dhs, None, None, *dconsts)
+
+
+_chunked_nll.defvjp(_chunked_nll_fwd, _chunked_nll_bwd)
 
 
 def token_mean_loss(nll: jax.Array, valid: jax.Array) -> jax.Array:
