@@ -263,7 +263,7 @@ def nll(model, micro):
     x = model.embed(micro["input_ids"])
     hidden = model.norm(x + model.down(jax.nn.silu(model.up(x))))
     targets, valid = shifted_targets(micro["labels"], micro["segment_ids"])
-    return per_token_nll(hidden, model.embed.attend, targets, chunk=8), valid
+    return per_token_nll(hidden, model.embed.embedding[...].T, targets, chunk=8), valid
 
 make = lambda: Toy(nnx.Rngs(0))
 mesh, rules = make_mesh({"fsdp": 8}), preset("fsdp")

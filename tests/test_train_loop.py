@@ -42,7 +42,8 @@ class ToyLM(nnx.Module):
 
 def toy_nll(model: ToyLM, micro: dict) -> tuple[jax.Array, jax.Array]:
     targets, valid = shifted_targets(micro["labels"], micro["segment_ids"])
-    return per_token_nll(model.hidden(micro["input_ids"]), model.embed.attend, targets, chunk=32), valid
+    head = model.embed.embedding[...].astype(model.embed.dtype).T  # tied: [D, V]
+    return per_token_nll(model.hidden(micro["input_ids"]), head, targets, chunk=32), valid
 
 
 TOY_STEP = jit_step(toy_nll)

@@ -116,7 +116,8 @@ def test_labelled_positions_only_gives_the_loss_and_gradients_of_every_position(
             image_feature_index=batch["image_feature_index"],
         )
         targets, valid = shifted_targets(batch["labels"], batch["segment_ids"])
-        nll = per_token_nll(hidden, model.logits, targets, chunk, valid if labelled else None, groups)
+        head = model.lm_head_kernel()
+        nll = per_token_nll(hidden, head, targets, chunk, valid if labelled else None, groups)
         return token_mean_loss(nll, valid), jnp.where(valid, nll, 0.0)
 
     grad = jax.jit(jax.value_and_grad(loss, has_aux=True), static_argnums=1)
@@ -133,11 +134,14 @@ def test_labelled_positions_only_gives_the_loss_and_gradients_of_every_position(
         np.testing.assert_allclose(b, a, rtol=0, atol=1e-5 * scale)
 
 
-@pytest.mark.parametrize(("chunk", "groups", "labelled"), [(3, 1, True), (4, 2, True), (5, 1, False)])
-def test_chunked_loss_gradients_equal_autodiff_of_the_full_logits(chunk, groups, labelled):
-    """`per_token_nll`'s own backward pass (logits recomputed per chunk, d nll / d logits = softmax −
-    onehot) gives the gradients that autodiff of plain cross-entropy on the whole `[B, T, V]` logits
-    gives, for the hidden states and the head (a closed-over parameter), under any cotangent."""
+@pytest.mark.parametrize(
+    ("chunk", "groups", "labelled", "tile"), [(3, 1, True, 8), (4, 2, True, 37), (5, 1, False, 16)]
+)
+def test_chunked_loss_gradients_equal_autodiff_of_the_full_logits(chunk, groups, labelled, tile):
+    """`per_token_nll`'s own backward pass (logits recomputed per chunk and vocabulary tile, the
+    last tile overlapping the one before; d nll / d logits = softmax − onehot) gives the gradients
+    that autodiff of plain cross-entropy on the whole `[B, T, V]` logits gives, for the hidden states
+    and the head, under any cotangent."""
     b, t, d, v = 4, 10, 8, 37
     keys = jax.random.split(jax.random.key(0), 5)
     hidden = jax.random.normal(keys[0], (b, t, d))
@@ -147,7 +151,7 @@ def test_chunked_loss_gradients_equal_autodiff_of_the_full_logits(chunk, groups,
     weights = jax.random.normal(keys[4], (b, t))  # a cotangent that is not the token mean's
 
     def chunked(hidden, head):
-        nll = per_token_nll(hidden, lambda h: h @ head, targets, chunk, valid, groups)
+        nll = per_token_nll(hidden, head, targets, chunk, valid, groups, tile)
         return (nll * weights).sum(), nll
 
     def reference(hidden, head):

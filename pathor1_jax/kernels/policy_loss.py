@@ -526,6 +526,30 @@ _fused_logprobs.defvjp(_fused_fwd, _fused_bwd)
 # --------------------------------------------------------------------------------------- public
 
 
+def vocab_tiled_logprobs(
+    hidden: jax.Array, lm_head: jax.Array, tokens: jax.Array, tile: int = CHUNKED_VOCAB_TILE
+) -> tuple[jax.Array, jax.Array]:
+    """The chunked implementation's forward pass, no custom VJP: log-prob and log-sum-exp `[B, T]`
+    (float32) of `tokens`, over `tile`-column blocks of the head `[D, V]` (the whole head when
+    `tile >= V`). For a caller with its own backward pass (`vocab_tiled_grads`)."""
+    cfg = _Config("chunked", lm_head.shape[1], min(tile, lm_head.shape[1]), None, False, None)
+    return _local_forward(cfg, hidden, lm_head, tokens)
+
+
+def vocab_tiled_grads(
+    hidden: jax.Array,
+    lm_head: jax.Array,
+    tokens: jax.Array,
+    lse: jax.Array,
+    g: jax.Array,
+    tile: int = CHUNKED_VOCAB_TILE,
+) -> tuple[jax.Array, jax.Array]:
+    """dh `[B, T, D]` and dW `[D, V]` of `sum(g * logp)` (`lse` from `vocab_tiled_logprobs`), the
+    logits recomputed block by block."""
+    cfg = _Config("chunked", lm_head.shape[1], min(tile, lm_head.shape[1]), None, False, None)
+    return _local_backward(cfg, hidden, lm_head, tokens, lse, g.astype(jnp.float32))
+
+
 def token_logprobs_reference(hidden: jax.Array, lm_head: jax.Array, tokens: jax.Array) -> jax.Array:
     """Plain-jnp per-token log-probs `[B, T]` float32 (materialises the `[B, T, V]` float32 logits)."""
     logits = jnp.einsum("btd,dv->btv", hidden, lm_head, preferred_element_type=jnp.float32)

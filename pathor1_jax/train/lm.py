@@ -13,6 +13,7 @@ from __future__ import annotations
 import jax
 import numpy as np
 
+from pathor1_jax.kernels.policy_loss import CHUNKED_VOCAB_TILE
 from pathor1_jax.logical import current_rules
 from pathor1_jax.models import qwen2_5_vl
 from pathor1_jax.sharding.multihost import batch_parts
@@ -72,7 +73,9 @@ def lm_nll(
     """Per-token NLL `[B, T]` of the next token (computed only where valid, 0 elsewhere) and its
     validity mask (labels != -100, same segment). The LM head's positions are gathered per block of
     rows that one device holds (the batch's shards in the current `use_rules` context; all rows
-    outside one), `chunk` per row at a time."""
+    outside one), `chunk` per row at a time; on one device the head is taken `CHUNKED_VOCAB_TILE`
+    columns at a time (a block of logits that stays in cache), on a mesh whole (partitioned as the
+    head is)."""
     hidden = model.hidden_states(
         micro["input_ids"],
         pixel_values=micro["pixel_values"],
@@ -84,4 +87,8 @@ def lm_nll(
     targets, valid = shifted_targets(micro["labels"], micro["segment_ids"])
     ctx = current_rules()
     groups = 1 if ctx is None else batch_parts(*ctx)
-    return per_token_nll(hidden, model.logits, targets, chunk, valid, groups), valid
+    head = model.lm_head_kernel().astype(model.dtype)  # [D, V], as `model.logits` computes
+    one_device = ctx is None or ctx[0].size == 1
+    tile = CHUNKED_VOCAB_TILE if one_device else head.shape[1]
+    nll = per_token_nll(hidden.astype(model.dtype), head, targets, chunk, valid, groups, tile)
+    return nll, valid

@@ -14,11 +14,12 @@ its front and chunks past the largest block's count are skipped, so an SFT batch
 
 from __future__ import annotations
 
-from collections.abc import Callable
 from functools import partial
 
 import jax
 import jax.numpy as jnp
+
+from pathor1_jax.kernels.policy_loss import CHUNKED_VOCAB_TILE, vocab_tiled_grads, vocab_tiled_logprobs
 
 IGNORE_INDEX = -100
 
@@ -39,14 +40,17 @@ def shifted_targets(labels: jax.Array, segment_ids: jax.Array | None) -> tuple[j
 
 def per_token_nll(
     hidden: jax.Array,
-    logits_fn: Callable[[jax.Array], jax.Array],
+    lm_head: jax.Array,
     targets: jax.Array,
     chunk: int = 256,
     valid: jax.Array | None = None,
     groups: int = 1,
+    vocab_tile: int = CHUNKED_VOCAB_TILE,
 ) -> jax.Array:
-    """Negative log-likelihood `[B, T]` of `targets` under `logits_fn(hidden)`, `chunk` positions
-    per row at a time. hidden `[B, T, D]`; `logits_fn` maps `[G, c, D]` → float32 logits `[G, c, V]`.
+    """Negative log-likelihood `[B, T]` of `targets` under `softmax(hidden @ lm_head)`, `chunk`
+    positions per row at a time, `vocab_tile` columns of the head at a time (the whole vocabulary
+    when it is larger: one block of logits per chunk). hidden `[B, T, D]`, lm_head `[D, V]`, in the
+    dtype the matmul runs in (float32 accumulation and logits).
 
     valid `[B, T]` bool: compute only there (0 elsewhere). The rows are taken in `groups` blocks of
     consecutive rows (1: the whole batch; a sharded batch: its number of shards, so that a block
@@ -65,13 +69,13 @@ def per_token_nll(
     hidden = hidden.reshape(groups, n_pos, d)
     targets = targets.reshape(groups, n_pos)
     chunk = min(chunk * (b // groups), n_pos)
-    order = None
+    order = limit = None  # limit: positions of each block to compute (None: all)
     if valid is not None:
         flat_valid = valid.reshape(groups, n_pos)
         order = jnp.argsort(~flat_valid, axis=1, stable=True)  # [G, N]: each block's valid first
         hidden = jnp.take_along_axis(hidden, order[..., None], axis=1)
         targets = jnp.take_along_axis(targets, order, axis=1)
-        count = flat_valid.sum(axis=1).max()  # chunks at or past it hold no valid position of any block
+        limit = flat_valid.sum(axis=1).max()  # chunks at or past it hold no valid position of any block
     pad = -n_pos % chunk
     if pad:
         hidden = jnp.pad(hidden, ((0, 0), (0, pad), (0, 0)))
@@ -79,18 +83,12 @@ def per_token_nll(
     n = (n_pos + pad) // chunk
     hs = hidden.reshape(groups, n, chunk, d).swapaxes(0, 1)  # [n, G, c, D]
     ts = targets.reshape(groups, n, chunk).swapaxes(0, 1)  # [n, G, c]
-    head, consts = jax.closure_convert(lambda h: logits_fn(h).astype(jnp.float32), hs[0])
-    limit = None if order is None else count  # positions of each block to compute (None: all)
-    nll = _chunked_nll(head, chunk, hs, ts, limit, *consts)  # [n, G, c]
+    nll = _chunked_nll(chunk, vocab_tile, hs, ts, limit, lm_head)  # [n, G, c]
     nll = nll.swapaxes(0, 1).reshape(groups, n_pos + pad)[:, :n_pos]  # [G, N]
     if order is not None:
         nll = jnp.take_along_axis(nll, jnp.argsort(order, axis=1), axis=1)  # back to the positions
     nll = nll.reshape(b, t)
     return nll if valid is None else jnp.where(valid, nll, 0.0)
-
-
-def _chunk_logits(head: Callable, h: jax.Array, consts: tuple) -> jax.Array:
-    return head(h, *consts)  # [G, c, V] float32
 
 
 def _run_chunks(chunk: int, limit, body, skip, carry, xs):
@@ -108,49 +106,44 @@ def _run_chunks(chunk: int, limit, body, skip, carry, xs):
 
 
 @partial(jax.custom_vjp, nondiff_argnums=(0, 1))
-def _chunked_nll(head: Callable, chunk: int, hs, ts, limit, *consts) -> jax.Array:
-    return _chunked_nll_fwd(head, chunk, hs, ts, limit, *consts)[0]
+def _chunked_nll(chunk: int, vocab_tile: int, hs, ts, limit, lm_head) -> jax.Array:
+    return _chunked_nll_fwd(chunk, vocab_tile, hs, ts, limit, lm_head)[0]
 
 
-def _chunked_nll_fwd(head, chunk, hs, ts, limit, *consts):
+def _chunked_nll_fwd(chunk, vocab_tile, hs, ts, limit, lm_head):
     """Per-chunk NLL `[n, G, c]` and log-sum-exp (the backward pass's only residual besides the
-    inputs): one `[G, c, V]` block of logits at a time."""
+    inputs), the head applied block by block (`vocab_tiled_logprobs`)."""
 
     def body(_, x):
         h, tgt = x
-        logits = _chunk_logits(head, h, consts)
-        lse = jax.nn.logsumexp(logits, axis=-1)  # [G, c]
-        picked = jnp.take_along_axis(logits, tgt[..., None], axis=-1)[..., 0]
-        return None, (lse - picked, lse)
+        logp, lse = vocab_tiled_logprobs(h, lm_head, tgt, vocab_tile)
+        return None, (-logp, lse)
 
     def skip(_, x):
         zeros = jnp.zeros(x[1].shape, jnp.float32)
         return None, (zeros, zeros)
 
     _, (nll, lse) = _run_chunks(chunk, limit, body, skip, None, (hs, ts))
-    return nll, (hs, ts, limit, lse, consts)
+    return nll, (hs, ts, limit, lse, lm_head)
 
 
-def _chunked_nll_bwd(head, chunk, res, g):
-    """Recompute each chunk's logits: d nll / d logits = softmax − onehot(target), scaled by the
-    chunk's cotangent; its VJP through the head gives the hidden states' gradient (per chunk) and
-    the head's (summed over chunks in the carry, never stacked)."""
-    hs, ts, limit, lse, consts = res
+def _chunked_nll_bwd(chunk, vocab_tile, res, g):
+    """Each chunk's logits recomputed block by block (`vocab_tiled_grads`: d nll / d logits =
+    softmax − onehot): the hidden states' gradient per chunk, the head's summed over the chunks
+    in the loop's carry (float32), never stacked."""
+    hs, ts, limit, lse, lm_head = res
 
-    def body(dconsts, x):
+    def body(dw, x):
         h, tgt, lse_c, g_c = x
-        logits, head_vjp = jax.vjp(lambda h, *c: _chunk_logits(head, h, c), h, *consts)
-        onehot = jax.lax.broadcasted_iota(jnp.int32, logits.shape, logits.ndim - 1) == tgt[..., None]
-        dlogits = g_c[..., None] * (jnp.exp(logits - lse_c[..., None]) - onehot)
-        dh, *dc = head_vjp(dlogits)
-        return jax.tree.map(jnp.add, dconsts, tuple(dc)), dh
+        dh, dw_c = vocab_tiled_grads(h, lm_head, tgt, lse_c, -g_c, vocab_tile)
+        return dw + dw_c.astype(jnp.float32), dh
 
-    def skip(dconsts, x):
-        return dconsts, jnp.zeros_like(x[0])
+    def skip(dw, x):
+        return dw, jnp.zeros_like(x[0])
 
-    zeros = jax.tree.map(jnp.zeros_like, consts)
-    dconsts, dhs = _run_chunks(chunk, limit, body, skip, zeros, (hs, ts, lse, g))
-    return (dhs, None, None, *dconsts)
+    zeros = jnp.zeros(lm_head.shape, jnp.float32)
+    dw, dhs = _run_chunks(chunk, limit, body, skip, zeros, (hs, ts, lse, g))
+    return dhs, None, None, dw.astype(lm_head.dtype)
 
 
 _chunked_nll.defvjp(_chunked_nll_fwd, _chunked_nll_bwd)
