@@ -29,6 +29,27 @@ def test_per_row_sampling_rules():
     assert (np.asarray(steps.sample_token(logits, key, jnp.full((4,), 0.7), jnp.ones(4))) == unfiltered).all()
 
 
+def test_categorical_draws_what_jax_random_categorical_draws():
+    """The sampler's Gumbel-max (unrolled Threefry bits, argmax by `top_k`) is `jax.random.categorical`
+    bit for bit: the same bits for any shape, the same token for every key on Qwen's vocabulary,
+    including rows whose best logits tie (the lowest index wins) and rows masked to -inf."""
+    from pathor1_jax.models.threefry import as_unrolled
+
+    for shape in [(1,), (7, 5), (3, 4, 5)]:
+        key = jax.random.key(shape[0])
+        assert (jax.random.bits(as_unrolled(key), shape) == jax.random.bits(key, shape)).all()
+    assert (
+        jax.random.bits(as_unrolled(jax.random.PRNGKey(3)), (9,))
+        == jax.random.bits(jax.random.PRNGKey(3), (9,))
+    ).all()
+    logits = jax.random.normal(jax.random.key(0), (16, 151936)) * 4
+    logits = logits.at[0].set(0.0).at[1, ::2].set(-jnp.inf)  # a row of ties; a half-masked row
+    ours = jax.jit(jax.vmap(steps.categorical, in_axes=(0, None)))
+    theirs = jax.jit(jax.vmap(lambda k, x: jax.random.categorical(k, x, axis=-1), in_axes=(0, None)))
+    keys = jax.random.split(jax.random.key(7), 12)
+    np.testing.assert_array_equal(ours(keys, logits), theirs(keys, logits))
+
+
 def test_prefill_then_decode_chunks_equals_generate():
     model = qwen2_5_vl.Qwen2_5_VLForConditionalGeneration(
         qwen2_5_vl.tiny_config(num_hidden_layers=1), rngs=nnx.Rngs(0)

@@ -21,6 +21,8 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from pathor1_jax.models.threefry import as_unrolled
+
 from .modeling import KVCache, Qwen2_5_VLForConditionalGeneration, prepare_inputs
 
 
@@ -45,8 +47,18 @@ def sample_token(logits: jax.Array, key: jax.Array, temperature, top_p=None, top
         mass_before = jnp.cumsum(probs, axis=-1) - probs
         cutoff = jnp.min(jnp.where(mass_before < p, sorted_logits, jnp.inf), axis=-1, keepdims=True)
         logits = jnp.where((p < 1.0) & (logits < cutoff), -jnp.inf, logits)
-    sampled = jax.random.categorical(key, logits, axis=-1).astype(jnp.int32)
+    sampled = categorical(key, logits)
     return jnp.where(temperature > 0, sampled, greedy)
+
+
+def categorical(key: jax.Array, logits: jax.Array) -> jax.Array:
+    """`jax.random.categorical(key, logits, axis=-1)` as int32, the same draws, ~6x cheaper on CPU
+    over a 151,936-token vocabulary: the same Gumbel noise from the unrolled Threefry (see
+    `models.threefry`), and its argmax as `lax.top_k(·, 1)` (the lowest index first among equals, as
+    argmax), which XLA does not fuse with the noise. Fused into the argmax's reduction, the noise
+    was computed element by element, unvectorised (~120 CPU-ms per 16-row decode step, now ~20)."""
+    noisy = jax.random.gumbel(as_unrolled(key), logits.shape, logits.dtype) + logits
+    return jax.lax.top_k(noisy, 1)[1][..., 0].astype(jnp.int32)
 
 
 @jax.tree_util.register_dataclass
