@@ -129,6 +129,14 @@ def test_token_logprobs_match_reference(batch, impl, small_tiles):
     assert max_rel_err(out, ref) <= TOL
     for grad, ref_grad in zip(vjp(cotangent), ref_vjp(cotangent), strict=True):
         assert max_rel_err(grad, ref_grad) <= TOL
+    # with `valid`: 0 elsewhere; the chunked impl computes only the valid positions (gathered)
+    valid = batch[-1] > 0
+    out, vjp = jax.vjp(lambda h, w: token_logprobs(h, w, tokens, impl=impl, valid=valid), hidden, lm_head)
+    assert max_rel_err(out, jnp.where(valid, ref, 0.0)) <= TOL
+    assert np.all(np.asarray(out)[~np.asarray(valid)] == 0)
+    masked = jnp.where(valid, cotangent, 0.0)
+    for grad, ref_grad in zip(vjp(cotangent), ref_vjp(masked), strict=True):
+        assert max_rel_err(grad, ref_grad) <= TOL
 
 
 @pytest.mark.parametrize(

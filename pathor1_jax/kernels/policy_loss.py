@@ -78,6 +78,9 @@ from pathor1_jax.kernels.platform import note_impl, target_device_kind, target_p
 AGG_MODES = ("token-mean", "seq-mean-token-mean", "group-mean-token-mean")
 IMPLS = ("auto", "xla", "chunked", "pallas")
 CHUNKED_VOCAB_TILE = 8192  # chunked XLA: every row at once, 8192 vocabulary columns per step
+# chunked XLA with a `valid` mask: positions per row of a chunk of gathered valid positions (a GRPO
+# mini-batch of 8 rows: 64 positions, so a 48-token response budget half used pays ~half the head)
+GATHERED_ROW_CHUNK = 8
 # Pallas: the kernels run over chunks of this many head columns (rounded to the tiles), each
 # all-gathered over the mesh axes that split the head's model dimension, and dW is
 # reduce-scattered chunk by chunk: per-device memory holds one chunk of W and dW, not the head.
@@ -526,28 +529,116 @@ _fused_logprobs.defvjp(_fused_fwd, _fused_bwd)
 # --------------------------------------------------------------------------------------- public
 
 
-def vocab_tiled_logprobs(
-    hidden: jax.Array, lm_head: jax.Array, tokens: jax.Array, tile: int = CHUNKED_VOCAB_TILE
-) -> tuple[jax.Array, jax.Array]:
-    """The chunked implementation's forward pass, no custom VJP: log-prob and log-sum-exp `[B, T]`
-    (float32) of `tokens`, over `tile`-column blocks of the head `[D, V]` (the whole head when
-    `tile >= V`). For a caller with its own backward pass (`vocab_tiled_grads`)."""
-    cfg = _Config("chunked", lm_head.shape[1], min(tile, lm_head.shape[1]), None, False, None)
-    return _local_forward(cfg, hidden, lm_head, tokens)
-
-
-def vocab_tiled_grads(
+def gathered_logprobs(
     hidden: jax.Array,
     lm_head: jax.Array,
     tokens: jax.Array,
-    lse: jax.Array,
-    g: jax.Array,
-    tile: int = CHUNKED_VOCAB_TILE,
-) -> tuple[jax.Array, jax.Array]:
-    """dh `[B, T, D]` and dW `[D, V]` of `sum(g * logp)` (`lse` from `vocab_tiled_logprobs`), the
-    logits recomputed block by block."""
-    cfg = _Config("chunked", lm_head.shape[1], min(tile, lm_head.shape[1]), None, False, None)
-    return _local_backward(cfg, hidden, lm_head, tokens, lse, g.astype(jnp.float32))
+    valid: jax.Array | None = None,
+    *,
+    chunk: int,
+    groups: int = 1,
+    vocab_tile: int = CHUNKED_VOCAB_TILE,
+) -> jax.Array:
+    """Log-probability `[B, T]` (float32) of `tokens` under `softmax(hidden @ lm_head)`, computed
+    only where `valid` (0 elsewhere; None: everywhere), in plain XLA with its own backward pass.
+
+    The rows are taken in `groups` blocks of consecutive rows (1: the whole batch; a sharded batch:
+    its number of shards, so that a block never leaves its device); each block's valid positions
+    are moved to its front (stable, so in order) and taken `B / groups · chunk` at a time, a chunk
+    that no block reaches skipped (`lax.cond`, forward and backward): the cost follows the largest
+    block's count of valid positions, not B · T. Each chunk applies the head `vocab_tile` columns at
+    a time (the chunked implementation's online log-sum-exp; the whole vocabulary when it is
+    smaller), and the backward pass recomputes them (d logp / d logits = onehot − softmax), summing
+    the head's gradient over the chunks in the loop's carry. Every position's value is its own
+    row's: the grouping changes only which positions share a chunk."""
+    b, t, d = hidden.shape
+    if valid is None:
+        groups = b  # every position computed, one row per block: nothing to move
+    elif b % groups:
+        raise ValueError(f"gathered_logprobs: {b} rows do not split into {groups} blocks")
+    n_pos = b // groups * t  # positions per block
+    hidden = hidden.reshape(groups, n_pos, d)
+    tokens = tokens.reshape(groups, n_pos).astype(jnp.int32)
+    chunk = min(chunk * (b // groups), n_pos)
+    order = limit = None  # limit: positions of each block to compute (None: all)
+    if valid is not None:
+        flat_valid = valid.reshape(groups, n_pos)
+        order = jnp.argsort(~flat_valid, axis=1, stable=True)  # [G, N]: each block's valid first
+        hidden = jnp.take_along_axis(hidden, order[..., None], axis=1)
+        tokens = jnp.take_along_axis(tokens, order, axis=1)
+        limit = flat_valid.sum(axis=1).max()  # chunks at or past it hold no valid position of any block
+    pad = -n_pos % chunk
+    if pad:
+        hidden = jnp.pad(hidden, ((0, 0), (0, pad), (0, 0)))
+        tokens = jnp.pad(tokens, ((0, 0), (0, pad)))
+    n = (n_pos + pad) // chunk
+    hs = hidden.reshape(groups, n, chunk, d).swapaxes(0, 1)  # [n, G, c, D]
+    ts = tokens.reshape(groups, n, chunk).swapaxes(0, 1)  # [n, G, c]
+    logp = _gathered(chunk, vocab_tile, hs, ts, limit, lm_head)  # [n, G, c]
+    logp = logp.swapaxes(0, 1).reshape(groups, n_pos + pad)[:, :n_pos]  # [G, N]
+    if order is not None:
+        logp = jnp.take_along_axis(logp, jnp.argsort(order, axis=1), axis=1)  # back to the positions
+    logp = logp.reshape(b, t)
+    return logp if valid is None else jnp.where(valid, logp, 0.0)
+
+
+def _over_row_chunks(chunk: int, limit, body, skip, carry, xs):
+    """`lax.scan` of `body(carry, x)` over the chunks (leading axis of `xs`), `skip` in place of
+    `body` for a chunk at or past `limit` positions (None: none skipped)."""
+
+    def step(carry, ix):
+        i, x = ix
+        if limit is None:
+            return body(carry, x)
+        return lax.cond(i * chunk < limit, body, skip, carry, x)
+
+    n = jax.tree.leaves(xs)[0].shape[0]
+    return lax.scan(step, carry, (jnp.arange(n), xs))
+
+
+def _tiled_config(lm_head: jax.Array, vocab_tile: int) -> _Config:
+    return _Config("chunked", lm_head.shape[1], min(vocab_tile, lm_head.shape[1]), None, False, None)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(0, 1))
+def _gathered(chunk: int, vocab_tile: int, hs, ts, limit, lm_head) -> jax.Array:
+    return _gathered_fwd(chunk, vocab_tile, hs, ts, limit, lm_head)[0]
+
+
+def _gathered_fwd(chunk, vocab_tile, hs, ts, limit, lm_head):
+    """Per-chunk log-probs `[n, G, c]` and log-sum-exp (the backward pass's only residual besides
+    the inputs)."""
+    cfg = _tiled_config(lm_head, vocab_tile)
+
+    def body(_, x):
+        return None, _local_forward(cfg, x[0], lm_head, x[1])
+
+    def skip(_, x):
+        zeros = jnp.zeros(x[1].shape, jnp.float32)
+        return None, (zeros, zeros)
+
+    _, (logp, lse) = _over_row_chunks(chunk, limit, body, skip, None, (hs, ts))
+    return logp, (hs, ts, limit, lse, lm_head)
+
+
+def _gathered_bwd(chunk, vocab_tile, res, g):
+    hs, ts, limit, lse, lm_head = res
+    cfg = _tiled_config(lm_head, vocab_tile)
+
+    def body(dw, x):
+        h, tok, lse_c, g_c = x
+        dh, dw_c = _local_backward(cfg, h, lm_head, tok, lse_c, g_c.astype(jnp.float32))
+        return dw + dw_c.astype(jnp.float32), dh
+
+    def skip(dw, x):
+        return dw, jnp.zeros_like(x[0])
+
+    zeros = jnp.zeros(lm_head.shape, jnp.float32)
+    dw, dhs = _over_row_chunks(chunk, limit, body, skip, zeros, (hs, ts, lse, g))
+    return dhs, None, None, dw.astype(lm_head.dtype)
+
+
+_gathered.defvjp(_gathered_fwd, _gathered_bwd)
 
 
 def token_logprobs_reference(hidden: jax.Array, lm_head: jax.Array, tokens: jax.Array) -> jax.Array:
@@ -603,13 +694,16 @@ def token_logprobs(
     *,
     temperature: float = 1.0,
     impl: str = "auto",
+    valid: jax.Array | None = None,
 ) -> jax.Array:
     """Log-probability `[B, T]` (float32) of `tokens` under `softmax(hidden @ lm_head / temperature)`.
 
     hidden `[B, T, D]`, lm_head `[D, V]`, tokens `[B, T]` int. Tiled over the vocabulary for
     impl "chunked" (`CHUNKED_VOCAB_TILE` columns per step) and "pallas" (tiles from
     `pallas_tiles` for the target chip), see the module doc. `temperature` (a Python float > 0)
-    divides the hidden states before the dispatch.
+    divides the hidden states before the dispatch. `valid` `[B, T]` bool: 0 elsewhere; the chunked
+    impl then computes only the valid positions (`gathered_logprobs`, `GATHERED_ROW_CHUNK` per row
+    at a time), the others everywhere.
     """
     if hidden.ndim != 3 or lm_head.ndim != 2 or hidden.shape[-1] != lm_head.shape[0]:
         raise ValueError(
@@ -623,6 +717,32 @@ def token_logprobs(
         hidden = hidden / jnp.asarray(temperature, hidden.dtype)  # logits / T = (hidden / T) @ W
     impl = _resolve_impl(impl, target_platform())
     note_impl("policy_loss", impl)
+    if impl == "chunked" and valid is not None:
+        groups = _row_blocks(hidden.shape[0])
+        return gathered_logprobs(
+            hidden,
+            lm_head,
+            tokens,
+            valid,
+            chunk=GATHERED_ROW_CHUNK,
+            groups=groups,
+            vocab_tile=CHUNKED_VOCAB_TILE,
+        )
+    logp = _token_logprobs(hidden, lm_head, tokens, impl)
+    return logp if valid is None else jnp.where(valid, logp, 0.0)
+
+
+def _row_blocks(b: int) -> int:
+    """The blocks of rows the batch axes of the rules in context split `b` rows into (1 outside)."""
+    ctx = logical.current_rules()
+    if ctx is None:
+        return 1
+    mesh, rules = ctx
+    parts = math.prod(mesh.shape[a] for a in _axes(logical.logical_to_spec(("batch",), rules)[0]))
+    return parts if b % parts == 0 else 1
+
+
+def _token_logprobs(hidden: jax.Array, lm_head: jax.Array, tokens: jax.Array, impl: str) -> jax.Array:
     if impl == "xla":
         return token_logprobs_reference(hidden, lm_head, tokens)
     (b, t, d), vocab = hidden.shape, lm_head.shape[1]
@@ -746,7 +866,10 @@ def clipped_policy_loss(
             raise ValueError(f"clipped_policy_loss: {name} {x.shape} must be [B, T] = {(b, t)}")
     if advantages.shape != (b,):
         raise ValueError(f"clipped_policy_loss: advantages {advantages.shape} must be [B] = {(b,)}")
-    logp = token_logprobs(hidden, lm_head, tokens, temperature=temperature, impl=impl)
+    valid = mask > 0
+    logp = token_logprobs(hidden, lm_head, tokens, temperature=temperature, impl=impl, valid=valid)
+    # off the response the log-prob is not computed: π_old's there, so every ratio stays 1 (finite)
+    logp = jnp.where(valid, logp, old_logprobs)
     return clipped_surrogate(
         logp,
         old_logprobs,

@@ -20,7 +20,6 @@ from collections.abc import Callable, Sequence
 from functools import partial
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
@@ -378,9 +377,14 @@ def response_logprobs(
     distribution softmax(logits / temperature), no gradient."""
     hidden = response_hidden(model, inputs)
     logprobs = token_logprobs(
-        hidden, model.lm_head_kernel(), inputs["targets"], temperature=temperature, impl=impl
+        hidden,
+        model.lm_head_kernel(),
+        inputs["targets"],
+        temperature=temperature,
+        impl=impl,
+        valid=inputs["response_mask"] > 0,
     )
-    return jax.lax.stop_gradient(jnp.where(inputs["response_mask"] > 0, logprobs, 0.0))
+    return jax.lax.stop_gradient(logprobs)
 
 
 def minibatch_rows(num_groups: int, group_size: int, groups_per_minibatch: int) -> list[np.ndarray]:
