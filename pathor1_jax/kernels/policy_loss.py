@@ -32,7 +32,9 @@ smaller one, i.e. clipping removes the gradient), `mean_ratio`, `kl` (k3; 0 with
 Implementations (`impl`): "xla" (reference: materialises the float32 logits), "chunked" (plain
 JAX loop over vocabulary tiles, custom_vjp), "pallas" (Mosaic TPU kernels; CPU needs
 `PATHOR1_PALLAS_INTERPRET=1`), "auto" (pallas when the target is a TPU — the devices of the mesh in
-context, abstract ones included, else JAX's backend — chunked elsewhere).
+context, abstract ones included, else JAX's backend — chunked elsewhere). Given a `valid` mask (the
+response tokens), chunked computes only those positions (`gathered_logprobs`: gathered to the front,
+in row chunks, a chunk past the last valid position skipped), as the CPT/SFT cross-entropy does.
 
 Pallas kernels: a forward kernel (online log-sum-exp and the token's logit per row block), a dh
 kernel (rows parallel, vocabulary accumulated) and a dW kernel (vocabulary parallel, rows
