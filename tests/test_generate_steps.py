@@ -31,7 +31,7 @@ def test_per_row_sampling_rules():
 
 def test_categorical_draws_what_jax_random_categorical_draws():
     """The sampler's Gumbel-max (unrolled Threefry bits, argmax by `top_k`) is `jax.random.categorical`
-    bit for bit: the same bits for any shape, the same token for every key on Qwen's vocabulary,
+    bit for bit: the same bits for any shape, the same token for every key on a wide vocabulary,
     including rows whose best logits tie (the lowest index wins) and rows masked to -inf."""
     from pathor1_jax.models.threefry import as_unrolled
 
@@ -42,11 +42,11 @@ def test_categorical_draws_what_jax_random_categorical_draws():
         jax.random.bits(as_unrolled(jax.random.PRNGKey(3)), (9,))
         == jax.random.bits(jax.random.PRNGKey(3), (9,))
     ).all()
-    logits = jax.random.normal(jax.random.key(0), (16, 151936)) * 4
+    logits = jax.random.normal(jax.random.key(0), (6, 30000)) * 4
     logits = logits.at[0].set(0.0).at[1, ::2].set(-jnp.inf)  # a row of ties; a half-masked row
     ours = jax.jit(jax.vmap(steps.categorical, in_axes=(0, None)))
     theirs = jax.jit(jax.vmap(lambda k, x: jax.random.categorical(k, x, axis=-1), in_axes=(0, None)))
-    keys = jax.random.split(jax.random.key(7), 12)
+    keys = jax.random.split(jax.random.key(7), 8)
     np.testing.assert_array_equal(ours(keys, logits), theirs(keys, logits))
 
 
