@@ -94,7 +94,7 @@ def compile_cli(capsys, *argv) -> tuple[int, str, str]:
 
 @pytest.fixture(scope="module")
 def tiny_v5e_8(tmp_path_factory):
-    """`pathor1 compile` of the demo SFT config (tiny model, 4 rows x 256 tokens and 128 patches per
+    """`pathor1 compile` of the demo SFT config (tiny model, 4 rows x 256 tokens and 256 patches per
     host) for v5e-8, run once: exit code, stdout and the JSON."""
     out = tmp_path_factory.mktemp("compile") / "report.json"
     stdout = io.StringIO()  # capsys is function-scoped

@@ -179,15 +179,29 @@ def test_array_record_roundtrip_through_tfds_and_grain(data_dir):
         ArrayRecordSource(data_dir / "ar", "val")
 
 
+def name_of(record_id: str) -> str:
+    return bdd.SOURCES[tile_class(record_id)]["tissue"].capitalize()
+
+
 def test_demo_data_answers_follow_from_the_pixels():
     files = os.listdir(demo_dir())
     assert "LICENSE.txt" in files and "manifest.json" in files
     tiles = os.listdir(os.path.join(demo_dir(), "tiles"))
     assert len(tiles) == 480
     assert sum(os.path.getsize(os.path.join(demo_dir(), "tiles", t)) for t in tiles) < 3_000_000
-    counts = {(k, s): len(demo_records(k, s)) for k in ("caption", "chat", "mcq") for s in ("train", "test")}
-    per_tile = {"caption": 1, "chat": 2, "mcq": 1}  # a chat per question (tissue, density), one MCQ
+    kinds = ("caption", "name", "chat", "mcq")
+    counts = {(k, s): len(demo_records(k, s)) for k in kinds for s in ("train", "test")}
+    # a descriptive caption and the tissue's name; a chat per question (tissue, density) and one of
+    # the name caption; one MCQ
+    per_tile = {"caption": 1, "name": 1, "chat": 3, "mcq": 1}
     assert counts == {(k, s): per_tile[k] * (390 if s == "train" else 90) for k, s in counts}
+    for split in ("train", "test"):  # the name caption and the tissue chat's reasoning name the tissue
+        for name in demo_records("name", split):
+            assert name.caption == name_of(name.id) + ".", name.id
+        for chat in demo_records("chat", split):
+            if "-tissue-" in chat.id:
+                think = chat.messages[-1].content.removeprefix("<think>\n")
+                assert think.startswith(name_of(chat.id) + ": "), chat.id
     train_tiles = {r.image.path for r in demo_records("caption", "train")}
     test_tiles = {r.image.path for r in demo_records("caption", "test")}
     assert not train_tiles & test_tiles
@@ -200,6 +214,39 @@ def test_demo_data_answers_follow_from_the_pixels():
             checked += 1
         else:
             assert answer == bdd.SOURCES[tile_class(mcq.id)]["tissue"], mcq.id
-    chats = demo_records("chat", "train")
+    chats = [c for c in demo_records("chat", "train") if c.task == "MCQ"]
+    assert len(chats) == 2 * 390
     assert {c.messages[0].content for c in chats} == {PROMPT_STYLES["patho_r1"].system}  # the official prompt
     assert checked > 20
+
+
+def test_demo_reasoning_names_the_tissue_in_its_first_token():
+    """The SFT chats' first reasoning token tells the tissue apart and no other reasoning starts with
+    it: when the density's reasoning began with `Tissue` (first token `T`, as `Tumour`'s), the demo's
+    SFT model began every tissue answer with `Tumour`."""
+    from pathor1_jax.data.pipeline import default_tokenizer_path
+    from pathor1_jax.data.qwen_preprocessing import QwenTokenizer
+
+    tokenizer = QwenTokenizer.from_dir(default_tokenizer_path())
+    first = {}  # first token after <think> -> the kinds of chat that start with it
+    for chat in demo_records("chat", "train"):
+        if chat.task != "MCQ":
+            continue
+        think = chat.messages[-1].content.removeprefix("<think>\n")
+        token = tokenizer(think, add_special_tokens=False)["input_ids"][0]
+        kind = name_of(chat.id) if "-tissue-" in chat.id else "density"
+        first.setdefault(token, set()).add(kind)
+    assert sorted(map(sorted, first.values())) == [["Colon"], ["Skin"], ["Tumour"], ["density"]]
+
+
+def test_demo_held_out_tiles_look_like_the_training_tiles():
+    """The held-out tiles come from blocks spread over each image: their share of dense tiles is
+    close to the training tiles' (a strip at the image's edge gave 29% against 64%)."""
+    dense = {}
+    for split in ("train", "test"):
+        labels = [
+            bdd.density_label(bdd.tissue_fraction(np.asarray(load_image(r.image, record_id=r.id))))
+            for r in demo_records("caption", split)
+        ]
+        dense[split] = labels.count("dense") / len(labels)
+    assert abs(dense["train"] - dense["test"]) < 0.15, dense

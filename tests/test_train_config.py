@@ -46,7 +46,7 @@ def test_overrides_are_parsed_to_the_type_they_replace():
             r"unknown config key 'optimizer.lr': 'optimizer' is not a key of the top",
         ),
         ("--config.train.steps=ten", r"--config.train.steps=ten: not a int literal"),
-        ("--config.train.steps=1.5", r"expected int like the default 40, got float"),
+        ("--config.train.steps=1.5", r"expected int like the default 80, got float"),
         ("--config.data.packing=maybe", r"expected a boolean"),
         ("--config.optim=1", r"--config.optim: is a block of keys"),
     ],

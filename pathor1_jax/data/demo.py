@@ -1,7 +1,8 @@
 """The embedded demo dataset (`assets/demo/`, built by `build_demo_data.py`; provenance in its LICENSE.txt).
 
 480 real tissue tiles (56×56 JPEG; IHC colon, H&E skin, H&E tumour), 390 train / 90 held-out, each
-with one caption record, one CoT chat and one MCQ whose answer follows from the tile.
+with a descriptive caption (`caption_*`), its tissue's name as a caption (`name_*`: `Colon.`), three
+SFT chats (its tissue, its density, its name) and one MCQ whose answer follows from the tile.
 """
 
 from __future__ import annotations
@@ -13,6 +14,7 @@ from .jsonl import read_jsonl
 from .records import Record
 
 SPLITS = ("train", "test")
+FILES = {"caption": "caption", "name": "caption", "chat": "chat", "mcq": "mcq"}  # file stem -> record kind
 
 
 def demo_dir() -> str:
@@ -20,7 +22,7 @@ def demo_dir() -> str:
 
 
 def demo_path(kind: str, split: str) -> str:
-    """Path of the demo JSONL file of `kind` ("caption" | "chat" | "mcq") and `split` ("train" | "test")."""
+    """Path of the demo JSONL file of `kind` (a key of `FILES`) and `split` ("train" | "test")."""
     if split not in SPLITS:
         raise ValueError(f"demo split must be one of {SPLITS}, got {split!r}")
     path = os.path.join(demo_dir(), f"{kind}_{split}.jsonl")
@@ -30,8 +32,9 @@ def demo_path(kind: str, split: str) -> str:
 
 
 def demo_records(kind: str, split: str = "train") -> list[Record]:
-    """The demo records of `kind` and `split`, image paths resolved to the packaged tiles."""
-    return read_jsonl(demo_path(kind, split), kind)
+    """The demo records of `kind` (a key of `FILES`) and `split`, image paths resolved to the packaged
+    tiles."""
+    return read_jsonl(demo_path(kind, split), FILES.get(kind, kind))
 
 
 def tile_class(record_id: str) -> str:
