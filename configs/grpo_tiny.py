@@ -10,8 +10,10 @@ def get_config() -> ml_collections.ConfigDict:
     config = rl_config("grpo")
     config.model.init_from = "runs/demo/sft"  # the SFT stage's run directory ("" = random init)
     config.rl.group_size = 4
-    config.rl.batch_groups = 4
-    config.rl.groups_per_minibatch = 2
+    # ours: 8 prompts a step (32 samples): with 4 the step's mean reward swung 0.0-0.56 with the
+    # prompts drawn, more than the rise to be measured
+    config.rl.batch_groups = 8
+    config.rl.groups_per_minibatch = 4
     config.rl.max_new_tokens = 48  # the demo's answers take ~25 tokens
     config.rl.prompt_len = 96  # the longest demo MCQ prompt (patho_r1 style) is 96 tokens
     config.rl.beta = 0.04
@@ -21,13 +23,18 @@ def get_config() -> ml_collections.ConfigDict:
     config.rl.temperature = 0.5
     # ours: Adam's first step moves every weight by ~lr whatever the gradient's size; at 2e-3 one
     # update broke the format (sampled format rate 0.94 -> 0.63, KL 0.87 at the first step); at 2e-4
-    # GRPO kept it (0.88-1.0 over 8 steps, KL <= 0.09)
-    config.optim.lr = 2e-4
+    # GRPO kept it (0.88-1.0 over 8 steps, KL <= 0.09); 5e-4 with the LM's attention frozen (below)
+    config.optim.lr = 5e-4
     # the vision tower frozen, as in SFT and the 3B/7B RL configs; ours: the tied embedding (= LM
     # head) too: its gradient reaches all 151,936 rows. Trained, GRPO's sampled format rate fell to
     # 0.56-0.81 by steps 5-6 (KL 0.13); frozen, it stayed 0.88-1.0 (lr 2e-4, temperature 0.5)
-    config.freeze = (r"^model\.visual\.", r"^model\.language_model\.embed_tokens\.")
-    config.train.steps = 10
-    config.train.ckpt_every = 5
+    # ours: the LM's attention frozen too, as in the demo SFT (it keeps the model's reading of the tile)
+    config.freeze = (r"^model\.visual\.", r"^model\.language_model\.embed_tokens\.", r"self_attn")
+    # ours: 16 steps. From the demo SFT model (200 steps) GRPO's mean reward went 0.281 -> 0.531, first
+    # 3 -> last 3 steps (+0.250; sampled format rate 0.41-0.91), held-out MCQ accuracy 0.567 -> 0.589,
+    # format rate 0.922 -> 0.967 (one run); from an SFT model that answered every tissue alike: +0.04
+    # (8 steps), accuracy 0.411 -> 0.300
+    config.train.steps = 16
+    config.train.ckpt_every = 8
     config.train.out_dir = "runs/demo/grpo"
     return config

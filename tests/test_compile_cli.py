@@ -129,12 +129,12 @@ def test_tiny_config_on_v5e_8_fits_and_writes_the_report(tiny_v5e_8):
 
 @pytest.mark.libtpu
 def test_grpo_policy_update_compiles_the_mosaic_policy_loss(capsys):
-    """The RL stages' hook: GRPO's policy update (tiny model, 2 groups x 4 samples of 96 + 48 tokens)
+    """The RL stages' hook: GRPO's policy update (tiny model, 4 groups x 4 samples of 96 + 48 tokens)
     for v5e-8, its fused policy loss compiled by Mosaic per shard (forward, dh, dW kernels)."""
     train_head = "--config.freeze=('^model\\.visual\\.',)"  # the demo config freezes the tied head: dW
     code, out, _ = compile_cli(capsys, "--config", "configs/grpo_tiny.py", "--topology", "v5e-8", train_head)
     assert code == 0
-    assert "step: rows 8, tokens 1,152, response tokens 384, patches 128" in out
+    assert "step: rows 16, tokens 2,304, response tokens 768, patches 256" in out
     assert "attention: xla+xla_blocked; policy loss: pallas" in out  # vision tower: xla_blocked
     kernels = out.split("Mosaic kernels (tpu_custom_call): ")[1].splitlines()[0]
     assert all(f"token_logprobs_{k} x" in kernels for k in ("fwd", "dh", "dw")), kernels
