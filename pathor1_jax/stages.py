@@ -184,7 +184,9 @@ def run_demo(
             before = _held_out(demo, config, start, measured)
         results.append(run(config))
         init = run_dir
-    after = _held_out(demo, config, init, measured) if demo.evaluate else {}
+        if results[-1].preempted:  # SIGTERM: the run saved a checkpoint; the walk stops here
+            break
+    after = _held_out(demo, config, init, measured) if demo.evaluate and not results[-1].preempted else {}
     first, last = results[0], results[-1]
     return dataclasses.replace(
         last,

@@ -416,3 +416,21 @@ def test_outputs_are_write_tested_and_a_full_disk_is_refused_at_start(tmp_path, 
     with pytest.raises(UserError, match=r"0\.00 GiB free on its disk, but .* GiB are needed"):
         toy_trainer(tmp_path / "full")  # a checkpoint would not fit: before the first step
     assert not (tmp_path / "full").exists()  # no lock, identity, checkpoint, nor the directory itself
+
+
+def test_demo_stops_its_walk_when_a_stage_is_preempted(tmp_path, capsys, monkeypatch):
+    """SIGTERM during a demo stage: that run checkpoints and stops (`preempted`); the walk then stops
+    too, exit 143, instead of starting the next stage."""
+    from pathor1_jax.commands import demo
+    from pathor1_jax.train.result import StageResult
+
+    walked = []
+
+    def run_demo(entry, out_dir, ran, steps, measured):
+        walked.append(entry.name)
+        return StageResult(entry.name, out_dir, None, 0, 3, "loss", 1.0, 0.5, preempted=entry.name == "cpt")
+
+    monkeypatch.setattr(demo, "run_demo", run_demo)
+    assert main(["demo", "--stages", "cpt,sft,grpo", "--out", str(tmp_path / "demo")]) == 143
+    assert walked == ["cpt"]
+    assert "stopped by SIGTERM during cpt" in capsys.readouterr().out

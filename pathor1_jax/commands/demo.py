@@ -6,7 +6,8 @@ goes CPT → SFT → GRPO / DAPO (each from the SFT run), then a tiny CLIP throu
 I → II. A table of each stage's headline metric at its first and last step, with its held-out
 numbers before and after, is printed, and the curves are plotted to `<out>/losses.png`. Each stage
 writes its outputs (checkpoints, `metrics.jsonl`, TensorBoard events and plots; curation: its steps'
-directories) under `<out>/<stage>/`.
+directories) under `<out>/<stage>/`. SIGTERM stops the running stage at a checkpoint and the walk
+with it (exit 143).
 """
 
 from __future__ import annotations
@@ -19,7 +20,7 @@ import sys
 import time
 from pathlib import Path
 
-from pathor1_jax.errors import UserError
+from pathor1_jax.errors import EXIT_PREEMPTED, UserError
 from pathor1_jax.flags import positive_int
 from pathor1_jax.stages import STAGES, run_demo
 from pathor1_jax.train.result import StageResult
@@ -118,6 +119,12 @@ def run(args: argparse.Namespace) -> int:
         rows.append(run_demo(STAGES[name], stage_dir, ran, args.steps, measured))
         seconds.append(time.perf_counter() - t0)
         ran[name] = stage_dir
+        if rows[-1].preempted:
+            print(
+                f"demo: stopped by SIGTERM during {name} (checkpoint saved under {stage_dir});"
+                " later stages not run"
+            )
+            return EXIT_PREEMPTED
     trained = [r for r in rows if r.metrics_path]  # curation writes data, not metrics
     curves = ""
     if trained:
