@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # The demo's training stages on a GPU: `pathor1 demo --stages $STAGES [--steps $STEPS]` (default
-# cpt,sft,grpo at their configs' steps, 40 / 100 / 10: the real trainer, grain pipeline, orbax
+# cpt,sft,grpo at their configs' steps (80 / 250 / 16): the real trainer, grain pipeline, orbax
 # checkpoints, metrics, the GRPO rollouts and held-out MCQ numbers) on a host whose JAX sees a GPU
 # (jax[cuda]), from a source checkout (no install: PYTHONPATH=., so the host's own
 # jax/flax/optax/orbax are used). On a CPU host it runs the same stages on CPU, to compare with.
