@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import atexit
 import dataclasses
+import os
 import queue
 import re
 import shutil
@@ -55,6 +56,10 @@ class Cell(Compiled):
 class Pool:
     def __init__(self, workers: int, nice: int):
         self.nice = nice
+        # the environment as the pool starts (collection): a cell started later must not inherit what
+        # a running test set for itself, e.g. monkeypatch's PATHOR1_PALLAS_INTERPRET=1, under which
+        # the policy loss compiles interpreted, without its Mosaic kernels
+        self.env = dict(os.environ)
         self.out = Path(tempfile.mkdtemp(prefix="pathor1-fit-"))
         self.todo: queue.Queue = queue.Queue()
         self.done: dict[tuple[str, str], threading.Event] = {}
@@ -104,7 +109,7 @@ class Pool:
         if self.stopped:
             raise RuntimeError("the pool was stopped")
         out = self.out / f"{Path(config).stem}@{topology}.json"
-        proc = CompileProcess(config, topology, out, nice=self.nice, cwd=ROOT)
+        proc = CompileProcess(config, topology, out, nice=self.nice, cwd=ROOT, env=self.env)
         self.running.add(proc)
         try:
             done = proc.wait(TIMEOUT_S)

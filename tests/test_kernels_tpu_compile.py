@@ -115,6 +115,14 @@ def test_policy_loss_auto_compiles_its_pallas_kernels_per_shard(chip, shape):
     assert mosaic_kernels(loss_compiled(chip, shape, "auto")) == list(LOSS_KERNELS)
 
 
+def test_policy_loss_for_a_tpu_is_compiled_even_where_pallas_is_interpreted(monkeypatch):
+    """`PATHOR1_PALLAS_INTERPRET=1` (CPU tests) interprets kernels only off a TPU target: for a TPU
+    mesh the Mosaic kernels are still compiled (a fit cell started beside such a test inherited the
+    variable and compiled the GRPO 3B step without them)."""
+    monkeypatch.setenv("PATHOR1_PALLAS_INTERPRET", "1")
+    assert mosaic_kernels(loss_compiled("v5e", "small", "auto")) == list(LOSS_KERNELS)
+
+
 def test_policy_loss_temporaries_are_at_most_an_eighth_of_xla():
     """Per-device temporaries of the fused loss (fwd+bwd) at the GRPO 3B per-chip shape on v5e,
     from the compiler's memory analysis, against the unfused `impl="xla"` path on the same chip."""

@@ -764,7 +764,9 @@ def _token_logprobs(hidden: jax.Array, lm_head: jax.Array, tokens: jax.Array, im
         raise ValueError(
             f"policy loss: impl 'pallas' needs at least {tile} vocabulary columns per shard, got {vocab}"
         )
-    cfg = _Config("pallas", vocab, chunk, tiles, pallas_interpret(), sharding)
+    # interpreted only off a TPU target (as the attention): a TPU compile always gets the Mosaic kernels
+    interpret = target_platform() != "tpu" and pallas_interpret()
+    cfg = _Config("pallas", vocab, chunk, tiles, interpret, sharding)
     return _fused_logprobs(cfg, hidden, lm_head, tokens)
 
 

@@ -18,7 +18,7 @@ import subprocess
 import sys
 import tempfile
 import threading
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 
 
@@ -37,7 +37,7 @@ class Compiled:
 class CompileProcess:
     """`nice -n <nice> python -m pathor1_jax.cli compile --config configs/<config> --topology
     <topology> --json <json_path> [args]`, started at once, from `cwd` (a checkout's root: the config
-    is read from its `configs/`)."""
+    is read from its `configs/`), in `env` (default: this process's environment now)."""
 
     def __init__(
         self,
@@ -48,6 +48,7 @@ class CompileProcess:
         *,
         nice: int = 10,
         cwd: Path | None = None,
+        env: Mapping[str, str] | None = None,
     ):
         self.json_path = json_path
         flags = ["--config", f"configs/{config}", "--topology", topology, "--json", str(json_path), *args]
@@ -55,7 +56,7 @@ class CompileProcess:
         # the output goes to files, not pipes: a full pipe would stall the child, and reading pipes
         # to the end would reap it before `wait4` gets its resource usage
         self._out, self._err = tempfile.TemporaryFile("w+"), tempfile.TemporaryFile("w+")
-        env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+        env = {**(os.environ if env is None else env), "PYTHONUNBUFFERED": "1"}
         self.popen = subprocess.Popen(cmd, cwd=cwd, env=env, stdout=self._out, stderr=self._err)
 
     def kill(self) -> None:
