@@ -599,6 +599,7 @@ def _over_row_chunks(chunk: int, limit, body, skip, carry, xs):
 
 
 def _tiled_config(lm_head: jax.Array, vocab_tile: int) -> _Config:
+    """The chunked (plain XLA) implementation over `vocab_tile` columns of the head at a time."""
     return _Config("chunked", lm_head.shape[1], min(vocab_tile, lm_head.shape[1]), None, False, None)
 
 
@@ -749,8 +750,7 @@ def _token_logprobs(hidden: jax.Array, lm_head: jax.Array, tokens: jax.Array, im
         return token_logprobs_reference(hidden, lm_head, tokens)
     (b, t, d), vocab = hidden.shape, lm_head.shape[1]
     if impl == "chunked":
-        cfg = _Config("chunked", vocab, min(CHUNKED_VOCAB_TILE, vocab), None, False, None)
-        return _fused_logprobs(cfg, hidden, lm_head, tokens)
+        return _fused_logprobs(_tiled_config(lm_head, CHUNKED_VOCAB_TILE), hidden, lm_head, tokens)
     sharding = _sharding(b, d, vocab)
     rows = b * t
     if sharding is not None:
