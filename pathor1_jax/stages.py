@@ -195,6 +195,7 @@ def run_demo(
         end_step=sum(r.end_step for r in results),
         first=first.first,
         evals={name: (before.get(name), value) for name, value in after.items()},
+        metrics_paths=tuple(r.metrics_path for r in results) if len(results) > 1 else (),
     )
 
 

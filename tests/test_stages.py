@@ -131,12 +131,60 @@ def test_demo_walk_starts_from_the_last_run_of_start_from(tmp_path, monkeypatch)
     ]
     assert (result.stage, result.out_dir, result.end_step) == ("toy", tmp_path / "toy", 32)
     assert result.metrics_path == tmp_path / "toy" / "b" / "metrics.jsonl"
+    assert result.metrics_paths == (tmp_path / "toy" / "a" / "metrics.jsonl", result.metrics_path)
     assert result.evals == {"score": (3.0, 1.0)}  # before: the sft run; after: the last run ("b")
     CALLS.clear()
     result = stages.run_demo(entry, tmp_path / "toy", {}, steps=None)  # nothing to start from
     assert [c["init_from"] for c in CALLS] == ["", a]
     assert CALLS[0]["steps"] == 40 and CALLS[0]["warmup"] == 5
     assert result.evals == {"score": (None, 1.0)}
+
+
+def chained_run(config, out_dir=None) -> StageResult:
+    """A fake stage of chained runs: run "a" writes losses 4, 3, 2; run "b" 1.5, 1, 0.5."""
+    run_dir = Path(out_dir or config.train.out_dir)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    losses = [4.0, 3.0, 2.0] if run_dir.name == "a" else [1.5, 1.0, 0.5]
+    (run_dir / "metrics.jsonl").write_text(
+        "".join(f'{{"step": {i + 1}, "loss": {v}}}\n' for i, v in enumerate(losses))
+    )
+    return StageResult(
+        config.stage, run_dir, run_dir / "metrics.jsonl", 0, 3, "loss", losses[0], losses[-1], False
+    )
+
+
+def test_demo_plots_and_summarises_every_run_of_a_chained_stage(tmp_path, monkeypatch, capsys):
+    """A stage of chained runs (PathoCLIP I -> II): losses.png gets a panel per run, and the table's
+    "first 3" are the first run's first steps, "last 3" the last run's last steps."""
+    from pathor1_jax.train import metrics
+
+    (tmp_path / "toy.py").write_text(
+        "import ml_collections\n"
+        "def get_config(arg):\n"
+        "    return ml_collections.ConfigDict(dict(stage='clip', data=dict(kind='caption'),\n"
+        "        model=dict(init_from=''), optim=dict(warmup_steps=0), train=dict(steps=3, out_dir='')))\n"
+    )
+    monkeypatch.setattr(stages, "CONFIGS", tmp_path)
+    demo = stages.Demo(("toy.py:a", "toy.py:b"))
+    monkeypatch.setitem(
+        stages.STAGES,
+        "clip",
+        stages.StageEntry("clip", "clip", "§0", "caption", "test_stages:chained_run", demo),
+    )
+    plotted = []
+    monkeypatch.setattr(
+        metrics, "plot_losses", lambda runs, out_png, keys: plotted.append((runs, keys)) or out_png
+    )
+    assert main(["demo", "--out", str(tmp_path / "demo"), "--stages", "clip"]) == 0
+    run = tmp_path / "demo" / "clip"
+    assert plotted == [
+        (
+            [("clip a (loss)", run / "a" / "metrics.jsonl"), ("clip b (loss)", run / "b" / "metrics.jsonl")],
+            ["loss", "loss"],
+        )
+    ]
+    row = next(line for line in capsys.readouterr().out.splitlines() if line.startswith("clip "))
+    assert row.split()[:6] == ["clip", "loss", "6", "3.0000", "1.0000", "-2.0000"]
 
 
 def fake_data_stage(out_dir) -> StageResult:

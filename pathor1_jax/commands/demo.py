@@ -62,14 +62,20 @@ def compile_settings(out: Path) -> None:
 WINDOW = 3  # steps averaged at each end of a curve: the table's "first 3" and "last 3"
 
 
+def curves(row: StageResult) -> list[Path]:
+    """The metrics files of a stage's runs, in order: one, or one per chained config (PathoCLIP I → II)."""
+    return list(row.metrics_paths) or [row.metrics_path]
+
+
 def window_means(row: StageResult) -> tuple[float | None, float | None]:
-    """Mean of `row.metric` over the first and the last `WINDOW` steps of its run (a one-step blip
-    moves neither much); the row's own first / last value when it wrote no metrics."""
+    """Mean of `row.metric` over the first and the last `WINDOW` steps of the stage (a one-step blip
+    moves neither much; a stage of chained runs: the first run's first steps, the last run's last);
+    the row's own first / last value when it wrote no metrics."""
     from pathor1_jax.train.metrics import read_metrics
 
     if row.metrics_path is None:
         return row.first, row.last
-    values = [r[row.metric] for r in read_metrics(row.metrics_path) if row.metric in r]
+    values = [r[row.metric] for path in curves(row) for r in read_metrics(path) if row.metric in r]
     if not values:
         return None, None
     return statistics.fmean(values[:WINDOW]), statistics.fmean(values[-WINDOW:])
@@ -126,15 +132,20 @@ def run(args: argparse.Namespace) -> int:
             )
             return EXIT_PREEMPTED
     trained = [r for r in rows if r.metrics_path]  # curation writes data, not metrics
-    curves = ""
+    plotted = ""
     if trained:
+        panels = [  # one per run: a stage of chained runs gets a panel for each
+            (r, f"{r.stage}{'' if len(curves(r)) == 1 else f' {path.parent.name}'} ({r.metric})", path)
+            for r in trained
+            for path in curves(r)
+        ]
         plot = plot_losses(
-            [(f"{r.stage} ({r.metric})", r.metrics_path) for r in trained],
+            [(label, path) for _, label, path in panels],
             out / "losses.png",
-            keys=[r.metric for r in trained],
+            keys=[r.metric for r, _, _ in panels],
         )
-        curves = f" (curves: {plot})"
+        plotted = f" (curves: {plot})"
     print()
     print(summary_table(rows, seconds))
-    print(f"\noutputs, checkpoints, metrics and plots under {out}/{curves}")
+    print(f"\noutputs, checkpoints, metrics and plots under {out}/{plotted}")
     return 0

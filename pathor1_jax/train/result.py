@@ -14,7 +14,9 @@ class StageResult:
     ran). start_step > 0: resumed from that step's checkpoint. preempted: stopped by SIGTERM after
     saving a checkpoint. evals: held-out numbers before and after training, `name → (before, after)`
     (before None: no starting model to measure), filled in by `pathor1 demo`. A stage that trains
-    nothing (curation) has no metrics_path and no steps; note: what its demo row adds in words."""
+    nothing (curation) has no metrics_path and no steps; note: what its demo row adds in words.
+    metrics_paths: a demo stage of chained runs (PathoCLIP I → II): each run's `metrics.jsonl` in
+    order, the last being metrics_path; empty for a stage of one run."""
 
     stage: str
     out_dir: Path
@@ -27,3 +29,4 @@ class StageResult:
     preempted: bool
     evals: dict[str, tuple[float | None, float]] = dataclasses.field(default_factory=dict)
     note: str = ""
+    metrics_paths: tuple[Path, ...] = ()
