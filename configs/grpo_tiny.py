@@ -33,7 +33,11 @@ def get_config() -> ml_collections.ConfigDict:
     # ours: 16 steps. From the demo SFT model (200 steps) GRPO's mean reward went 0.281 -> 0.531, first
     # 3 -> last 3 steps (+0.250; sampled format rate 0.41-0.91), held-out MCQ accuracy 0.567 -> 0.589,
     # format rate 0.922 -> 0.967 (one run); from an SFT model that answered every tissue alike: +0.04
-    # (8 steps), accuracy 0.411 -> 0.300
+    # (8 steps), accuracy 0.411 -> 0.300. In the full `pathor1 demo` walk (fresh clone, idle host,
+    # 2026-11-26; the SFT model answers C on 89 of 90 held-out MCQs): 0.375 -> 0.406 (+0.031),
+    # accuracy 0.533 -> 0.533. On an H100 (3 seeds, 16 steps; mean rise): lr 5e-4 +0.01 / +0.08 (two
+    # SFT models), 1e-3 +0.01, 32 steps -0.01, temperature 1.0 +0.03, the LM's attention trained +0.11
+    # (format collapses, then recovers); the step mean swings by ~0.15 with the prompts drawn
     config.train.steps = 16
     config.train.ckpt_every = 8
     config.train.out_dir = "runs/demo/grpo"
