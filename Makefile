@@ -6,7 +6,7 @@ STAMP := $(VENV)/.installed
 # test extra); a venv that `make test` set up has them too
 DEMO_STAMP := $(VENV)/.installed-demo
 
-.PHONY: demo test lint
+.PHONY: demo test fit lint
 
 $(STAMP): pyproject.toml
 	test -x $(VENV)/bin/python || $(PY) -m venv $(VENV)
@@ -31,6 +31,11 @@ test: $(STAMP)
 	$(VENV)/bin/ruff check pathor1_jax tests bench configs
 	$(VENV)/bin/ruff format --check pathor1_jax tests bench configs
 	$(VENV)/bin/python -m pytest -q --durations=30 tests
+
+# CI's second step: the seven shipped configs' TPU compiles the suite leaves out (minutes each; see
+# tests/test_shipped_configs_fit.py), two at a time
+fit: $(STAMP)
+	PATHOR1_FIT_CELLS=rest $(VENV)/bin/python -m pytest -q -rP --durations=10 tests/test_shipped_configs_fit.py
 
 lint: $(STAMP)
 	$(VENV)/bin/ruff check pathor1_jax tests bench configs
