@@ -8,6 +8,7 @@ update, no optimizer state, and (see `step.py`) no gradient computed for it.
 
 from __future__ import annotations
 
+import functools
 import re
 from collections.abc import Mapping, Sequence
 from typing import Any
@@ -74,23 +75,38 @@ def decay_mask(params: Any) -> Any:
     return jax.tree.map(lambda p: p.ndim >= 2, params)
 
 
+OPTIM_KEYS = ("lr", "warmup_steps", "min_lr_ratio", "b1", "b2", "eps", "weight_decay", "clip_norm")
+
+
 def make_optimizer(
     optim: Mapping, total_steps: int, freeze: Sequence[str]
 ) -> tuple[optax.GradientTransformation, optax.Schedule]:
-    """`(tx, schedule)`: clip → AdamW(schedule) on trainable parameters, zero on frozen ones."""
+    """`(tx, schedule)`: clip → AdamW(schedule) on trainable parameters, zero on frozen ones.
+
+    Equal settings give the same `tx` object: a step jitted with it static (`train.step.StepSpec`)
+    compiles once per process for all the runs of one configuration (a run and its resumption, the
+    same stage run twice), not once per run (optax's transforms are closures, equal only to
+    themselves)."""
+    return _make_optimizer(tuple(float(optim[k]) for k in OPTIM_KEYS), int(total_steps), tuple(freeze))
+
+
+@functools.cache
+def _make_optimizer(
+    settings: tuple[float, ...], total_steps: int, freeze: tuple[str, ...]
+) -> tuple[optax.GradientTransformation, optax.Schedule]:
+    optim = dict(zip(OPTIM_KEYS, settings, strict=True))
     schedule = learning_rate_schedule(optim, total_steps)
     adamw = optax.chain(
-        optax.clip_by_global_norm(float(optim["clip_norm"])),
+        optax.clip_by_global_norm(optim["clip_norm"]),
         optax.adamw(
             schedule,
-            b1=float(optim["b1"]),
-            b2=float(optim["b2"]),
-            eps=float(optim["eps"]),
-            weight_decay=float(optim["weight_decay"]),
+            b1=optim["b1"],
+            b2=optim["b2"],
+            eps=optim["eps"],
+            weight_decay=optim["weight_decay"],
             mask=decay_mask,
         ),
     )
-    freeze = tuple(freeze)
     tx = optax.multi_transform(
         {TRAIN: adamw, FROZEN: optax.set_to_zero()}, lambda params: param_labels(params, freeze)
     )
