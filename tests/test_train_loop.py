@@ -19,6 +19,7 @@ from flax import nnx
 
 from pathor1_jax.data.pipeline import batch_iterator_from_config, default_data_config
 from pathor1_jax.models.layers import Embed, Linear
+from pathor1_jax.train import trainer as trainer_module
 from pathor1_jax.train.checkpoint import Checkpointer
 from pathor1_jax.train.losses import per_token_nll, shifted_targets
 from pathor1_jax.train.metrics import read_metrics
@@ -88,7 +89,12 @@ def tree_equal(a, b) -> bool:
     return all(jax.tree.leaves(jax.tree.map(lambda x, y: np.array_equal(np.asarray(x), np.asarray(y)), a, b)))
 
 
-def test_resume_is_bitwise_exact_including_data_order(tmp_path):
+def test_resume_is_bitwise_exact_including_data_order(tmp_path, monkeypatch):
+    random_inits = []  # a resumed run restores its state into the layout, without a random init first
+    create_sharded = trainer_module.create_sharded
+    monkeypatch.setattr(
+        trainer_module, "create_sharded", lambda *a: random_inits.append(1) or create_sharded(*a)
+    )
     straight_seen: list[str] = []
     straight = make_trainer(tmp_path, "straight", straight_seen)
     result = straight.fit()
@@ -99,8 +105,9 @@ def test_resume_is_bitwise_exact_including_data_order(tmp_path):
     first.total_steps = 3  # stop after 3 of the 6 steps (the schedule still spans 6)
     assert first.fit().end_step == 3
     resumed_seen: list[str] = []
+    assert len(random_inits) == 2
     resumed = make_trainer(tmp_path, "split", resumed_seen)
-    assert resumed.start_step == 3
+    assert resumed.start_step == 3 and len(random_inits) == 2
     assert resumed.fit().end_step == 6
 
     assert first_seen + resumed_seen == straight_seen  # 2 micro-batches per step, same order

@@ -14,6 +14,7 @@ import time
 from functools import partial
 from pathlib import Path
 
+import jax
 import ml_collections
 import numpy as np
 from flax import nnx
@@ -36,7 +37,7 @@ from pathor1_jax.rl.step import (
     rl_step,
 )
 from pathor1_jax.sharding.multihost import any_process, batch_parts, batch_spec
-from pathor1_jax.sharding.params import create_sharded
+from pathor1_jax.sharding.params import abstract_params, create_sharded
 from pathor1_jax.train.aot import AotStep, qwen_flops, sds
 from pathor1_jax.train.defaults import base_config
 from pathor1_jax.train.optim import make_optimizer
@@ -179,13 +180,17 @@ class RLTrainer(Trainer):
             self.reference = self._reference_model(make_model, init)
 
     def _reference_model(self, make_model, init) -> nnx.Module:
-        """GRPO's frozen π_ref: the run's starting weights (the SFT checkpoint), on the same mesh —
-        rebuilt from `init_from` (not copied from the state, which may be a resumed one)."""
-        with use_rules(self.mesh, self.rules):
-            fresh = create_sharded(make_model, self.mesh, self.rules)
-        params = nnx.to_pure_dict(nnx.state(fresh, nnx.Param))
-        if init is not None:
-            params = init(params)
+        """GRPO's frozen π_ref: the run's starting weights (the SFT checkpoint), on the same mesh: a
+        copy of the state's parameters at step 0 (the updates donate the state's buffers); in a
+        resumed run rebuilt from `init_from`, or by the random init when the run started from one."""
+        if self.start_step == 0:
+            params = jax.device_put(self.state["params"], may_alias=False)
+        elif init is not None:
+            params = init(abstract_params(nnx.state(nnx.eval_shape(make_model)), self.mesh, self.rules))
+        else:
+            with use_rules(self.mesh, self.rules):
+                fresh = create_sharded(make_model, self.mesh, self.rules)
+            params = nnx.to_pure_dict(nnx.state(fresh, nnx.Param))
         return nnx.merge(self.spec.graphdef, on_mesh(params, self.mesh))
 
     def _rollout(self, model, prompts, seed: int):

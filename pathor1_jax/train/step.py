@@ -77,7 +77,12 @@ def init_opt_state(tx: optax.GradientTransformation, params: Any) -> Any:
 def init_state(model: nnx.Module, tx: optax.GradientTransformation, seed: int) -> tuple[nnx.GraphDef, dict]:
     """`(graphdef, state)` for `model`, whose variables must all be `nnx.Param`."""
     graphdef, params = _split_params(model)
-    params = nnx.to_pure_dict(params)
+    return graphdef, params_state(nnx.to_pure_dict(params), tx, seed)
+
+
+def params_state(params: dict, tx: optax.GradientTransformation, seed: int) -> dict:
+    """The step-0 state of the parameters `params` (a pure dict): fresh optimizer state, `step` 0,
+    the run's key; on the parameters' mesh when they sit on one."""
     state = {
         "params": params,
         "opt_state": init_opt_state(tx, params),
@@ -88,7 +93,7 @@ def init_state(model: nnx.Module, tx: optax.GradientTransformation, seed: int) -
     if mesh is not None:
         replicated = NamedSharding(mesh, PartitionSpec())
         state["step"], state["rng"] = jax.device_put((state["step"], state["rng"]), replicated)
-    return graphdef, state
+    return state
 
 
 def abstract_state(

@@ -28,6 +28,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import logging
+import math
 import signal
 import sys
 import time
@@ -64,7 +65,7 @@ from pathor1_jax.train.metrics import MetricsWriter, plot_losses
 from pathor1_jax.train.optim import make_optimizer
 from pathor1_jax.train.result import StageResult
 from pathor1_jax.train.rundir import RunDir
-from pathor1_jax.train.step import StepSpec, init_state
+from pathor1_jax.train.step import StepSpec, abstract_state, params_state
 
 log = logging.getLogger(__name__)
 
@@ -288,26 +289,34 @@ class Trainer:
         else:
             shards = int(config.data.shards)
             self.data = ShardedData(data, shards, batch_block(self.mesh, self.rules))
-        with use_rules(self.mesh, self.rules):
-            model = create_sharded(make_model, self.mesh, self.rules)
         freeze = tuple(config.get("freeze") or ())
         tx, self.schedule = make_optimizer(config.optim, self.total_steps, freeze)
-        graphdef, state = init_state(model, tx, int(config.train.seed))
-        self.state = on_mesh(state, self.mesh)
+        # the state's layout without its values: what a checkpoint or `init_params` fills in
+        graphdef, like = abstract_state(make_model, tx, self.mesh, self.rules)
         self.spec = StepSpec(graphdef=graphdef, tx=tx, freeze=freeze)
-        state_bytes = sum(x.nbytes for x in jax.tree.leaves(self.state))
+        state_bytes = sum(math.prod(x.shape) * x.dtype.itemsize for x in jax.tree.leaves(like))
         check_free_space(self.out_dir, state_bytes // max(jax.process_count(), 1), "run directory")
-        self.run_dir.claim(self.state["params"])  # refuses another stage's or architecture's directory
+        self.run_dir.claim(like["params"])  # refuses another stage's or architecture's directory
         self.checkpointer = Checkpointer(self.out_dir / "checkpoints", keep=int(config.train.keep))
-        restored = self.checkpointer.restore_latest(self.state)
+        restored = self.checkpointer.restore_latest(like)
         self.start_step = self.saved_step = restored[0] if restored is not None else None
         if restored is not None:
             _, self.state, data_state = restored
             self.data.set_state(data_state)
         else:
             self.start_step = 0
-            if init_params is not None:
-                self.state["params"] = init_params(self.state["params"])
+            self.state = self._first_state(make_model, tx, like["params"], init_params)
+
+    def _first_state(self, make_model, tx, like_params: dict, init_params) -> dict:
+        """Step 0's state: `init_params` of the parameters' layout (no random init to throw away: it
+        compiles for seconds), else the model's random init."""
+        if init_params is not None:
+            params = init_params(like_params)
+        else:
+            with use_rules(self.mesh, self.rules):
+                model = create_sharded(make_model, self.mesh, self.rules)
+            params = nnx.to_pure_dict(nnx.state(model, nnx.Param))
+        return on_mesh(params_state(params, tx, int(self.config.train.seed)), self.mesh)
 
     def num_params(self) -> tuple[int, int]:
         """(total, trainable) parameter counts."""
