@@ -14,7 +14,6 @@ import time
 from functools import partial
 from pathlib import Path
 
-import jax
 import ml_collections
 import numpy as np
 from flax import nnx
@@ -180,12 +179,10 @@ class RLTrainer(Trainer):
             self.reference = self._reference_model(make_model, init)
 
     def _reference_model(self, make_model, init) -> nnx.Module:
-        """GRPO's frozen π_ref: the run's starting weights (the SFT checkpoint), on the same mesh: a
-        copy of the state's parameters at step 0 (the updates donate the state's buffers); in a
-        resumed run rebuilt from `init_from`, or by the random init when the run started from one."""
-        if self.start_step == 0:
-            params = jax.device_put(self.state["params"], may_alias=False)
-        elif init is not None:
+        """GRPO's frozen π_ref: the run's starting weights (the SFT checkpoint), on the same mesh —
+        rebuilt from `init_from` (not copied from the state, which may be a resumed one); the random
+        init only when the run starts from one."""
+        if init is not None:
             params = init(abstract_params(nnx.state(nnx.eval_shape(make_model)), self.mesh, self.rules))
         else:
             with use_rules(self.mesh, self.rules):
