@@ -8,7 +8,7 @@ grows with depth), one process per cell (`fit_cells`), for all ten stated cells,
   policy update, the Mosaic policy loss per shard inside shard_map) and PathoCLIP-L at 1024 pairs (the
   contrastive step). They start at collection, one at a time at nice 19 beside the rest of the suite
   (tests/conftest.py), on the core the other tests leave idle, and are done before those are.
-- `make fit` (CI's second step, `PATHOR1_FIT_CELLS=rest`) compiles the other seven, two at a time:
+- `make long` (CI's second step, `PATHOR1_FIT_CELLS=rest`) compiles the other seven, two at a time:
   CPT 3B and DAPO 3B (DAPO: clip-higher and token aggregation instead of β·KL, no π_ref input: its own
   program), PathoCLIP-B, and CPT/SFT/GRPO/DAPO 7B on v5p-64.
 

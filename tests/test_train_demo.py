@@ -1,7 +1,7 @@
 """`pathor1 demo`, shortened: the CPT and SFT losses fall over 10 steps each (read from each run's own
 metrics.jsonl), SFT starts from the CPT weights, checkpoints, plots and the table exist; and the demo's
 GRPO stage, from that SFT model, raises its mean reward (issue 12 item 7's CI check: with
-PATHOR1_DEMO_RL=1 only, see RL_LR)."""
+PATHOR1_DEMO_RL=1 only, as `make long`, CI's second step, runs it; see RL_LR)."""
 
 from __future__ import annotations
 
@@ -87,7 +87,7 @@ def demo_subset(kind: str, keep, path: Path, answer=None) -> Path:
 # 0.003); at 5e-3 0.250, 0.469, 0.625, 0.750, 0.781, 0.812 (+0.333, first 3 -> last 3). The same GRPO
 # with its advantages negated: 0.312 -> 0.0 (-0.104), with zero advantages +0.125 (4 prompts a step,
 # where the step mean is noisier than at the 8 here). Cost: 221 CPU-s beyond the walk (the file: 115
-# -> 337 CPU-s), over the suite's budget, so CI runs it only with PATHOR1_DEMO_RL=1
+# -> 337 CPU-s), over the suite's budget, so it runs with PATHOR1_DEMO_RL=1: in CI's second step (`make long`)
 SFT_STEPS, RL_STEPS, RL_LR = 40, 6, 5e-3
 
 
