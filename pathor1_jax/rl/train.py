@@ -22,7 +22,7 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec
 from pathor1_jax.data.pipeline import get_processor, load_source, processor_spec_from_config
 from pathor1_jax.data.prompts import DEFAULT_PROMPT_STYLE
 from pathor1_jax.errors import ConfigError
-from pathor1_jax.logical import Rules, use_rules
+from pathor1_jax.logical import Rules
 from pathor1_jax.models import qwen2_5_vl
 from pathor1_jax.rl import rewards
 from pathor1_jax.rl.prompts import PromptStream, decode_response
@@ -36,7 +36,7 @@ from pathor1_jax.rl.step import (
     rl_step,
 )
 from pathor1_jax.sharding.multihost import any_process, batch_parts, batch_spec
-from pathor1_jax.sharding.params import abstract_params, create_sharded
+from pathor1_jax.sharding.params import abstract_params
 from pathor1_jax.train.aot import AotStep, qwen_flops, sds
 from pathor1_jax.train.defaults import base_config
 from pathor1_jax.train.optim import make_optimizer
@@ -182,13 +182,8 @@ class RLTrainer(Trainer):
         """GRPO's frozen π_ref: the run's starting weights (the SFT checkpoint), on the same mesh —
         rebuilt from `init_from` (not copied from the state, which may be a resumed one); the random
         init only when the run starts from one."""
-        if init is not None:
-            params = init(abstract_params(nnx.state(nnx.eval_shape(make_model)), self.mesh, self.rules))
-        else:
-            with use_rules(self.mesh, self.rules):
-                fresh = create_sharded(make_model, self.mesh, self.rules)
-            params = nnx.to_pure_dict(nnx.state(fresh, nnx.Param))
-        return nnx.merge(self.spec.graphdef, on_mesh(params, self.mesh))
+        like = abstract_params(nnx.state(nnx.eval_shape(make_model)), self.mesh, self.rules)
+        return nnx.merge(self.spec.graphdef, on_mesh(self._start_params(make_model, like, init), self.mesh))
 
     def _rollout(self, model, prompts, seed: int):
         rl = self.config.rl

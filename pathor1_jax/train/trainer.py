@@ -308,15 +308,18 @@ class Trainer:
             self.state = self._first_state(make_model, tx, like["params"], init_params)
 
     def _first_state(self, make_model, tx, like_params: dict, init_params) -> dict:
-        """Step 0's state: `init_params` of the parameters' layout (no random init to throw away: it
-        compiles for seconds), else the model's random init."""
-        if init_params is not None:
-            params = init_params(like_params)
-        else:
-            with use_rules(self.mesh, self.rules):
-                model = create_sharded(make_model, self.mesh, self.rules)
-            params = nnx.to_pure_dict(nnx.state(model, nnx.Param))
+        """Step 0's state: the starting parameters (`_start_params`) with fresh optimizer state."""
+        params = self._start_params(make_model, like_params, init_params)
         return on_mesh(params_state(params, tx, int(self.config.train.seed)), self.mesh)
+
+    def _start_params(self, make_model, like_params: dict, init_params) -> dict:
+        """The run's starting parameters: `init_params` of the parameters' layout `like_params` (no
+        random init to throw away: it compiles for seconds), else the model's random init."""
+        if init_params is not None:
+            return init_params(like_params)
+        with use_rules(self.mesh, self.rules):
+            model = create_sharded(make_model, self.mesh, self.rules)
+        return nnx.to_pure_dict(nnx.state(model, nnx.Param))
 
     def num_params(self) -> tuple[int, int]:
         """(total, trainable) parameter counts."""
