@@ -82,7 +82,8 @@ def main() -> None:
     chat_class = np.array([label[tile_class(r.id)] for r in chats])
     words = {}  # each tissue's first think word, read from the chats
     for r, k in zip(chats, chat_class, strict=True):
-        words.setdefault(int(k), r.messages[-1].content.split(THINK, 1)[1].split()[0].strip(",.:;"))
+        think = r.messages[-1].content.split(THINK, 1)[1].split("</think>", 1)[0]
+        words.setdefault(int(k), think.split()[0].strip(",.:;"))
     word_ids = jnp.asarray(
         [tok(words[k], add_special_tokens=False)["input_ids"][0] for k in range(len(classes))]
     )

@@ -21,12 +21,16 @@ MCQ_BATCH = 45
 
 def held_out_mcq(config: ml_collections.ConfigDict, model_dir: Path | None) -> dict[str, float]:
     """Greedy accuracy and format rate on the embedded held-out MCQs, in the RL stage's prompt style
-    and budget (`config.rl.prompt_style`, `max_new_tokens`); nothing to measure without a starting
+    and budget (`config.rl.prompt_style`, `max_new_tokens`), with the accuracy per question (the id's
+    suffix: `mcq/accuracy_tissue`, `mcq/accuracy_density`) and the share of answers that are each
+    option letter (`mcq/answer_A`, ...; an answer that is no option letter counts in none): a model
+    that answers every question alike shows one letter near 1. Nothing to measure without a starting
     model."""
     if model_dir is None:
         return {}
     from pathor1_jax.data.demo import demo_records
     from pathor1_jax.eval.mcq import evaluate_mcq
+    from pathor1_jax.rl.rewards import extract_answer
     from pathor1_jax.train.loading import load_for_inference
 
     model, processor = load_for_inference(model_dir)
@@ -40,7 +44,15 @@ def held_out_mcq(config: ml_collections.ConfigDict, model_dir: Path | None) -> d
         prompt_style=config.rl.prompt_style,
         progress=False,
     )
-    return {"mcq/accuracy": result.accuracy, "mcq/format_rate": result.format_rate}
+    numbers = {"mcq/accuracy": result.accuracy, "mcq/format_rate": result.format_rate}
+    questions = [record.id.rsplit("-", 1)[-1] for record in held_out]
+    for question in sorted(set(questions)):
+        hits = [p["correct"] for q, p in zip(questions, result.predictions, strict=True) if q == question]
+        numbers[f"mcq/accuracy_{question}"] = float(np.mean(hits))
+    answers = [extract_answer(p["response"]) for p in result.predictions]
+    for letter in sorted({letter for record in held_out for letter in record.options}):
+        numbers[f"mcq/answer_{letter}"] = answers.count(letter) / len(answers)
+    return numbers
 
 
 def held_out_zero_shot(config: ml_collections.ConfigDict, model_dir: Path | None) -> dict[str, float]:
