@@ -58,3 +58,28 @@ def test_evaluate_mcq_counts_every_record_once(processor):
     assert 0.0 <= result.accuracy <= 1.0 and 0.0 <= result.format_rate <= 1.0
     # a random tiny model in 4 tokens cannot write both blocks
     assert result.format_rate == 0.0
+
+
+def test_mcq_breakdown_splits_accuracy_by_question_and_counts_answer_letters():
+    from pathor1_jax.eval.demo import mcq_breakdown
+
+    records = demo_records("mcq", "test")[:4]
+    questions = [r.id.rsplit("-", 1)[-1] for r in records]
+    responses = [
+        "<think>x</think><answer>C</answer>",
+        "<think>x</think><answer>C</answer>",
+        "<think>x</think><answer>A</answer>",
+        "no answer block",
+    ]
+    correct = [True, False, True, False]
+    predictions = [{"response": t, "correct": c} for t, c in zip(responses, correct, strict=True)]
+    numbers = mcq_breakdown(records, predictions)
+    for question in set(questions):
+        hits = [c for q, c in zip(questions, correct, strict=True) if q == question]
+        assert numbers[f"mcq/accuracy_{question}"] == sum(hits) / len(hits)
+    assert set(questions) == {"tissue", "density"}
+    assert {k: v for k, v in numbers.items() if "answer_" in k} == {
+        "mcq/answer_A": 0.25,
+        "mcq/answer_B": 0.0,
+        "mcq/answer_C": 0.5,
+    }

@@ -6,10 +6,13 @@ the model a stage starts from when it starts from scratch."""
 from __future__ import annotations
 
 import functools
+from collections.abc import Sequence
 from pathlib import Path
 
 import ml_collections
 import numpy as np
+
+from pathor1_jax.data.records import MCQRecord
 
 PROMPTS = Path(__file__).resolve().parents[1] / "data" / "assets" / "demo" / "zeroshot_prompts.json"
 # ours: the 90 held-out MCQs in 2 batches of 45 (`pathor1 eval mcq` defaults to 8): each greedy decode
@@ -21,16 +24,12 @@ MCQ_BATCH = 45
 
 def held_out_mcq(config: ml_collections.ConfigDict, model_dir: Path | None) -> dict[str, float]:
     """Greedy accuracy and format rate on the embedded held-out MCQs, in the RL stage's prompt style
-    and budget (`config.rl.prompt_style`, `max_new_tokens`), with the accuracy per question (the id's
-    suffix: `mcq/accuracy_tissue`, `mcq/accuracy_density`) and the share of answers that are each
-    option letter (`mcq/answer_A`, ...; an answer that is no option letter counts in none): a model
-    that answers every question alike shows one letter near 1. Nothing to measure without a starting
-    model."""
+    and budget (`config.rl.prompt_style`, `max_new_tokens`), with `mcq_breakdown`'s numbers; nothing
+    to measure without a starting model."""
     if model_dir is None:
         return {}
     from pathor1_jax.data.demo import demo_records
     from pathor1_jax.eval.mcq import evaluate_mcq
-    from pathor1_jax.rl.rewards import extract_answer
     from pathor1_jax.train.loading import load_for_inference
 
     model, processor = load_for_inference(model_dir)
@@ -45,12 +44,23 @@ def held_out_mcq(config: ml_collections.ConfigDict, model_dir: Path | None) -> d
         progress=False,
     )
     numbers = {"mcq/accuracy": result.accuracy, "mcq/format_rate": result.format_rate}
-    questions = [record.id.rsplit("-", 1)[-1] for record in held_out]
+    return numbers | mcq_breakdown(held_out, result.predictions)
+
+
+def mcq_breakdown(records: Sequence[MCQRecord], predictions: Sequence[dict]) -> dict[str, float]:
+    """The accuracy per question (the record id's last `-` field: `mcq/accuracy_tissue`,
+    `mcq/accuracy_density`) and the share of answers that are each option letter (`mcq/answer_A`, ...;
+    an answer that is no option letter counts in none) of `evaluate_mcq`'s `predictions` of `records`
+    (same order): a model that answers every question alike shows one letter near 1."""
+    from pathor1_jax.rl.rewards import extract_answer
+
+    numbers = {}
+    questions = [record.id.rsplit("-", 1)[-1] for record in records]
     for question in sorted(set(questions)):
-        hits = [p["correct"] for q, p in zip(questions, result.predictions, strict=True) if q == question]
+        hits = [p["correct"] for q, p in zip(questions, predictions, strict=True) if q == question]
         numbers[f"mcq/accuracy_{question}"] = float(np.mean(hits))
-    answers = [extract_answer(p["response"]) for p in result.predictions]
-    for letter in sorted({letter for record in held_out for letter in record.options}):
+    answers = [extract_answer(p["response"]) for p in predictions]
+    for letter in sorted({letter for record in records for letter in record.options}):
         numbers[f"mcq/answer_{letter}"] = answers.count(letter) / len(answers)
     return numbers
 
