@@ -9,6 +9,11 @@ from pathor1_jax.train.defaults import base_config
 
 def get_config() -> ml_collections.ConfigDict:
     config = base_config("cpt")
+    # ours: the demo's LM stages keep their 2 layers unrolled (one set of parameters per layer), so the
+    # SFT config can freeze layer 0's attention and train layer 1's (configs/demo_sft.py). Every demo LM
+    # config says the same: a stacked checkpoint does not load into unrolled layers. Unrolled, the random
+    # init is another draw, so the model reads the tiles differently from the stacked one
+    config.model.scan_layers = False
     # ours: the captions that name the tile's tissue (`Colon.`, `Skin.`, `Tumour.`; the builder writes
     # one per tile beside the descriptive one). Measured on the held-out name captions, NLL with the
     # tile's own image vs another tissue's: after 80 steps 0.69 vs 2.82 nats (own better on 81 of 90).

