@@ -83,15 +83,15 @@ def demo_subset(kind: str, keep, path: Path, answer=None) -> Path:
 # 10-step walk's SFT model writes no `<think>…</think><answer>…</answer>` answer. SFT_STEPS more steps
 # on the colon tiles' tissue chats, each answered in the shortest format the reward accepts with a
 # random letter (`<think>\n</think><answer>B</answer>`), LM attention trained, teach the format
-# (60 steps: sampled format rate 1.0) and leave the letter open. GRPO then trains on the colon tiles'
-# tissue question (answer A) at lr 5e-3: after 80 SFT steps the mean reward went 0.094, 0.219, 0.344,
-# 0.312, 0.500, 0.562, 0.688, 0.500 (+0.365, first 3 -> last 3; over the first 6: +0.240), after 60
-# SFT steps 0.531 -> 0.875 in 6 (+0.250).
-# With the tissue chats of all three tissues answered right (the design before the demo data gave RL
-# its own tiles) the model already answered the colon tiles right (0.84-1.0: nothing to learn); without
-# the colon chats it never wrote A (0/32 a step: no advantage to learn from). Earlier runs of this check
-# with negated advantages fell (0.31 -> 0), with zero advantages moved by the step mean's noise (+0.125
-# at 4 prompts a step). Cost: ~260 CPU-s beyond the walk, over the suite's budget, so it runs with
+# (sampled format rate > 0.8 at GRPO's first step after 60 and 80 steps) and leave the letter open.
+# GRPO then trains on the colon tiles' tissue question (answer A) at lr 5e-3: after 80 SFT steps the
+# mean reward went 0.094, 0.219, 0.344, 0.312, 0.500, 0.562, 0.688, 0.500 (+0.365, first 3 -> last 3;
+# over the first 6: +0.240), after 60 SFT steps 0.531 -> 0.875 in 6 (+0.250). With this check's
+# earlier design on the current demo data (the tissue chats of all three tissues, answered right) the
+# model already answered A on the colon tiles (0.84-1.0: nothing to learn); without the colon chats it
+# never wrote A (0 at every step: no advantage to learn from). Earlier runs of this check with negated
+# advantages fell (0.31 -> 0), with zero advantages moved by the step mean's noise (+0.125 at 4 prompts
+# a step). Cost: ~260 CPU-s beyond the walk, over the suite's budget, so it runs with
 # PATHOR1_DEMO_RL=1: in CI's second step (`make long`)
 SFT_STEPS, RL_STEPS, RL_LR = 80, 8, 5e-3
 
