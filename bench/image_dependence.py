@@ -95,12 +95,14 @@ def main() -> None:
         nll = -jnp.sum(jnp.take_along_axis(logp[:-1], jnp.maximum(targets, 0)[:, None], -1)[:, 0] * valid)
         return nll, logp[word_at - 1, word_ids]  # the three words' scores where the first is predicted
 
-    think_len = len(tok(THINK, add_special_tokens=False)["input_ids"])
+    # tokens of the answer before its first think word: `<think>` and the new line after it
+    before_word = chats[0].messages[-1].content.split(words[int(chat_class[0])], 1)[0]
+    think_len = len(tok(before_word, add_special_tokens=False)["input_ids"])
     own, swapped, correct = [], [], []
     for i, ex in enumerate(examples):
         j = next(k for k in np.roll(np.arange(len(examples)), -i) if chat_class[k] != chat_class[i])
         labels = ex["labels"]
-        word_at = int(np.flatnonzero(labels >= 0)[0]) + think_len  # the answer starts with <think>
+        word_at = int(np.flatnonzero(labels >= 0)[0]) + think_len  # the answer starts with <think>\n
         common = (jnp.asarray(ex["input_ids"][None]), jnp.asarray(ex["position_ids"][:, None]))
         for source, into in ((ex, own), (examples[j], swapped)):
             index = vision_index(source["image_grid_thw"], cfg.vision)
