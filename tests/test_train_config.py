@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+import json
+import re
 from pathlib import Path
 
 import pytest
 
 from pathor1_jax.cli import main
+from pathor1_jax.models.qwen2_5_vl.config import tiny_config
 from pathor1_jax.train.config import ConfigError, load_config, parse_overrides
 
 CONFIGS = Path(__file__).resolve().parents[1] / "configs"
@@ -86,3 +89,46 @@ def test_configs_load_with_a_known_stage_and_model(name):
     assert config.data.kind == ""  # the stage's records: the registry's, set by stages.run
     assert config.model.preset in ("tiny", "3b", "7b")
     assert 0 < config.optim.warmup_steps < config.train.steps
+
+
+def _run_dir(run: Path, **model) -> Path:
+    """A run directory as `init_from` sees it before loading: run_config.json and checkpoints/."""
+    (run / "checkpoints").mkdir(parents=True)
+    config = load_config(str(CONFIGS / "demo_cpt.py"))
+    block = {**config.model.to_dict(), **model}
+    (run / "run_config.json").write_text(json.dumps({"stage": "cpt", "model": block}))
+    return run
+
+
+@pytest.mark.parametrize(
+    "run_model, message",
+    [
+        (
+            {"scan_layers": True},
+            r"that run's checkpoint has its decoder layers stacked \(model.scan_layers=True\); "
+            r"set config.model.scan_layers=True$",
+        ),
+        (
+            {"path": "HF"},
+            r"that run trained another architecture \(text_config.num_hidden_layers 3 there, 2 here\); "
+            r"set config.model as that run's "
+            r"\(preset='tiny', path='.*HF'\)$",
+        ),
+    ],
+)
+def test_init_from_a_run_of_another_model_is_refused_at_start_up(tmp_path, capsys, run_model, message):
+    """SFT from a CPT run that built another model: exit 2 with one line naming what differs, before
+    any model is built and with nothing left in the run directory (the checkpoint would not load)."""
+    if "path" in run_model:
+        hf = tmp_path / "HF"
+        hf.mkdir()
+        (hf / "config.json").write_text(json.dumps(tiny_config(num_hidden_layers=3).to_hf_dict()))
+        run_model = {"path": str(hf)}
+    run = _run_dir(tmp_path / "cpt", **run_model)
+    out = tmp_path / "sft"
+    argv = ["train", "--config", str(CONFIGS / "demo_sft.py"), f"--config.model.init_from={run}"]
+    assert main([*argv, f"--config.train.out_dir={out}"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()[-1]
+    assert err.startswith(f"pathor1 train: error: config.model.init_from={str(run)!r}: "), err
+    assert re.search(message, err), err
+    assert not out.exists()

@@ -67,11 +67,12 @@ def _alive(pid: int, start: str | None) -> bool:
     return start is None or _process_start(pid) in (None, start)
 
 
-def _flat(tree: Any, prefix: str = "") -> dict[str, Any]:
+def flatten(tree: Any, prefix: str = "") -> dict[str, Any]:
+    """A nested dict as one level of dotted keys (`{"a": {"b": 1}}` -> `{"a.b": 1}`)."""
     if isinstance(tree, dict):
         out: dict[str, Any] = {}
         for key, value in tree.items():
-            out.update(_flat(value, f"{prefix}{key}."))
+            out.update(flatten(value, f"{prefix}{key}."))
         return out
     return {prefix[:-1]: tree}
 
@@ -103,7 +104,7 @@ def config_fingerprint(config: ml_collections.ConfigDict | dict) -> str:
 
 def changed_keys(old: dict, new: dict) -> list[str]:
     """Dotted keys whose values differ between two config dicts (added and removed keys too)."""
-    a, b = _flat(old), _flat(new)
+    a, b = flatten(old), flatten(new)
     return sorted(k for k in set(a) | set(b) if a.get(k, "<absent>") != b.get(k, "<absent>"))
 
 
