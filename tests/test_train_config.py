@@ -91,42 +91,54 @@ def test_configs_load_with_a_known_stage_and_model(name):
     assert 0 < config.optim.warmup_steps < config.train.steps
 
 
-def _run_dir(run: Path, **model) -> Path:
-    """A run directory as `init_from` sees it before loading: run_config.json and checkpoints/."""
+def _run_dir(run: Path, config: str, **model) -> Path:
+    """A run directory of `config` as `init_from` sees it before loading: run_config.json (its model
+    block with `model` over it) and checkpoints/."""
     (run / "checkpoints").mkdir(parents=True)
-    config = load_config(str(CONFIGS / "demo_cpt.py"))
-    block = {**config.model.to_dict(), **model}
-    (run / "run_config.json").write_text(json.dumps({"stage": "cpt", "model": block}))
+    block = {**load_config(str(CONFIGS / config)).model.to_dict(), **model}
+    (run / "run_config.json").write_text(json.dumps({"model": block}))
     return run
 
 
 @pytest.mark.parametrize(
-    "run_model, message",
+    "config, run_config, run_model, message",
     [
         (
+            "demo_sft.py",
+            "demo_cpt.py",
             {"scan_layers": True},
-            r"that run's checkpoint has its decoder layers stacked \(model.scan_layers=True\); "
+            r"that run's checkpoint has its layers stacked \(model.scan_layers=True\); "
             r"set config.model.scan_layers=True$",
         ),
         (
+            "demo_sft.py",
+            "demo_cpt.py",
             {"path": "HF"},
             r"that run trained another architecture \(text_config.num_hidden_layers 3 there, 2 here\); "
-            r"set config.model as that run's "
-            r"\(preset='tiny', path='.*HF'\)$",
+            r"set config.model as that run's \(preset='tiny', path='.*HF'\)$",
+        ),
+        (  # PathoCLIP stage II from a stage I of another tower size
+            "pathoclip_tiny.py:stage2",
+            "pathoclip_tiny.py:stage1",
+            {"preset": "ViT-B-16"},
+            r"that run trained another architecture \(.*vision_config.hidden_size 768 there, \d+ here.*\); "
+            r"set config.model as that run's \(preset='ViT-B-16'\)$",
         ),
     ],
 )
-def test_init_from_a_run_of_another_model_is_refused_at_start_up(tmp_path, capsys, run_model, message):
-    """SFT from a CPT run that built another model: exit 2 with one line naming what differs, before
+def test_init_from_a_run_of_another_model_is_refused_at_start_up(
+    tmp_path, capsys, config, run_config, run_model, message
+):
+    """A stage from a run that built another model: exit 2 with one line naming what differs, before
     any model is built and with nothing left in the run directory (the checkpoint would not load)."""
     if "path" in run_model:
         hf = tmp_path / "HF"
         hf.mkdir()
         (hf / "config.json").write_text(json.dumps(tiny_config(num_hidden_layers=3).to_hf_dict()))
         run_model = {"path": str(hf)}
-    run = _run_dir(tmp_path / "cpt", **run_model)
-    out = tmp_path / "sft"
-    argv = ["train", "--config", str(CONFIGS / "demo_sft.py"), f"--config.model.init_from={run}"]
+    run = _run_dir(tmp_path / "before", run_config, **run_model)
+    out = tmp_path / "after"
+    argv = ["train", "--config", str(CONFIGS / config), f"--config.model.init_from={run}"]
     assert main([*argv, f"--config.train.out_dir={out}"]) == 2
     err = capsys.readouterr().err.strip().splitlines()[-1]
     assert err.startswith(f"pathor1 train: error: config.model.init_from={str(run)!r}: "), err

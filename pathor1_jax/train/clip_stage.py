@@ -36,6 +36,7 @@ from pathor1_jax.train.contrastive import clip_loss, sharded_clip_loss
 from pathor1_jax.train.defaults import layer_options
 from pathor1_jax.train.optim import make_optimizer
 from pathor1_jax.train.result import StageResult
+from pathor1_jax.train.rundir import check_init_run
 from pathor1_jax.train.schema import check_start
 from pathor1_jax.train.step import StepSpec, abstract_state, apply_gradients, zero_frozen
 from pathor1_jax.train.trainer import Stage, Trainer, batch_field_sharding
@@ -161,6 +162,7 @@ def initial_params(model: ml_collections.ConfigDict):
         return None
     path = Path(source)
     if (path / "checkpoints").is_dir():
+        check_init_run(model, path, lambda m: model_config(m).to_hf_dict())
         return lambda like: restore_params(path / "checkpoints", like)
     scan = layer_options(model)["scan_layers"]
     if (path / "config.json").exists():

@@ -37,7 +37,7 @@ from pathor1_jax.train.cpt import cpt_step
 from pathor1_jax.train.defaults import layer_options
 from pathor1_jax.train.lm import offset_to_block, prepare_batch
 from pathor1_jax.train.result import StageResult
-from pathor1_jax.train.rundir import RUN_CONFIG, flatten
+from pathor1_jax.train.rundir import check_init_run
 from pathor1_jax.train.schema import check_start
 from pathor1_jax.train.sft import sft_step
 from pathor1_jax.train.step import StepSpec, abstract_state
@@ -69,36 +69,6 @@ def model_factory(
     )  # fmt: skip
 
 
-def check_run_model(model: ml_collections.ConfigDict, run_dir: Path) -> None:
-    """`ConfigError` at start-up, naming what differs, when the run in `run_dir` (its run_config.json)
-    trained another architecture or layer layout than `model` builds: its checkpoint would not load.
-    A run whose architecture cannot be read any more (its `model.path` gone) is not checked here."""
-    run_model = ml_collections.ConfigDict(json.loads((run_dir / RUN_CONFIG).read_text())["model"])
-    where = f"config.model.init_from={str(run_dir)!r}"
-    mine, theirs = layer_options(model)["scan_layers"], layer_options(run_model)["scan_layers"]
-    if mine != theirs:
-        raise ConfigError(
-            f"{where}: that run's checkpoint has its decoder layers {'stacked' if theirs else 'unrolled'} "
-            f"(model.scan_layers={theirs}); set config.model.scan_layers={theirs}"
-        )
-    try:
-        run_arch = flatten(model_config(run_model).to_hf_dict())
-    except OSError:
-        return
-    arch = flatten(model_config(model).to_hf_dict())
-    differ = [
-        f"{k} {run_arch.get(k)!r} there, {arch.get(k)!r} here"
-        for k in sorted(arch.keys() | run_arch.keys())
-        if run_arch.get(k) != arch.get(k)
-    ]
-    if differ:
-        source = {k: run_model.get(k) for k in ("preset", "path") if run_model.get(k)}
-        raise ConfigError(
-            f"{where}: that run trained another architecture ({', '.join(differ)}); set config.model "
-            f"as that run's ({', '.join(f'{k}={v!r}' for k, v in source.items()) or 'hf_config'})"
-        )
-
-
 def initial_params(
     model: ml_collections.ConfigDict, layout: tuple[Mesh, Rules] | None = None
 ) -> Callable[[dict], dict] | None:
@@ -113,8 +83,7 @@ def initial_params(
     path = Path(source)
     checkpoints = path / "checkpoints"
     if checkpoints.is_dir():
-        if (path / RUN_CONFIG).exists():
-            check_run_model(model, path)
+        check_init_run(model, path, lambda m: model_config(m).to_hf_dict())
         return lambda like: restore_params(checkpoints, like)
     if (path / "config.json").exists():
 

@@ -28,6 +28,7 @@ import os
 import socket
 import threading
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -35,8 +36,9 @@ import jax
 import ml_collections
 import numpy as np
 
-from pathor1_jax.errors import UserError
+from pathor1_jax.errors import ConfigError, UserError
 from pathor1_jax.outputs import check_writable_dir, is_remote
+from pathor1_jax.train.defaults import layer_options
 
 log = logging.getLogger(__name__)
 
@@ -100,6 +102,42 @@ def config_dict(config: ml_collections.ConfigDict | dict) -> dict:
 
 def config_fingerprint(config: ml_collections.ConfigDict | dict) -> str:
     return hashlib.sha256(json.dumps(config_dict(config), sort_keys=True).encode()).hexdigest()[:16]
+
+
+def check_init_run(
+    model: ml_collections.ConfigDict, run_dir: Path, hf_config: Callable[[ml_collections.ConfigDict], dict]
+) -> None:
+    """`ConfigError` at start-up, naming what differs, when the run in `run_dir` (`init_from`) trained
+    another architecture (`hf_config` of a `config.model` block: the model family's HF config dict) or
+    layer layout (`scan_layers`) than `model` builds: its checkpoint would not load. Not checked: a
+    directory without run_config.json, and a run whose architecture cannot be read any more (its
+    `model.path` gone); the restore reports those."""
+    if not (run_dir / RUN_CONFIG).exists():
+        return
+    run_model = ml_collections.ConfigDict(json.loads((run_dir / RUN_CONFIG).read_text())["model"])
+    where = f"config.model.init_from={str(run_dir)!r}"
+    mine, theirs = layer_options(model)["scan_layers"], layer_options(run_model)["scan_layers"]
+    if mine != theirs:
+        raise ConfigError(
+            f"{where}: that run's checkpoint has its layers {'stacked' if theirs else 'unrolled'} "
+            f"(model.scan_layers={theirs}); set config.model.scan_layers={theirs}"
+        )
+    try:
+        run_arch = flatten(hf_config(run_model))
+    except OSError:
+        return
+    arch = flatten(hf_config(model))
+    differ = [
+        f"{k} {run_arch.get(k)!r} there, {arch.get(k)!r} here"
+        for k in sorted(arch.keys() | run_arch.keys())
+        if run_arch.get(k) != arch.get(k)
+    ]
+    if differ:
+        source = {k: run_model.get(k) for k in ("preset", "path") if run_model.get(k)}
+        raise ConfigError(
+            f"{where}: that run trained another architecture ({', '.join(differ)}); set config.model "
+            f"as that run's ({', '.join(f'{k}={v!r}' for k, v in source.items()) or 'hf_config'})"
+        )
 
 
 def changed_keys(old: dict, new: dict) -> list[str]:
