@@ -127,11 +127,7 @@ def check_init_run(
     except OSError:
         return
     arch = flatten(hf_config(model))
-    differ = [
-        f"{k} {run_arch.get(k)!r} there, {arch.get(k)!r} here"
-        for k in sorted(arch.keys() | run_arch.keys())
-        if run_arch.get(k) != arch.get(k)
-    ]
+    differ = [f"{k} {run_arch.get(k)!r} there, {arch.get(k)!r} here" for k in changed_keys(run_arch, arch)]
     if differ:
         source = {k: run_model.get(k) for k in ("preset", "path") if run_model.get(k)}
         raise ConfigError(
