@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import contextvars
+import math
 from collections.abc import Iterator, Sequence
 
 import jax
@@ -45,7 +46,7 @@ def logical_to_spec(axes: Sequence[str | None], rules: Rules) -> PartitionSpec:
         for logical, mesh_axes in rules:
             if logical != name or mesh_axes is None:
                 continue
-            candidate = (mesh_axes,) if isinstance(mesh_axes, str) else tuple(mesh_axes)
+            candidate = axis_names(mesh_axes)
             if not used.intersection(candidate):
                 target = candidate
                 break
@@ -55,6 +56,18 @@ def logical_to_spec(axes: Sequence[str | None], rules: Rules) -> PartitionSpec:
             used.update(target)
             spec.append(target[0] if len(target) == 1 else target)
     return PartitionSpec(*spec)
+
+
+def axis_names(entry: str | Sequence[str] | None) -> tuple[str, ...]:
+    """The mesh axes of one entry of a PartitionSpec or rule (None, a name or a tuple of names)."""
+    if entry is None:
+        return ()
+    return (entry,) if isinstance(entry, str) else tuple(entry)
+
+
+def batch_parts(mesh: Mesh, rules: Rules) -> int:
+    """How many ways the rules split the batch dimension on `mesh`."""
+    return math.prod(mesh.shape[a] for a in axis_names(logical_to_spec(("batch",), rules)[0]))
 
 
 def constrain(x: jax.Array, axes: Sequence[str | None]) -> jax.Array:

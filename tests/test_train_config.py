@@ -11,6 +11,8 @@ import pytest
 from pathor1_jax.cli import main
 from pathor1_jax.models.qwen2_5_vl.config import tiny_config
 from pathor1_jax.train.config import ConfigError, load_config, parse_overrides
+from pathor1_jax.train.run import model_config
+from pathor1_jax.train.rundir import check_init_run
 
 CONFIGS = Path(__file__).resolve().parents[1] / "configs"
 OURS = ["demo_cpt.py", "demo_sft.py", "cpt_3b.py", "sft_3b.py", "cpt_7b.py", "sft_7b.py"]
@@ -144,3 +146,16 @@ def test_init_from_a_run_of_another_model_is_refused_at_start_up(
     assert err.startswith(f"pathor1 train: error: config.model.init_from={str(run)!r}: "), err
     assert re.search(message, err), err
     assert not out.exists()
+
+
+@pytest.mark.parametrize("run_model", [{"preset": "tiny_v0"}, {"preset": "", "path": "gone/HF"}])
+def test_init_from_a_run_whose_model_cannot_be_read_is_left_to_the_restore(tmp_path, run_model):
+    """A run whose model block names a preset this version does not know, or a `model.path` that is
+    gone, is not refused by the start-up check (its architecture may well be this one's): the restore
+    reports a checkpoint that does not fit. Only what can be compared is compared."""
+    config = load_config(str(CONFIGS / "demo_sft.py"))
+    run = _run_dir(tmp_path / "before", "demo_cpt.py", **run_model)
+    assert check_init_run(config.model, run, lambda m: model_config(m).to_hf_dict()) is None
+    stacked = _run_dir(tmp_path / "stacked", "demo_cpt.py", scan_layers=True, **run_model)
+    with pytest.raises(ConfigError, match=r"layers stacked"):
+        check_init_run(config.model, stacked, lambda m: model_config(m).to_hf_dict())

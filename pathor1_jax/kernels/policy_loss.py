@@ -76,6 +76,7 @@ from pathor1_jax import logical
 from pathor1_jax.kernels.attention import pallas_interpret
 from pathor1_jax.kernels.flash_attention import MASK_VALUE
 from pathor1_jax.kernels.platform import note_impl, target_device_kind, target_platform
+from pathor1_jax.logical import axis_names
 
 AGG_MODES = ("token-mean", "seq-mean-token-mean", "group-mean-token-mean")
 IMPLS = ("auto", "xla", "chunked", "pallas")
@@ -377,10 +378,6 @@ class _Config(NamedTuple):
     sharding: _Sharding | None  # pallas under a mesh: per shard in shard_map
 
 
-def _axes(axes) -> tuple[str, ...]:
-    return () if axes is None else (axes,) if isinstance(axes, str) else tuple(axes)
-
-
 def _over_chunks(cfg: _Config, w, tokens, body, carry):
     """`carry = body(w_chunk, start, tokens_chunk, lo, carry)` over this shard's vocabulary in
     `cfg.chunk`-column chunks: the last one first, aligned to end at the last column (its first
@@ -457,7 +454,7 @@ def _local_backward(cfg: _Config, h, w, tokens, lse, g):
             return dw
         if sharding.embed is not None:
             dw = lax.psum_scatter(dw, sharding.embed, scatter_dimension=0, tiled=True)
-        others = tuple(a for a in _axes(sharding.rows) if a not in _axes(sharding.embed))
+        others = tuple(a for a in axis_names(sharding.rows) if a not in axis_names(sharding.embed))
         return lax.psum(dw, others) if others else dw
 
     def body(w_chunk, start, tokens, lo, carry):
@@ -672,14 +669,14 @@ def _sharding(b: int, d: int, vocab: int) -> _Sharding | None:
     mesh, rules = ctx
 
     def size(axes) -> int:
-        return math.prod(mesh.shape[a] for a in _axes(axes))
+        return math.prod(mesh.shape[a] for a in axis_names(axes))
 
     rows = logical.logical_to_spec(("batch",), rules)[0]
     rows = rows if b % size(rows) == 0 else None
     embed, vocab_axes = logical.logical_to_spec(("embed", "vocab"), rules)
-    if not set(_axes(embed)) <= set(_axes(rows)) or d % size(embed):
+    if not set(axis_names(embed)) <= set(axis_names(rows)) or d % size(embed):
         embed = None  # the head is all-gathered once at the shard_map boundary instead
-    if set(_axes(vocab_axes)) & set(_axes(rows)) or vocab % size(vocab_axes):
+    if set(axis_names(vocab_axes)) & set(axis_names(rows)) or vocab % size(vocab_axes):
         vocab_axes = None
     return _Sharding(mesh, rows, embed, vocab_axes)
 
@@ -740,8 +737,7 @@ def _row_blocks(b: int) -> int:
     ctx = logical.current_rules()
     if ctx is None:
         return 1
-    mesh, rules = ctx
-    parts = math.prod(mesh.shape[a] for a in _axes(logical.logical_to_spec(("batch",), rules)[0]))
+    parts = logical.batch_parts(*ctx)
     return parts if b % parts == 0 else 1
 
 
@@ -754,8 +750,8 @@ def _token_logprobs(hidden: jax.Array, lm_head: jax.Array, tokens: jax.Array, im
     sharding = _sharding(b, d, vocab)
     rows = b * t
     if sharding is not None:
-        vocab //= math.prod(sharding.mesh.shape[a] for a in _axes(sharding.vocab))
-        rows //= math.prod(sharding.mesh.shape[a] for a in _axes(sharding.rows))
+        vocab //= math.prod(sharding.mesh.shape[a] for a in axis_names(sharding.vocab))
+        rows //= math.prod(sharding.mesh.shape[a] for a in axis_names(sharding.rows))
     chip = _DEVICE_KINDS.get(target_device_kind(), DEFAULT_CHIP)
     tiles = _fit_rows(pallas_tiles(chip, d, hidden.dtype, lm_head.dtype), rows)
     tile = max(tiles.vocab, tiles.dw_vocab)

@@ -22,7 +22,7 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec
 from pathor1_jax.data.pipeline import get_processor, load_source, processor_spec_from_config
 from pathor1_jax.data.prompts import DEFAULT_PROMPT_STYLE
 from pathor1_jax.errors import ConfigError
-from pathor1_jax.logical import Rules
+from pathor1_jax.logical import Rules, batch_parts
 from pathor1_jax.models import qwen2_5_vl
 from pathor1_jax.rl import rewards
 from pathor1_jax.rl.prompts import PromptStream, decode_response
@@ -35,7 +35,7 @@ from pathor1_jax.rl.step import (
     jit_update,
     rl_step,
 )
-from pathor1_jax.sharding.multihost import any_process, batch_parts, batch_spec
+from pathor1_jax.sharding.multihost import any_process, batch_spec
 from pathor1_jax.sharding.params import abstract_params
 from pathor1_jax.train.aot import AotStep, qwen_flops, sds
 from pathor1_jax.train.defaults import base_config

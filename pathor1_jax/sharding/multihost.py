@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import contextlib
 import json
-import math
 import os
 from collections.abc import Iterator, Mapping
 from typing import Any
@@ -20,7 +19,7 @@ from jax.experimental import multihost_utils
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from pathor1_jax.errors import Pathor1Error
-from pathor1_jax.logical import Rules, current_rules, logical_to_spec
+from pathor1_jax.logical import Rules, batch_parts, current_rules, logical_to_spec
 from pathor1_jax.sharding.env import (
     COORDINATOR_ENV,
     HEARTBEAT_ENV,
@@ -106,7 +105,7 @@ def batch_block(mesh: Mesh, rules: Rules) -> tuple[int, int]:
     span every device; fewer blocks when processes hold the same rows, e.g. `tensor` across hosts).
     The rows of block i are the i-th `1/count` of every global batch."""
     spec = batch_spec(rules)
-    num_parts = int(np.prod([mesh.shape[a] for a in axis_names(spec[0])], dtype=int))
+    num_parts = batch_parts(mesh, rules)
     indices = NamedSharding(mesh, PartitionSpec(spec[0])).addressable_devices_indices_map((num_parts,))
     starts = sorted({idx[0].indices(num_parts)[0] for idx in indices.values()})
     size = len(starts)
@@ -131,11 +130,6 @@ def local_rows(num_rows: int) -> tuple[slice, int, int]:
     return slice(index * per, (index + 1) * per), index, count
 
 
-def batch_parts(mesh: Mesh, rules: Rules) -> int:
-    """How many ways the rules split the batch dimension on `mesh`."""
-    return math.prod(mesh.shape[a] for a in axis_names(batch_spec(rules)[0]))
-
-
 def local_batch_devices(mesh: Mesh, rules: Rules) -> int:
     """How many parts of the batch axes this process's devices hold (its rows split over them)."""
     return batch_parts(mesh, rules) // batch_block(mesh, rules)[1]
@@ -150,13 +144,6 @@ def to_global(local: Any, axis: int = 0) -> Any:
         return jax.tree.map(jnp.asarray, local)
     mesh, rules = ctx
     return make_global_batch(local, mesh, PartitionSpec(*([None] * axis), batch_spec(rules)[0]))
-
-
-def axis_names(entry) -> tuple[str, ...]:
-    """The mesh axes of one entry of a PartitionSpec (None, a name or a tuple of names)."""
-    if entry is None:
-        return ()
-    return (entry,) if isinstance(entry, str) else tuple(entry)
 
 
 def to_host(x: Any) -> np.ndarray:

@@ -25,11 +25,10 @@ from pathor1_jax.data.images import BadImageError, load_image
 from pathor1_jax.data.pipeline import Dropped, SkipDropped, prescan
 from pathor1_jax.data.records import CaptionRecord
 from pathor1_jax.errors import ConfigError
-from pathor1_jax.logical import Rules, current_rules, logical_to_spec
+from pathor1_jax.logical import Rules, batch_parts, current_rules, logical_to_spec
 from pathor1_jax.models import clip
 from pathor1_jax.models.clip.preprocess import preprocess
 from pathor1_jax.models.clip.tokenizer import CLIPTokenizer
-from pathor1_jax.sharding.multihost import batch_parts
 from pathor1_jax.train.aot import AotStep, clip_flops, sds
 from pathor1_jax.train.checkpoint import restore_params
 from pathor1_jax.train.contrastive import clip_loss, sharded_clip_loss

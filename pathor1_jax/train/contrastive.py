@@ -15,6 +15,8 @@ import jax
 import jax.numpy as jnp
 from jax.sharding import Mesh, PartitionSpec
 
+from pathor1_jax.logical import axis_names
+
 
 def _normalize(x: jax.Array) -> jax.Array:
     x = x.astype(jnp.float32)
@@ -47,7 +49,7 @@ def sharded_clip_loss(
     batch_axes: str | Sequence[str],
 ) -> jax.Array:
     """`clip_loss` of the global batch whose rows are split over `batch_axes` of `mesh`."""
-    axes = (batch_axes,) if isinstance(batch_axes, str) else tuple(batch_axes)
+    axes = axis_names(batch_axes)
     rows = PartitionSpec(axes)
 
     def local(img, txt, scale):

@@ -14,9 +14,8 @@ import jax
 import numpy as np
 
 from pathor1_jax.kernels.policy_loss import CHUNKED_VOCAB_TILE
-from pathor1_jax.logical import current_rules
+from pathor1_jax.logical import batch_parts, current_rules
 from pathor1_jax.models import qwen2_5_vl
-from pathor1_jax.sharding.multihost import batch_parts
 from pathor1_jax.train.losses import per_token_nll, shifted_targets
 
 MODEL_INPUTS = ("input_ids", "labels", "segment_ids", "position_ids", "pixel_values")

@@ -24,11 +24,10 @@ from flax import nnx
 from jax.sharding import Mesh
 
 from pathor1_jax.errors import ConfigError
-from pathor1_jax.logical import Rules
+from pathor1_jax.logical import Rules, batch_parts
 from pathor1_jax.models import qwen2_5_vl
 from pathor1_jax.models.qwen2_5_vl.presets import preset
 from pathor1_jax.sharding.mesh import make_mesh
-from pathor1_jax.sharding.multihost import batch_parts
 from pathor1_jax.sharding.params import state_shardings
 from pathor1_jax.sharding.rules import rules_from_config
 from pathor1_jax.train.aot import AotStep, qwen_flops, sds

@@ -111,7 +111,7 @@ def check_init_run(
     another architecture (`hf_config` of a `config.model` block: the model family's HF config dict) or
     layer layout (`scan_layers`) than `model` builds: its checkpoint would not load. Not checked: a
     directory without run_config.json, and a run whose architecture cannot be read any more (its
-    `model.path` gone); the restore reports those."""
+    `model.path` gone, or a preset this version does not know); the restore reports those."""
     if not (run_dir / RUN_CONFIG).exists():
         return
     run_model = ml_collections.ConfigDict(json.loads((run_dir / RUN_CONFIG).read_text())["model"])
@@ -124,7 +124,7 @@ def check_init_run(
         )
     try:
         run_arch = flatten(hf_config(run_model))
-    except OSError:
+    except (OSError, ValueError):
         return
     arch = flatten(hf_config(model))
     differ = [f"{k} {run_arch.get(k)!r} there, {arch.get(k)!r} here" for k in changed_keys(run_arch, arch)]
