@@ -8,9 +8,11 @@ import importlib
 import jax
 import jax.numpy as jnp
 import numpy as np
+import pytest
 from flax import nnx
 
 from pathor1_jax.models import qwen2_5_vl
+from pathor1_jax.models.qwen2_5_vl import KVCache
 
 steps = importlib.import_module("pathor1_jax.models.qwen2_5_vl.generate")
 
@@ -86,3 +88,26 @@ def test_prefill_then_decode_chunks_equals_generate():
     np.testing.assert_array_equal(got[0], np.asarray(expected)[0])
     np.testing.assert_array_equal(got[1, :4], np.asarray(expected)[1, :4])
     assert (got[1, 4:] == 0).all() and bool(state.finished.all()) and int(state.step) == new
+
+
+@pytest.mark.parametrize("scan", [True, False], ids=["scanned", "unrolled"])
+def test_a_decode_step_writes_its_slot_without_copying_the_cache(scan):
+    """One decode step (one token a row, the cache donated), compiled for this host: no buffer the
+    size of a layer's cache (or of all layers') is copied. Before, each layer's cache went into the
+    layer loop as a scanned input and came out as a new stacked output: every token copied it all."""
+    cfg = qwen2_5_vl.tiny_config(num_hidden_layers=3)
+    lm = qwen2_5_vl.Qwen2_5_VLForConditionalGeneration(cfg, scan_layers=scan, rngs=nnx.Rngs(0))
+    graphdef, params = nnx.split(lm.model.language_model)
+    batch, slots = 4, 256
+
+    def step(params, cache: KVCache, token):
+        text = nnx.merge(graphdef, params)
+        positions = jnp.broadcast_to(cache.index, (3, batch, 1))
+        return text(text.embed_tokens(token[:, None]), positions, jnp.ones((batch, 1), jnp.int32), cache)
+
+    cache = jax.eval_shape(lambda: KVCache.init(cfg.text, batch, slots, jnp.float32))
+    hlo = jax.jit(step, donate_argnums=1).lower(params, cache, jnp.zeros((batch,), jnp.int32)).compile()
+    layer_cache = ",".join(map(str, cache.keys.shape[1:])) + "]"  # [B, S, K, Dh], with or without L
+    lines = hlo.as_text().splitlines()
+    copies = [line for line in lines if " copy(" in line and layer_cache in line.split("copy(")[0]]
+    assert not copies, copies[:2]

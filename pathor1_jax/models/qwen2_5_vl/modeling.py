@@ -235,24 +235,23 @@ class TextAttention(nnx.Module):
             out = attention(q, k, v, segment_ids=segment_ids, causal=True, impl=self.attention_impl)
             new_kv = None
         else:
-            k_cache, v_cache = cache_kv
-            k_cache = jax.lax.dynamic_update_slice_in_dim(
-                k_cache, k.astype(k_cache.dtype), cache_index, axis=1
-            )
-            v_cache = jax.lax.dynamic_update_slice_in_dim(
-                v_cache, v.astype(v_cache.dtype), cache_index, axis=1
-            )
+            # all layers' cache `[L, B, S_max, K, Dh]` and this layer's index: only the t new slots are
+            # written (in place in the decode loop's carry), never a layer's whole cache
+            keys, values, layer = cache_kv
+            start = (layer, 0, cache_index, 0, 0)
+            keys = jax.lax.dynamic_update_slice(keys, k[None].astype(keys.dtype), start)
+            values = jax.lax.dynamic_update_slice(values, v[None].astype(values.dtype), start)
             if t > 1:  # prefill from an empty cache: causal attention within the prompt
                 out = attention(q, k, v, segment_ids=segment_ids, causal=True, impl=self.attention_impl)
             else:  # one decode step: the cache's segment ids mask padding and unwritten slots
                 out = attention(
                     q,
-                    k_cache,
-                    v_cache,
+                    keys[layer],
+                    values[layer],
                     segment_ids=(segment_ids, cache_segment_ids),
                     impl=self.attention_impl,
                 )
-            new_kv = (k_cache, v_cache)
+            new_kv = (keys, values)
         return self.o_proj(out.reshape(b, t, -1)), new_kv
 
 
@@ -334,18 +333,21 @@ class TextModel(nnx.Module):
             cache.segment_ids, segment_ids, cache.index, axis=1
         )
 
-        def layer_fn(layer, x, kv):  # kv: this layer's ([B, S_max, K, Dh], [B, S_max, K, Dh])
-            return layer(
+        def layer_fn(layer, carry, i):  # the whole cache rides in the carry: each layer writes its slots
+            x, keys, values = carry
+            x, (keys, values) = layer(
                 x,
                 cos,
                 sin,
                 segment_ids,
-                cache_kv=kv,
+                cache_kv=(keys, values, i),
                 cache_segment_ids=cache_segment_ids,
                 cache_index=cache.index,
             )
+            return (x, keys, values), None
 
-        x, (keys, values) = run_layers(self.layers, layer_fn, x, (cache.keys, cache.values))
+        layer_ids = jnp.arange(c.num_hidden_layers, dtype=jnp.int32)
+        (x, keys, values), _ = run_layers(self.layers, layer_fn, (x, cache.keys, cache.values), layer_ids)
         return self.norm(x), KVCache(keys, values, cache_segment_ids, cache.index + t)
 
 
