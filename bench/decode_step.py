@@ -47,12 +47,10 @@ def measure(cfg, scan: bool, batch: int, cache_len: int, steps: int, dtype, devi
         )  # fmt: skip
 
     def start_state() -> DecodeState:  # the cache filled up to `steps` slots before its end
-        empty = KVCache.init(cfg.text, batch, cache_len, dtype)
-        cache = KVCache(
-            empty.keys,
-            jnp.zeros_like(empty.values),
-            jnp.ones((batch, cache_len), jnp.int32),
-            jnp.asarray(cache_len - steps, jnp.int32),
+        cache = dataclasses.replace(
+            KVCache.init(cfg.text, batch, cache_len, dtype),
+            segment_ids=jnp.ones((batch, cache_len), jnp.int32),
+            index=jnp.asarray(cache_len - steps, jnp.int32),
         )
         rows = jnp.zeros((batch,), jnp.float32)
         return DecodeState(

@@ -203,8 +203,8 @@ class KVCache:
     @classmethod
     def init(cls, config: TextConfig, batch: int, max_len: int, dtype) -> KVCache:
         shape = (config.num_hidden_layers, batch, max_len, config.num_key_value_heads, config.head_dim)
-        zeros = jnp.zeros(shape, dtype)
-        return cls(zeros, zeros, jnp.zeros((batch, max_len), jnp.int32), jnp.zeros((), jnp.int32))
+        keys, values = jnp.zeros(shape, dtype), jnp.zeros(shape, dtype)  # two buffers: each may be donated
+        return cls(keys, values, jnp.zeros((batch, max_len), jnp.int32), jnp.zeros((), jnp.int32))
 
 
 class TextAttention(nnx.Module):
